@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv from requirements.txt if missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA := data/synthetic
+TASK := $(DATA)/Task900_SynthLiverTumor
+export PYTHONHASHSEED := 0
+
+.PHONY: demo test test-slow test-all venv data mlflow-ui bench clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+data: $(TASK)/metadata.json
+$(TASK)/metadata.json: | venv
+	$(PY) -m medseg.data.synthetic --out $(DATA)
+
+# The main job: tune the default search space on the embedded dataset, promote a champion, write a report.
+demo: venv data
+	$(PY) tune.py --space search_spaces/default.yaml
+
+test: venv
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+test-all: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_asha.py
+
+# MLflow UI over the embedded sqlite store, loopback only, one worker.
+mlflow-ui: venv
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000 --workers 1
+
+clean:
+	rm -rf cache runs reports/*.png .pytest_cache

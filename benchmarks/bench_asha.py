@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""ASHA against no early stopping, same space, Optuna seed and sample count, in one run.
+
+For each study: total epochs consumed, wall time, and the best trial's Dice re-evaluated by the eval code on
+the full validation split. Target: ASHA uses at most half the epochs for at least 0.98 of the best Dice.
+Then: wall time for the best configuration found to reach a validation Dice of 0.85 (trained alone, same
+threads as a trial), or the best Dice it reached within --max-epochs.
+
+  python benchmarks/bench_asha.py [--space search_spaces/default.yaml] [--quick]
+
+Studies run in a temporary work folder (own MLflow store, Ray storage, registry untouched); the embedded
+dataset and its cache are the project's own (data/synthetic, cache/).
+Writes benchmarks/results/asha_vs_full.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_dice: float) -> dict:
+    import torch
+
+    from medseg.evaluation import evaluate_checkpoint
+    from medseg.search_space import load_space
+    from medseg.training import fit
+    from medseg.tuning import run_study, trial_config
+
+    os.chdir(ROOT)  # the space's relative paths (data/synthetic, cache/) are the project's own
+    if not (ROOT / "data" / "synthetic" / "Task900_SynthLiverTumor" / "metadata.json").exists():
+        from medseg.data.synthetic import generate_task
+
+        generate_task(ROOT / "data" / "synthetic")
+    overrides = [f"storage_path={work / 'ray'}", f"tracking_uri=sqlite:///{work / 'mlflow.db'}", f"reports_dir={work / 'reports'}"]
+    if quick:
+        overrides += ["num_samples=4"]
+    results = {}
+    for label, asha in (("asha", True), ("no_early_stopping", False)):
+        space = load_space(space_path, overrides=overrides + [f"asha.enabled={str(asha).lower()}", f"name=bench-{label}"])
+        started = time.perf_counter()
+        outcome = run_study(space)
+        seconds = time.perf_counter() - started
+        best = outcome.best
+        cfg = trial_config(best["params"], space)
+        ev = evaluate_checkpoint(best["checkpoint"], cfg, split="val", progress=False)
+        results[label] = {
+            "seconds": round(seconds, 1), "epochs": sum(t["epochs_used"] for t in outcome.trials),
+            "trials": [{k: t[k] for k in ("trial_id", "params", "status", "epochs_used", "best_dice")} for t in outcome.trials],
+            "best_trial": best["trial_id"], "best_params": best["params"], "best_train_time_dice": best["best_dice"],
+            "best_eval_dice": ev.summary["dice"], "best_eval_iou": ev.summary["iou"],
+        }
+        print(f"{label}: {results[label]['epochs']} epochs, {seconds:.0f} s, best re-evaluated Dice {ev.summary['dice']:.4f}", flush=True)
+    a, b = results["asha"], results["no_early_stopping"]
+    summary = {
+        "epoch_ratio": a["epochs"] / b["epochs"], "time_ratio": a["seconds"] / b["seconds"],
+        "dice_ratio": a["best_eval_dice"] / b["best_eval_dice"] if b["best_eval_dice"] else None,
+    }
+    summary["target_met"] = summary["epoch_ratio"] <= 0.5 and (summary["dice_ratio"] or 0) >= 0.98
+
+    # time to a validation Dice of target_dice with the best configuration found by the ASHA study
+    space = load_space(space_path, overrides=overrides)
+    cfg = trial_config(a["best_params"], space)
+    cfg.training.epochs = max_epochs
+    cfg.training.threads = int(space.resources.cpu)
+    started = time.perf_counter()
+    reached: dict = {}
+
+    def on_epoch(report) -> bool:
+        if report.metrics["val/dice"] >= target_dice and not reached:
+            reached.update(epoch=report.epoch, seconds=round(time.perf_counter() - started, 1), dice=report.metrics["val/dice"])
+        return bool(reached)
+
+    result = fit(cfg, on_epoch=on_epoch, run_dir=work / "time_to_target", progress=False)
+    summary["time_to_target"] = {"target_val_dice": target_dice, "reached": bool(reached), **reached,
+                                 "best_val_dice": max(h["val/dice"] for h in result.history), "epochs_run": len(result.history),
+                                 "seconds_run": round(time.perf_counter() - started, 1), "threads": cfg.training.threads}
+    return {"studies": results, "summary": summary, "torch_threads": torch.get_num_threads()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", default=str(ROOT / "search_spaces" / "default.yaml"))
+    parser.add_argument("--quick", action="store_true", help="4 samples instead of the space's num_samples")
+    parser.add_argument("--max-epochs", type=int, default=30, help="epoch cap of the time-to-target run")
+    parser.add_argument("--target-dice", type=float, default=0.85)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "asha_vs_full.json"))
+    args = parser.parse_args()
+    space_path = Path(args.space).resolve()
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-asha-") as tmp:
+        report = run(space_path, quick=args.quick, work=Path(tmp), max_epochs=args.max_epochs, target_dice=args.target_dice)
+    report.update(space=str(space_path.relative_to(ROOT)) if space_path.is_relative_to(ROOT) else str(space_path), quick=args.quick,
+                  machine={"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+                  load_average_before=load_before, load_average_after=os.getloadavg(), total_seconds=round(time.perf_counter() - started, 1),
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    s = report["summary"]
+    print(json.dumps(s, indent=2))
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Self-describing checkpoints: atomic save, safe load (``torch.load(weights_only=True)``) with an integrity digest.
+
+A checkpoint holds the weights and everything needed to use them: the resolved config, the preprocessing
+settings, the label values, the split hash, the metrics at save time and the library versions. A sha256
+digest over the weights and the metadata is stored with them, so a file edited after saving (or a file not
+written by medseg) is refused with a one-line message instead of being half-used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medseg.errors import CheckpointError
+from medseg.io_utils import atomic_path
+
+FORMAT = "medseg-checkpoint"
+VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "segmentation-models-pytorch", "albumentations", "numpy", "mlflow", "ray"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    from medseg import __version__
+
+    out["medseg"] = __version__
+    return out
+
+
+def _digest(state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
+    """Write weights + meta atomically (temp file in the same folder, then rename). ``meta`` must be JSON-like."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta = json.loads(json.dumps(meta, default=str))  # plain types only, so weights_only loading accepts it
+    payload = {"format": FORMAT, "version": VERSION, "meta": meta, "state_dict": state, "sha256": _digest(state, meta)}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and verify a medseg checkpoint; returns {"meta": ..., "state_dict": ...}."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: refused: not a safe medseg checkpoint ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: refused: not a medseg checkpoint (no '{FORMAT}' marker)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint version {payload.get('version')} (expected {VERSION})")
+    state, meta = payload.get("state_dict"), payload.get("meta")
+    if not isinstance(state, dict) or not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: refused: malformed checkpoint (missing weights or metadata)")
+    if _digest(state, meta) != payload.get("sha256"):
+        raise CheckpointError(f"{path}: refused: integrity digest mismatch (file modified after it was saved)")
+    return {"meta": meta, "state_dict": state}
+
+
+def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(model in eval mode, meta, Config) from a checkpoint alone."""
+    from medseg.config import config_from_dict
+    from medseg.models import build_model
+
+    ckpt = load_checkpoint(path)
+    meta = ckpt["meta"]
+    cfg = config_from_dict(meta["config"], source=f"{path}:config", resolve=False)
+    model = build_model(cfg.model, in_channels=meta["in_channels"], classes=meta["classes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(err).splitlines()[0]})") from None
+    return model.to(device).eval(), meta, cfg

@@ -1,0 +1,294 @@
+"""The typed config tree: YAML + ``--set key=value`` overrides -> validated, resolved ``Config``.
+
+Unknown keys are errors naming their dotted path; every error is one line (``ConfigError``).
+Relative paths are resolved against the working directory at load time, so the resolved config holds
+absolute paths and stays valid in Ray trials, which run in another working directory.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medseg.errors import ConfigError
+from medseg.io_utils import stable_hash
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Window(_Strict):
+    """CT intensity window in Hounsfield units: [level - width/2, level + width/2] -> [0, 1]."""
+
+    level: float = 60.0
+    width: float = Field(400.0, gt=0)
+
+
+class SplitConfig(_Strict):
+    seed: int = 0
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.0, ge=0, lt=1)
+    n_folds: int = Field(0, ge=0, description="0: one hold-out split; k >= 2: k-fold cross-validation")
+    fold: int = Field(0, ge=0)
+    group_regex: str | None = Field(None, description="regex on the case file name; group(1) (or the match) is the patient key")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SplitConfig":
+        if self.n_folds == 1:
+            raise ValueError("n_folds must be 0 (hold-out) or >= 2")
+        if self.n_folds and self.fold >= self.n_folds:
+            raise ValueError(f"fold {self.fold} out of range for n_folds={self.n_folds}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+class DatasetConfig(_Strict):
+    format: Literal["kaggle", "msd", "folders2d", "auto"] = "kaggle"
+    path: str = "data/synthetic"
+    task: str | None = None
+    allow_missing: bool = Field(False, description="skip (and list) cases whose image or mask is missing")
+    labels: list[int] | None = Field(None, description="foreground label values to learn; null: all non-zero labels of the task")
+    window: Window | None = Field(default_factory=Window, description="CT window; null: percentile normalisation")
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    image_size: int = Field(128, ge=16, le=1024)
+    context_slices: int = Field(0, ge=0, le=8, description="2.5D: k neighbouring slices each side as extra channels")
+    cache_dir: str = "cache"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    # 2D folder layout only
+    image_dir: str = "images"
+    mask_dir: str = "masks"
+    image_suffix: str = ""
+    mask_suffix: str = ""
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (encoder strides), got {v}")
+        return v
+
+
+class ModelConfig(_Strict):
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    encoder_weights: str | None = Field(None, description="null offline; 'imagenet' downloads weights")
+    encoder_depth: int = Field(4, ge=3, le=5)
+    decoder_channels: list[int] | None = Field(default_factory=lambda: [64, 32, 16, 8])
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra smp.create_model arguments")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        import segmentation_models_pytorch as smp
+        from segmentation_models_pytorch.encoders import get_encoder_names
+
+        archs = sorted(cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values())
+        if self.arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+            raise ValueError(f"unknown arch '{self.arch}'; allowed: {archs}")
+        if not self.encoder.startswith("tu-") and self.encoder not in get_encoder_names():
+            raise ValueError(f"unknown encoder '{self.encoder}'; allowed: {get_encoder_names()} or 'tu-<timm name>'")
+        if self.decoder_channels is not None and self.arch.lower() in ("unet", "unetplusplus") and len(self.decoder_channels) != self.encoder_depth:
+            raise ValueError(f"decoder_channels needs {self.encoder_depth} entries (encoder_depth), got {len(self.decoder_channels)}")
+        return self
+
+
+class LossConfig(_Strict):
+    """Loss built from smp.losses. ``bce_dice`` = bce_weight * BCE (CE for multi-class) + dice_weight * Dice."""
+
+    name: Literal["bce", "dice", "bce_dice", "focal", "tversky", "focal_dice"] = "bce_dice"
+    bce_weight: float = Field(0.5, ge=0)
+    dice_weight: float = Field(0.5, ge=0)
+    focal_gamma: float = Field(2.0, ge=0)
+    tversky_alpha: float = Field(0.3, ge=0, le=1, description="weight of false positives")
+    tversky_beta: float = Field(0.7, ge=0, le=1, description="weight of false negatives (missed lesions)")
+
+
+class AugmentConfig(_Strict):
+    """One albumentations transform, by class name, with its constructor arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentConfig":
+        build_transform(self.name, self.params())  # validated by albumentations itself
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def build_transform(name: str, params: dict[str, Any]):
+    """Instantiate ``albumentations.<name>(**params)``; errors name the transform and the bad argument."""
+    import albumentations as A
+
+    cls = getattr(A, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        dual = sorted(n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.DualTransform))
+        raise ValueError(f"unknown albumentations transform '{name}'; spatial ones include: {', '.join(dual[:40])}, ...")
+    try:
+        return cls(**params)
+    except Exception as err:  # albumentations validates arguments with pydantic / TypeError
+        msg = " ".join(str(err).split())
+        raise ValueError(f"albumentations.{name}({params}): {msg[:300]}") from None
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1)
+    samples_per_epoch: int | None = Field(None, ge=1, description="slices drawn per epoch; null: every training slice once")
+    fg_oversample: float = Field(0.0, ge=0, le=1, description="fraction of each epoch drawn from slices with foreground")
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    scheduler: Literal["none", "cosine", "poly"] = "none"
+    warmup_epochs: int = Field(0, ge=0)
+    poly_power: float = Field(0.9, gt=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    monitor: str = Field("val/dice", pattern=r"^val/", description="validation metric that picks the best checkpoint (and early stopping)")
+    monitor_mode: Literal["max", "min"] = "max"
+    patience: int | None = Field(None, ge=1, description="stop when the monitored metric has not improved for this many epochs")
+    num_workers: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null: torch default (tune sets it per trial)")
+    seed: int = 0
+    deterministic: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="mixed precision on CUDA (bf16 when supported); ignored on CPU")
+    threshold: float = Field(0.5, gt=0, lt=1, description="sigmoid threshold for binary masks")
+    val_overlays: int = Field(4, ge=0, description="validation cases drawn as overlay PNGs")
+
+
+class OutputConfig(_Strict):
+    run_dir: str = "runs"
+    tracking_uri: str | None = Field(None, description="null: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+    experiment: str = "medseg"
+    run_name: str | None = None
+
+
+class Config(_Strict):
+    name: str = "experiment"
+    description: str = ""
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    augment: list[AugmentConfig] = Field(default_factory=list)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        return stable_hash(self.to_dict())
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _format_error(err: ValidationError, source: str) -> ConfigError:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")
+    extra = f" ({len(err.errors()) - 1} more error(s))" if len(err.errors()) > 1 else ""
+    return ConfigError(f"{source}: {loc or '<root>'}: {msg}{extra}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``training.lr=3e-4`` -> ("training.lr", 0.0003); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, value = text.split("=", 1)
+    parsed = yaml.safe_load(value) if value.strip() else None
+    if isinstance(parsed, str):
+        # YAML reads "3e-4" as a string (no dot); accept it as the number a user means.
+        try:
+            parsed = float(parsed) if any(c in parsed.lower() for c in ".e") else parsed
+        except ValueError:
+            pass
+    return key.strip(), parsed
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for key "a.b.c", creating dicts on the way (validation comes later)."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
+    """Make every path in the config absolute (relative ones are taken from ``base``, default the CWD)."""
+    base = Path(base or os.getcwd())
+
+    def absolute(p: str) -> str:
+        return str((base / os.path.expanduser(p)).resolve()) if "://" not in p else p
+
+    cfg.dataset.path = absolute(cfg.dataset.path)
+    cfg.dataset.cache_dir = absolute(cfg.dataset.cache_dir)
+    cfg.output.run_dir = absolute(cfg.output.run_dir)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", overrides: dict[str, Any] | list[str] | None = None,
+                     resolve: bool = True) -> Config:
+    """Validate a raw dict (plus dotted overrides) into a Config."""
+    tree = copy.deepcopy(raw) if raw else {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(tree).__name__}")
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in (overrides or []))
+    for key, value in items:
+        set_dotted(tree, key, value)
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as err:
+        raise _format_error(err, source) from None
+    return resolve_paths(cfg) if resolve else cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+    return data or {}
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Load a YAML config file with optional overrides (``["training.lr=3e-4"]`` or a dict of dotted keys)."""
+    return config_from_dict(load_yaml(path), source=str(path), overrides=overrides)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": value}; lists of dicts (augmentations) are indexed: "augment.0.name"."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+        if not tree:
+            out[prefix[:-1]] = "[]"
+    else:
+        out[prefix[:-1]] = tree
+    return out

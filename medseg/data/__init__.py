@@ -1,0 +1,1 @@
+"""Data layer: readers (sources), the evalseg pickle codec, the synthetic twin, the slice cache and splits."""

@@ -1,0 +1,596 @@
+"""``python -m medseg.data check --config CONFIG [--set key=value ...] [--json OUT.json] [--no-slices]``: data audit.
+
+For the dataset a config points at, prints a per-case table, a per-split table, the hard errors and the
+warnings, and ends with one ``summary: {...}`` JSON line; ``--json`` writes the whole report (``SCHEMA``).
+
+Hard errors (exit code 1; the audit still goes over every other case and lists them all):
+  unpaired       GroundTruth without image, image without GroundTruth (warnings with dataset.allow_missing)
+  unknown_label  label values not listed in the task's metadata; bad_label: fractional or out-of-range values
+  shape_mismatch image and label shapes disagree
+  corrupt_file   unreadable NIfTI, corrupt zip member; unsafe_pickle: a pickle outside the evalseg allow-list
+  load_error     any other DataError raised while loading a case
+  spacing_mismatch  NIfTI header spacing vs GroundTruth pickle voxel size, relative tolerance ``SPACING_RTOL``
+  non_finite     NaN or infinite intensities
+  leakage        a patient group on two sides of the split; split: the split cannot be made or read
+Warnings (exit code 0):
+  empty_case     no foreground voxel
+  non_hu         a CT case whose minimum is above -200 (not Hounsfield units: percentile-normalised by the cache)
+  identical_slices  the same cached slice on two sides of the split (``--no-slices`` skips the hashing)
+  split_mismatch a split's mean foreground fraction or mean intensity differs from train's by a standardised mean
+                 difference (Cohen's d over per-case values, pooled SD) above ``SMD_THRESHOLD``
+  split_coverage val/test has no lesion-free case (or no lesion case) while train has some
+  unassigned     a case on no side of a split handed to ``audit``
+
+Each case is decoded once, one at a time: when no case is missing its pair, the audit rides on the cache build
+(the cache's own pass over the cases), so on a first run decoding is not repeated. The cache and the split are
+built (or reused) only when every case loads; a case that fails aborts the build, which leaves nothing behind.
+Split-level statistics come from the cache manifest (its per-case intensity and label counts), lesion counts
+(26-connected components, as evalseg segments are) from the audit's own pass.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medseg.errors import DataError, UnsafePickleError
+
+SCHEMA = "medseg.data.check/1"
+SMD_THRESHOLD = 0.5  # Cohen's d above 0.5 is a "medium" effect: val no longer looks like a sample of train
+SPACING_RTOL = 1e-3  # float32 header zooms vs float64 pickle voxel sizes differ by ~1e-7; real disagreements by >1%
+SIDES = ("train", "val", "test")
+
+
+# ------------------------------------------------------------------------------------------------- per case
+
+
+def intensity_stats(image: np.ndarray) -> dict[str, float]:
+    """min, max, mean, std of a (X, Y, Z) volume, accumulated slab by slab in float64 (no full-size copy)."""
+    lo, hi, total, total_sq, n = math.inf, -math.inf, 0.0, 0.0, 0
+    step = max(1, (1 << 22) // max(1, image.shape[0] * image.shape[1]))  # ~4M voxels per slab
+    for z in range(0, image.shape[2], step):
+        slab = np.asarray(image[:, :, z:z + step], dtype=np.float64)
+        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+        total += float(slab.sum())
+        total_sq += float(np.square(slab).sum())
+        n += slab.size
+    mean = total / n
+    return {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(max(total_sq / n - mean * mean, 0.0))}
+
+
+def count_components(label: np.ndarray) -> int:
+    """Number of 26-connected foreground components (lesions) of a (X, Y, Z) label volume.
+
+    Labelled on the foreground's bounding box only: a full-size int32 label map of a 512x512x900 CT is ~1 GB.
+    """
+    from scipy import ndimage
+
+    zs = np.flatnonzero(label.any(axis=(0, 1)))
+    if zs.size == 0:
+        return 0
+    slab = label[:, :, zs[0]:zs[-1] + 1]
+    xs, ys = np.flatnonzero(slab.any(axis=(1, 2))), np.flatnonzero(slab.any(axis=(0, 2)))
+    box = slab[xs[0]:xs[-1] + 1, ys[0]:ys[-1] + 1] > 0
+    return int(ndimage.label(box, structure=np.ones((3, 3, 3), bool))[1])
+
+
+def spacing_disagrees(a, b, rtol: float = SPACING_RTOL) -> bool:
+    return any(abs(x - y) > rtol * max(abs(x), abs(y)) for x, y in zip(a, b))
+
+
+def case_record(case) -> dict[str, Any]:
+    """The per-case row of the report (everything but ``split``) from a loaded ``Case``."""
+    from medseg.data.sources.common import label_counts
+
+    counts = label_counts(case.label)
+    fg = sum(counts.values())
+    gt_voxelsize = case.meta.get("gt_voxelsize")
+    return {
+        "case_id": case.case_id,
+        "split": None,
+        "status": "ok",
+        "source": case.source,
+        "shape": [int(s) for s in case.image.shape],
+        "spacing": [float(s) for s in case.spacing],
+        "gt_voxelsize": None if gt_voxelsize is None else [float(v) for v in gt_voxelsize],
+        "voxels_per_label": {str(k): v for k, v in counts.items()},
+        "fg_voxels": fg,
+        "fg_fraction": fg / case.label.size,
+        "n_components": count_components(case.label) if fg else 0,
+        "intensity": intensity_stats(case.image),
+        "error": None,
+    }
+
+
+CASE_KEYS = ("case_id", "split", "status", "source", "shape", "spacing", "gt_voxelsize", "voxels_per_label",
+             "fg_voxels", "fg_fraction", "n_components", "intensity", "error")
+
+
+def empty_row(case_id: str, status: str, error: str | None = None) -> dict[str, Any]:
+    """The row of a case that was not loaded (status "pending", "error" or "skipped"): same keys, null values."""
+    return {**dict.fromkeys(CASE_KEYS), "case_id": case_id, "status": status, "error": error}
+
+
+def classify_load_error(err: DataError) -> str:
+    """The report's error kind for a DataError raised while loading one case."""
+    text = str(err)
+    if isinstance(err, UnsafePickleError):
+        return "unsafe_pickle"
+    if "not in the dataset labels" in text:
+        return "unknown_label"
+    if "label values are not integers" in text or "non-integer or out-of-range label values" in text:
+        return "bad_label"
+    if " != " in text:  # "CT shape (..) != GroundTruth shape (..)", "image (..) != mask (..)"
+        return "shape_mismatch"
+    if any(word in text for word in ("corrupt", "unreadable", "not a readable", "cannot read")):
+        return "corrupt_file"
+    return "load_error"
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+class Report:
+    """Accumulates cases, errors and warnings; ``as_dict`` is the JSON document."""
+
+    def __init__(self, dataset_cfg) -> None:
+        self.dataset = {"path": str(dataset_cfg.path), "format": dataset_cfg.format, "task": dataset_cfg.task,
+                        "cache_dir": str(dataset_cfg.cache_dir), "modality": None, "labels": None, "root": None}
+        self.cases: dict[str, dict[str, Any]] = {}
+        self.errors: list[dict[str, Any]] = []
+        self.warnings: list[dict[str, Any]] = []
+        self.splits: dict[str, Any] | None = None
+        self.comparisons: dict[str, Any] | None = None
+        self.split_info: dict[str, Any] | None = None
+        self.cache_info: dict[str, Any] | None = None
+        self.identical_slices: dict[str, Any] | None = None
+        self.thresholds = {"smd": SMD_THRESHOLD, "hu_min": None, "spacing_rtol": SPACING_RTOL}
+
+    def error(self, kind: str, message: str, case: str | None = None, **extra) -> None:
+        self.errors.append({"kind": kind, "case": case, "message": " ".join(message.split()), **extra})
+
+    def warn(self, kind: str, message: str, case: str | None = None, **extra) -> None:
+        self.warnings.append({"kind": kind, "case": case, "message": " ".join(message.split()), **extra})
+
+    def failed_case(self, case_id: str, kind: str, message: str) -> None:
+        self.cases[case_id] = empty_row(case_id, "error", kind)
+        self.error(kind, message, case_id)
+
+    def as_dict(self) -> dict[str, Any]:
+        def by_kind(items):
+            out: dict[str, int] = {}
+            for item in items:
+                out[item["kind"]] = out.get(item["kind"], 0) + 1
+            return out
+
+        exit_code = 1 if self.errors else 0
+        summary = {
+            "status": "errors" if self.errors else "warnings" if self.warnings else "ok",
+            "exit_code": exit_code,
+            "cases": len(self.cases),
+            "loaded": sum(c["status"] == "ok" for c in self.cases.values()),
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "errors_by_kind": by_kind(self.errors),
+            "warnings_by_kind": by_kind(self.warnings),
+        }
+        return _finite({
+            "schema": SCHEMA,
+            "summary": summary,
+            "dataset": self.dataset,
+            "thresholds": self.thresholds,
+            "errors": self.errors,
+            "warnings": self.warnings,
+            "cases": list(self.cases.values()),
+            "split": self.split_info,
+            "splits": self.splits,
+            "comparisons": self.comparisons,
+            "identical_slices": self.identical_slices,
+            "cache": self.cache_info,
+        })
+
+
+def _finite(obj):
+    """JSON-safe copy: numpy scalars to Python, NaN / infinity to None (strict JSON has neither)."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------- sources
+
+
+class _LoadFailed(Exception):
+    """A case failed while the cache was being built from it: the build is abandoned (and cleans up)."""
+
+
+class _AuditingSource:
+    """Wraps a source so that every case the cache build decodes is audited on the way (decoded once)."""
+
+    def __init__(self, source, on_case: Callable, on_error: Callable) -> None:
+        self._source, self._on_case, self._on_error = source, on_case, on_error
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)
+
+    def load(self, case_id: str):
+        try:
+            case = self._source.load(case_id)
+        except DataError as err:
+            self._on_error(case_id, err)
+            raise _LoadFailed(case_id) from None
+        self._on_case(case)
+        return case
+
+
+def open_for_audit(dataset_cfg) -> tuple[Any, list[str], list[tuple[str | None, str]]]:
+    """(source that skips unpaired cases, paired case ids, unpaired problems as (case id or None, message)).
+
+    Sources that list both sides (Kaggle: ``image_ids`` / ``ground_truth_ids``) give one problem per case;
+    others give the strict reader's own message naming the unpaired files.
+    """
+    from medseg.data.sources import open_source_from_config
+    from medseg.data.sources.common import one_line
+
+    source = open_source_from_config(dataset_cfg.model_copy(update={"allow_missing": True}))
+    problems: list[tuple[str | None, str]] = []
+    if hasattr(source, "image_ids") and hasattr(source, "ground_truth_ids"):
+        images, truths = set(source.image_ids()), set(source.ground_truth_ids())
+        for cid in sorted(truths - images):
+            files = sorted((source.root / "GroundTruth").glob(glob.escape(cid) + ".pkl*"))
+            name = files[0].relative_to(source.root) if files else f"GroundTruth/{cid}"
+            problems.append((cid, f"{source.root / name}: case {cid}: GroundTruth without image "
+                                  f"(no {cid}.nii or {cid}.nii.gz)"))
+        for cid in sorted(images - truths):
+            problems.append((cid, f"{source.root}: case {cid}: image without GroundTruth "
+                                  f"(no GroundTruth/{cid}.pkl or .pkl.gz)"))
+    else:
+        strict = open_source_from_config(dataset_cfg.model_copy(update={"allow_missing": False}))
+        try:
+            strict.case_ids()
+        except DataError as err:
+            problems.append((None, one_line(err)))
+    # The lenient reader logs the cases it skips: the report lists them already.
+    sources_log = logging.getLogger("medseg.data.sources")
+    level = sources_log.level
+    sources_log.setLevel(logging.ERROR)
+    try:
+        ids = source.case_ids()
+    finally:
+        sources_log.setLevel(level)
+    return source, ids, problems
+
+
+# ------------------------------------------------------------------------------------------------- splits
+
+
+def group_overlaps(split, groups: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every patient group on more than one side of ``split`` (``check_no_group_overlap`` stops at the first).
+
+    ``groups``: case id -> group (default the split's own; a case missing from it is its own group).
+    Returns [{"group", "sides": {side: [case ids]}}], sorted by group.
+    """
+    groups = split.groups if groups is None else groups
+    where: dict[str, dict[str, list[str]]] = {}
+    for side in SIDES:
+        for cid in split.cases(side):
+            where.setdefault(groups.get(cid, cid), {}).setdefault(side, []).append(cid)
+    return [{"group": g, "sides": sides} for g, sides in sorted(where.items()) if len(sides) > 1]
+
+
+def _sd(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def standardized_mean_difference(reference: np.ndarray, other: np.ndarray) -> float | None:
+    """Cohen's d of ``other`` against ``reference`` (pooled SD, ddof 1); None below 3 values in all (no spread).
+
+    Identical spreads of zero give 0 when the means agree and infinity when they do not.
+    """
+    n1, n2 = reference.size, other.size
+    if n1 == 0 or n2 == 0 or n1 + n2 < 3:
+        return None
+    diff = float(other.mean() - reference.mean())
+    pooled = math.sqrt(((n1 - 1) * _sd(reference) ** 2 + (n2 - 1) * _sd(other) ** 2) / (n1 + n2 - 2))
+    if pooled == 0:
+        return 0.0 if diff == 0 else math.copysign(math.inf, diff)
+    return diff / pooled
+
+
+def split_values(cache, case_ids: list[str]) -> dict[str, np.ndarray]:
+    """Per-case values of one side, from the cache manifest: foreground fraction and mean intensity."""
+    fg, mean = [], []
+    for cid in case_ids:
+        entry = cache.cases[cid]
+        fg.append(sum(entry["voxels_per_label"].values()) / float(np.prod(entry["orig_shape"])))
+        mean.append(entry["intensity"]["mean"])
+    return {"fg_fraction": np.asarray(fg, np.float64), "intensity_mean": np.asarray(mean, np.float64)}
+
+
+def split_stats(cache, case_ids: list[str], components: dict[str, int]) -> dict[str, Any]:
+    """One side's row: counts from the manifest, lesion counts from ``components`` (case id -> components)."""
+    values = split_values(cache, case_ids)
+    entries = [cache.cases[c] for c in case_ids]
+    n_slices = sum(int(e["n_slices"]) for e in entries)
+    fg_slices = sum(int(np.count_nonzero(e["fg_per_slice"])) for e in entries)
+    lesion_cases = sum(bool(e["voxels_per_label"]) for e in entries)
+
+    def mean_sd(v: np.ndarray) -> dict[str, float | None]:
+        return {"mean": float(v.mean()) if v.size else None, "sd": _sd(v) if v.size else None}
+
+    return {
+        "n_cases": len(case_ids),
+        "n_slices": n_slices,
+        "n_fg_slices": fg_slices,
+        "fg_slice_fraction": fg_slices / n_slices if n_slices else None,
+        "fg_fraction": mean_sd(values["fg_fraction"]),
+        "n_lesions": sum(components.get(c, 0) for c in case_ids),
+        "lesion_cases": lesion_cases,
+        "lesion_free_cases": len(case_ids) - lesion_cases,
+        "intensity_mean": mean_sd(values["intensity_mean"]),
+        "intensity_std": float(np.mean([e["intensity"]["std"] for e in entries])) if entries else None,
+    }
+
+
+def _audit_split(report: Report, split, source, dataset_cfg, cache, smd_threshold: float, slices: bool) -> None:
+    from medseg.data.split import group_of
+
+    report.split_info = {"path": str(split.path), "hash": split.hash, "fold": split.fold,
+                         "n_groups": len({split.groups.get(c, c) for s in SIDES for c in split.cases(s)}),
+                         "group_regex": dataset_cfg.split.group_regex}
+    known = set(report.cases)
+    for side in SIDES:
+        for cid in split.cases(side):
+            if cid not in known:
+                report.error("split", f"{split.path}: case {cid} ({side}) is not in the dataset", cid)
+            else:
+                report.cases[cid]["split"] = side
+    for cid, rec in report.cases.items():
+        if rec["split"] is None and rec["status"] == "ok":
+            report.warn("unassigned", f"{split.path}: case {cid} is on no side of the split", cid)
+    # The split's stored groups, and the groups the current group_regex gives (a split made elsewhere may lack them).
+    checks = [("split groups", split.groups)]
+    try:
+        current = {cid: group_of(cid, source.file_of(cid), dataset_cfg.split.group_regex)
+                   for s in SIDES for cid in split.cases(s) if report.cases.get(cid, {}).get("status") == "ok"}
+        checks.append(("dataset.split.group_regex", current))
+    except DataError as err:
+        report.error("split", str(err))
+    seen = set()
+    for origin, groups in checks:
+        for leak in group_overlaps(split, groups):
+            key = tuple(sorted((s, tuple(c)) for s, c in leak["sides"].items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            where = "; ".join(f"{side}: {', '.join(cids)}" for side, cids in leak["sides"].items())
+            first = next(iter(leak["sides"].values()))[0]
+            report.error("leakage", f"{split.path}: leakage: patient group '{leak['group']}' ({origin}) is on "
+                                    f"{len(leak['sides'])} sides ({where})", first, group=leak["group"],
+                         sides=leak["sides"])
+    if cache is None:
+        return
+
+    sides = {side: [c for c in split.cases(side) if c in cache.cases] for side in SIDES}
+    components = {cid: rec["n_components"] or 0 for cid, rec in report.cases.items()}
+    report.splits = {side: split_stats(cache, cids, components) for side, cids in sides.items()}
+    train = report.splits["train"]
+    train_values = split_values(cache, sides["train"])
+    report.comparisons = {}
+    for side in ("val", "test"):
+        stats = report.splits[side]
+        if not stats["n_cases"] or not train["n_cases"]:
+            continue
+        values = split_values(cache, sides[side])
+        comp = {f"{name}_smd": standardized_mean_difference(train_values[name], values[name])
+                for name in ("fg_fraction", "intensity_mean")}
+        report.comparisons[side] = comp
+        for name, label in (("fg_fraction", "mean foreground fraction"), ("intensity_mean", "mean intensity")):
+            smd = comp[f"{name}_smd"]
+            if smd is not None and abs(smd) > smd_threshold:
+                report.warn("split_mismatch", f"{side} {label} {stats[name]['mean']:.4g} vs train "
+                                              f"{train[name]['mean']:.4g}: standardised mean difference {smd:+.2f} "
+                                              f"> {smd_threshold}", split=side, statistic=name, smd=smd)
+        for what, key in (("lesion-free", "lesion_free_cases"), ("lesion", "lesion_cases")):
+            if train[key] and not stats[key]:
+                report.warn("split_coverage", f"{side} has no {what} case while train has {train[key]} "
+                                              f"(of {train['n_cases']})", split=side, statistic=key)
+    if slices:
+        from medseg.data.split import find_identical_slices
+
+        found = find_identical_slices(cache, dataclasses.replace(split, **sides))  # cached cases only
+        report.identical_slices = found
+        if found["identical_slices_across_splits"]:
+            ex = found["examples"][0]
+            report.warn("identical_slices",
+                        f"{found['identical_slices_across_splits']} cached slice(s) identical across splits, e.g. "
+                        f"{ex['a']['split']} case {ex['a']['case']} slice {ex['a']['slice']} = "
+                        f"{ex['b']['split']} case {ex['b']['case']} slice {ex['b']['slice']}",
+                        count=found["identical_slices_across_splits"])
+
+
+# ------------------------------------------------------------------------------------------------- audit
+
+
+def audit(dataset_cfg, *, split=None, slices: bool = True, smd_threshold: float = SMD_THRESHOLD,
+          progress: bool = False) -> dict[str, Any]:
+    """Audit the dataset of a ``dataset`` config section; returns the report (see ``SCHEMA`` and the module doc).
+
+    ``split``: a ``Split`` to audit instead of the saved one for ``dataset_cfg.split`` (which is made if missing).
+    """
+    from medseg.data.cache import HU_LIKE_MIN, build_cache
+    from medseg.data.split import load_or_create_split
+
+    report = Report(dataset_cfg)
+    report.thresholds.update(smd=smd_threshold, hu_min=HU_LIKE_MIN)
+    try:
+        source, ids, unpaired = open_for_audit(dataset_cfg)
+    except DataError as err:  # no readable dataset at all: nothing else to audit
+        report.error("dataset", str(err))
+        return report.as_dict()
+    is_ct = str(source.modality).upper() == "CT"
+    report.dataset.update(root=str(source.root), modality=source.modality,
+                          labels={str(k): v for k, v in source.labels.items()})
+    for cid in sorted(set(ids) | {c for c, _ in unpaired if c is not None}):  # the table lists every case once
+        report.cases[cid] = empty_row(cid, "pending")
+    for cid, message in unpaired:
+        if dataset_cfg.allow_missing:  # the user chose to train without them
+            report.warn("unpaired", message + " (skipped: dataset.allow_missing)", cid)
+            if cid is not None:
+                report.cases[cid].update(status="skipped", error="unpaired")
+        elif cid is None:
+            report.error("unpaired", message)
+        else:
+            report.failed_case(cid, "unpaired", message)
+
+    def on_case(case) -> None:
+        rec = case_record(case)
+        report.cases[case.case_id] = rec
+        cid, where = case.case_id, f"{case.source} (case {case.case_id})"
+        if rec["gt_voxelsize"] is not None and spacing_disagrees(rec["spacing"], rec["gt_voxelsize"]):
+            report.error("spacing_mismatch", f"{where}: NIfTI spacing {_fmt_vec(rec['spacing'])} != GroundTruth "
+                                             f"voxel size {_fmt_vec(rec['gt_voxelsize'])} "
+                                             f"({case.meta.get('ground_truth', 'GroundTruth')})", cid)
+        stats = rec["intensity"]
+        if not all(math.isfinite(v) for v in stats.values()):
+            report.error("non_finite", f"{where}: image holds NaN or infinite values", cid)
+        elif is_ct and stats["min"] > HU_LIKE_MIN:
+            report.warn("non_hu", f"{where}: CT minimum {stats['min']:g} > {HU_LIKE_MIN:g}: not Hounsfield units "
+                                  "(the cache percentile-normalises it instead of windowing)", cid)
+        if not rec["fg_voxels"]:
+            report.warn("empty_case", f"{where}: no foreground voxel", cid)
+
+    def on_error(case_id: str, err: DataError) -> None:
+        report.failed_case(case_id, classify_load_error(err), str(err))
+
+    cache = None
+    blocked = any(e["kind"] == "unpaired" for e in report.errors)  # the cache could not hold every case
+    if not blocked:
+        try:
+            cache = build_cache(dataset_cfg, _AuditingSource(source, on_case, on_error), progress=progress)
+        except _LoadFailed:
+            cache = None
+        except DataError as err:
+            report.error("cache", str(err))
+    for cid in ids:  # cases the build did not decode: all when the cache was reused, the rest after a failure
+        if report.cases[cid]["status"] == "pending":
+            try:
+                on_case(source.load(cid))
+            except DataError as err:
+                on_error(cid, err)
+    if any(report.cases[cid]["status"] != "ok" for cid in ids):
+        cache = None  # split statistics need every case
+    if cache is not None:
+        report.cache_info = {"path": str(cache.root), "build_seconds": cache.manifest.get("build_seconds")}
+        if split is None:
+            try:
+                split = load_or_create_split(cache, source, dataset_cfg.split)
+            except DataError as err:
+                report.error("leakage" if "leakage" in str(err) else "split", str(err))
+    if split is not None:
+        _audit_split(report, split, source, dataset_cfg, cache, smd_threshold, slices)
+    return report.as_dict()
+
+
+# ------------------------------------------------------------------------------------------------- text
+
+
+def _fmt_vec(values, fmt: str = "{:.4g}") -> str:
+    return "x".join(fmt.format(v) for v in values)
+
+
+def _fmt(value, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> str:
+    cells = [header] + rows
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable report: dataset line, cases, splits, comparisons, errors, warnings."""
+    ds, out = report["dataset"], []
+    labels = ", ".join(f"{k} {v}" for k, v in (ds["labels"] or {}).items())
+    out.append(f"dataset {ds['root'] or ds['path']} ({ds['format']}, modality {ds['modality']}, labels: {labels})")
+    rows = []
+    for c in report["cases"]:
+        if c["status"] != "ok":
+            rows.append([c["case_id"], c["split"] or "-", f"{c['status'].upper()} {c['error']}"] + ["-"] * 7)
+            continue
+        vox = " ".join(f"{k}:{n}" for k, n in c["voxels_per_label"].items()) or "0 (empty)"
+        i = c["intensity"]
+        rows.append([c["case_id"], c["split"] or "-", "ok", _fmt_vec(c["shape"], "{}"), _fmt_vec(c["spacing"]), vox,
+                     str(c["n_components"]), _fmt(i["min"]), _fmt(i["max"]), _fmt(i["mean"])])
+    out += ["", f"cases ({len(rows)})",
+            _table(["case", "split", "status", "shape", "spacing", "label voxels", "lesions", "min", "max", "mean"],
+                   rows)]
+    if report["split"]:
+        s = report["split"]
+        out += ["", f"split {s['path']} (fold {s['fold']}, hash {s['hash']}, {s['n_groups']} groups)"]
+    if report["splits"]:
+        rows = []
+        for side, st in report["splits"].items():
+            if not st["n_cases"]:
+                rows.append([side, "0"] + ["-"] * 7)
+                continue
+            fg, im = st["fg_fraction"], st["intensity_mean"]
+            rows.append([side, str(st["n_cases"]), str(st["n_slices"]), _fmt(100 * st["fg_slice_fraction"], "{:.1f}%"),
+                         f"{100 * fg['mean']:.3f}% ± {100 * fg['sd']:.3f}%", str(st["n_lesions"]),
+                         str(st["lesion_free_cases"]), f"{im['mean']:.1f} ± {im['sd']:.1f}", _fmt(st["intensity_std"])])
+        out += ["", _table(["split", "cases", "slices", "fg slices", "fg fraction (mean ± sd)", "lesions",
+                            "lesion-free", "intensity mean ± sd", "intensity std"], rows)]
+        for side, comp in (report["comparisons"] or {}).items():
+            out.append(f"  {side} vs train: standardised mean difference of fg fraction "
+                       f"{_fmt(comp['fg_fraction_smd'], '{:+.2f}')}, of mean intensity "
+                       f"{_fmt(comp['intensity_mean_smd'], '{:+.2f}')} (warning above {report['thresholds']['smd']})")
+    elif report["cases"] and report["cache"] is None:
+        out += ["", "no cache, split or split statistics: they need every case paired and loaded"]
+    for title, items in (("errors", report["errors"]), ("warnings", report["warnings"])):
+        if items:
+            out += ["", f"{title} ({len(items)})"]
+            out += [f"  {title[:-1]} [{item['kind']}] {item['message']}" for item in items]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medseg.cli import add_config_args
+
+    parser = argparse.ArgumentParser(prog="python -m medseg.data check",
+                                     description="Audit the dataset of a config: per-case and per-split tables, "
+                                                 "hard errors (exit code 1) and warnings (exit code 0).")
+    add_config_args(parser)
+    parser.add_argument("--json", metavar="OUT.json", help="write the full report as JSON here")
+    parser.add_argument("--no-slices", action="store_true", help="skip hashing cached slices across splits")
+    parser.add_argument("--smd-threshold", type=float, default=SMD_THRESHOLD,
+                        help="warn when val/test differ from train by more than this standardised mean difference "
+                             "(default %(default)s)")
+    args = parser.parse_args(argv)
+
+    from medseg.config import load_config
+    from medseg.io_utils import atomic_write_text
+
+    cfg = load_config(args.config, args.overrides)
+    report = audit(cfg.dataset, slices=not args.no_slices, smd_threshold=args.smd_threshold,
+                   progress=sys.stderr.isatty())
+    report["config"] = str(Path(args.config).resolve())
+    print(format_report(report))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    print("summary: " + json.dumps(report["summary"]), flush=True)
+    return report["summary"]["exit_code"]

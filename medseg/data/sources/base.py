@@ -1,0 +1,62 @@
+"""The one record every reader yields, and the reader interface."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Case:
+    """One patient volume with its expert mask.
+
+    image:   float32, shape (X, Y, Z) in NIfTI (i, j, k) order; Hounsfield units for CT, raw values otherwise.
+             A 2D image is a volume of depth 1: (rows, cols, 1).
+    label:   uint8, same shape as ``image``; integer label values as listed in the source's ``labels``.
+    spacing: voxel size in mm along (X, Y, Z).
+    source:  path of the file the image was read from (for error messages and provenance).
+    affine:  4x4 voxel-to-world matrix when the source has one (NIfTI), else None.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float]
+    source: str
+    affine: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.case_id, str):
+            raise TypeError(f"case id must be a string, got {self.case_id!r}")
+        if self.image.shape != self.label.shape:
+            from medseg.errors import DataError
+
+            raise DataError(
+                f"{self.source}: case {self.case_id}: image shape {tuple(self.image.shape)} "
+                f"!= label shape {tuple(self.label.shape)}"
+            )
+
+
+class Source(Protocol):
+    """A dataset on disk. ``case_ids`` is cheap (no volume decoded); ``load`` decodes one case."""
+
+    root: Path
+    labels: dict[int, str]
+    modality: str  # "CT" (Hounsfield units, windowed) or anything else (percentile-normalised)
+
+    def case_ids(self) -> list[str]: ...
+
+    def load(self, case_id: str) -> Case: ...
+
+    def file_of(self, case_id: str) -> str:
+        """A file name identifying the case, used by the grouping regex of the split."""
+        ...
+
+    def fingerprint(self) -> str:
+        """Hash of what identifies the data (file names, sizes, mtimes): changes when the data changes."""
+        ...
+
+    def __iter__(self) -> Iterator[Case]: ...

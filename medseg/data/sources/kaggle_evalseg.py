@@ -1,0 +1,309 @@
+"""Reader for the Kaggle "Medical Image Segmentation" (evalseg) layout; see ../shared/docs/DATASET.md.
+
+    <root>/Task*/metadata.json, CT.zip (bzip2, <id>.nii[.gz] members) or CT/<id>.nii[.gz],
+                 GroundTruth/<id>.pkl[.gz], Predictions/<method>/<id>.pkl[.gz]
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from medseg.data.evalseg_pickle import LabelVolume, read_label_pickle
+from medseg.data.sources.base import Case
+from medseg.data.sources.common import (
+    NIFTI_SUFFIXES,
+    NiftiVolume,
+    check_labels,
+    file_stamp,
+    fingerprint_of,
+    format_names,
+    is_hidden,
+    load_nifti,
+    one_line,
+    paired_ids,
+    parse_labels,
+    spacing_of,
+    strip_suffix,
+    to_image,
+)
+from medseg.errors import DataError
+
+PICKLE_SUFFIXES = (".pkl.gz", ".pkl")
+
+
+@dataclass(frozen=True)
+class _CTRef:
+    """Where one case's CT lives: a CT.zip member or a file in CT/. ``stamp`` is the CRC or mtime_ns."""
+
+    name: str  # for messages and file_of: "CT.zip:021.nii" or "CT/021.nii.gz"
+    member: str | None
+    path: Path | None
+    size: int
+    stamp: int
+
+
+def find_tasks(root: Path) -> list[Path]:
+    """Task folders directly under a dataset root (any ``Task*`` directory; names are never assumed)."""
+    return sorted(p for p in root.glob("Task*") if p.is_dir())
+
+
+def _read_metadata(task_dir: Path) -> dict:
+    path = task_dir / "metadata.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing (every Kaggle evalseg task folder has a metadata.json)") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable JSON ({one_line(err)})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return meta
+
+
+def _select_task(path: Path, task: str | None) -> Path:
+    """``path`` is a task folder (has metadata.json) or a root of Task* folders; ``task`` names one."""
+    if (path / "metadata.json").is_file():
+        if task is not None and task not in (path.name, _read_metadata(path).get("name")):
+            raise DataError(f"{path}: is task {path.name!r}, not the requested task {task!r}")
+        return path
+    if not path.is_dir():
+        raise DataError(f"{path}: not a directory")
+    tasks = find_tasks(path)
+    if not tasks:
+        raise DataError(f"{path}: no metadata.json and no Task* folder")
+    if task is None:
+        if len(tasks) > 1:
+            raise DataError(f"{path}: holds several tasks (choose one with task): {', '.join(t.name for t in tasks)}")
+        return tasks[0]
+    # Folder name first; the metadata name only as a fallback (Task003's metadata calls itself Task04).
+    matches = [t for t in tasks if t.name == task] or [
+        t for t in tasks if (t / "metadata.json").is_file() and _read_metadata(t).get("name") == task
+    ]
+    if len(matches) != 1:
+        raise DataError(f"{path}: no single task named {task!r}; tasks: {', '.join(t.name for t in tasks)}")
+    return matches[0]
+
+
+def _plain_name(name: str, what: str, where: Path) -> str:
+    """Refuse ids and method names that could walk out of their folder when joined to a path."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise DataError(f"{where}: invalid {what} {name!r}")
+    return name
+
+
+def _pickle_files(folder: Path) -> dict[str, Path]:
+    """case id -> pickle path for <id>.pkl / <id>.pkl.gz in ``folder``; two files for one id is an error."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.iterdir()):
+        cid = strip_suffix(path.name, PICKLE_SUFFIXES)
+        if cid is None or is_hidden(path.name) or not path.is_file():
+            continue
+        if cid in found:
+            raise DataError(f"{folder}: case {cid}: both {found[cid].name} and {path.name}")
+        found[cid] = path
+    return found
+
+
+class KaggleEvalsegSource:
+    """One task of the Kaggle evalseg dataset: CT volumes paired with GroundTruth pickles.
+
+    ``case_ids()`` validates the pairing (GroundTruth without CT, CT without GroundTruth); with
+    ``allow_missing=True`` unpaired cases are skipped with a warning instead. Only one case is decoded
+    at a time. ``load_label`` / ``load_prediction`` work without CT (scoring the Task001-003 copies in shared),
+    ``load_image`` without GroundTruth (inference).
+    """
+
+    def __init__(self, path: str | os.PathLike, task: str | None = None, allow_missing: bool = False) -> None:
+        self.root: Path = _select_task(Path(path), task)
+        meta = _read_metadata(self.root)
+        self.name: str = str(meta.get("name", self.root.name))
+        self.labels: dict[int, str] = parse_labels(meta.get("labels"), source=str(self.root / "metadata.json"))
+        modality = meta.get("modality") or {}
+        self.modality: str = str(modality.get("0", "CT")) if isinstance(modality, dict) else str(modality)
+        self.allow_missing = allow_missing
+        self._ct: dict[str, _CTRef] | None = None
+        self._gt: dict[str, Path] | None = None
+        self._ids: list[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"KaggleEvalsegSource({str(self.root)!r})"
+
+    # ------------------------------------------------------------------------------------------ listing
+
+    @property
+    def _zip_path(self) -> Path:
+        return self.root / "CT.zip"
+
+    def _list_ct(self) -> dict[str, _CTRef]:
+        """case id -> CT reference, from the zip's central directory or the CT/ folder (nothing decompressed)."""
+        if self._ct is not None:
+            return self._ct
+        ct_dir, zip_path = self.root / "CT", self._zip_path
+        if zip_path.is_file() and ct_dir.is_dir():
+            raise DataError(f"{self.root}: both CT.zip and CT/ exist; keep one so the cases are unambiguous")
+        refs: dict[str, _CTRef] = {}
+
+        def add(cid: str, ref: _CTRef) -> None:
+            if cid in refs:
+                raise DataError(f"{self.root}: case {cid}: two CT files, {refs[cid].name} and {ref.name}")
+            refs[cid] = ref
+
+        if zip_path.is_file():
+            try:
+                with zipfile.ZipFile(zip_path) as zf:
+                    infos = zf.infolist()
+            except (zipfile.BadZipFile, OSError) as err:
+                raise DataError(f"{zip_path}: not a readable zip ({one_line(err)})") from None
+            for info in infos:
+                parts = info.filename.replace("\\", "/").split("/")
+                cid = strip_suffix(parts[-1], NIFTI_SUFFIXES)
+                # .keepkaggle, folders, macOS forks (__MACOSX/._x.nii) and non-NIfTI members are not cases.
+                if info.is_dir() or cid is None or is_hidden(parts[-1]) or "__MACOSX" in parts:
+                    continue
+                if len(parts) > 1:
+                    raise DataError(f"{zip_path}: member {info.filename!r} is not at the zip root")
+                add(cid, _CTRef(f"CT.zip:{info.filename}", info.filename, None, info.file_size, info.CRC))
+        elif ct_dir.is_dir():
+            for path in sorted(ct_dir.iterdir()):
+                cid = strip_suffix(path.name, NIFTI_SUFFIXES)
+                if cid is None or is_hidden(path.name) or not path.is_file():
+                    continue
+                st = path.stat()
+                add(cid, _CTRef(f"CT/{path.name}", None, path, st.st_size, st.st_mtime_ns))
+        self._ct = refs
+        return refs
+
+    def _list_gt(self) -> dict[str, Path]:
+        if self._gt is None:
+            self._gt = _pickle_files(self.root / "GroundTruth")
+        return self._gt
+
+    def ground_truth_ids(self) -> list[str]:
+        """Ids of every GroundTruth pickle, whether or not its CT is present."""
+        return sorted(self._list_gt())
+
+    def image_ids(self) -> list[str]:
+        """Ids of every CT volume, whether or not its GroundTruth is present."""
+        return sorted(self._list_ct())
+
+    def case_ids(self) -> list[str]:
+        """Ids with both CT and GroundTruth, as in the file names ("021" stays "021"). Validates the pairing."""
+        if self._ids is not None:
+            return list(self._ids)
+        ct, gt = self._list_ct(), self._list_gt()
+        where = ("in CT.zip" if self._zip_path.is_file() else "in CT/" if (self.root / "CT").is_dir()
+                 else "(no CT.zip or CT/ folder)")
+        ids = paired_ids(self.root, {c: f"GroundTruth/{p.name}" for c, p in gt.items()},
+                         {c: ref.name for c, ref in ct.items()}, f"GroundTruth without CT {where}",
+                         "CT without GroundTruth", allow_missing=self.allow_missing)
+        self._ids = ids
+        return list(ids)
+
+    def file_of(self, case_id: str) -> str:
+        """The CT file name of the case (e.g. "021.nii"), for the split's grouping regex."""
+        ref = self._ct_ref(case_id)
+        return ref.member if ref.member is not None else ref.path.name
+
+    def fingerprint(self) -> str:
+        """Hash of metadata.json, CT member/file names with size and CRC (or mtime_ns), GroundTruth stamps."""
+        stamps = [file_stamp(self.root / "metadata.json", self.root)]
+        stamps += [(ref.name, ref.size, ref.stamp) for ref in self._list_ct().values()]
+        stamps += [file_stamp(p, self.root) for p in self._list_gt().values()]
+        return fingerprint_of(stamps)
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def _ct_ref(self, case_id: str) -> _CTRef:
+        ref = self._list_ct().get(case_id)
+        if ref is None:
+            raise DataError(f"{self.root}: no CT for case {case_id!r}")
+        return ref
+
+    def _read_ct(self, case_id: str, ref: _CTRef) -> NiftiVolume:
+        where = f"{self.root / ref.name} (case {case_id})"
+        if ref.path is not None:
+            return load_nifti(ref.path, source=where)
+        try:
+            # Read the member as a stream: never extracted, its name is never used as a path.
+            with zipfile.ZipFile(self._zip_path) as zf, zf.open(zf.getinfo(ref.member)) as stream:
+                data = stream.read()  # zipfile checks the CRC when the stream reaches its end
+        except MemoryError:
+            raise
+        except Exception as err:  # BadZipFile (CRC), EOFError/OSError (truncated bz2), RuntimeError (encrypted)
+            raise DataError(f"{where}: corrupt zip member ({type(err).__name__}: {one_line(err)})") from None
+        return load_nifti(data=data, source=where)
+
+    def _read_labels(self, path: Path, case_id: str) -> LabelVolume:
+        try:
+            lv = read_label_pickle(path)
+        except DataError as err:
+            raise type(err)(f"{err} (case {case_id})") from None
+        check_labels(lv.volume, self.labels, where=f"{path} (case {case_id})")
+        return lv
+
+    def load_image(self, case_id: str) -> tuple[np.ndarray, NiftiVolume]:
+        """The CT of any case in CT.zip / CT/: float32 (X, Y, Z) with NIfTI scaling, and its geometry."""
+        nii = self._read_ct(case_id, self._ct_ref(case_id))
+        nii.array = to_image(nii.array)
+        return nii.array, nii
+
+    def load(self, case_id: str) -> Case:
+        """Decode one case: image float32 (X, Y, Z) with NIfTI scaling applied, label uint8 (X, Y, Z)."""
+        if case_id not in self.case_ids():
+            raise DataError(f"{self.root}: case {case_id!r} is not in this task")
+        ref, gt_path = self._ct_ref(case_id), self._list_gt()[case_id]
+        lv = self._read_labels(gt_path, case_id)
+        image, nii = self.load_image(case_id)
+        if image.shape != lv.volume.shape:
+            raise DataError(
+                f"{self.root / ref.name} vs {gt_path} (case {case_id}): CT shape {image.shape} "
+                f"!= GroundTruth shape {lv.volume.shape}"
+            )
+        return Case(
+            case_id=case_id,
+            image=image,
+            label=lv.volume,
+            spacing=spacing_of(nii.zooms, lv.voxelsize),
+            source=str(self.root / ref.name),
+            affine=nii.affine,
+            meta={"task": self.name, "ground_truth": str(gt_path), "gt_voxelsize": lv.voxelsize},
+        )
+
+    def __iter__(self) -> Iterator[Case]:
+        for case_id in self.case_ids():
+            yield self.load(case_id)
+
+    def load_label(self, case_id: str) -> np.ndarray:
+        """The GroundTruth of any case in GroundTruth/, CT or not: uint8 (X, Y, Z)."""
+        path = self._list_gt().get(case_id)
+        if path is None:
+            raise DataError(f"{self.root / 'GroundTruth'}: no GroundTruth for case {case_id!r}")
+        return self._read_labels(path, case_id).volume
+
+    # ------------------------------------------------------------------------------------------ predictions
+
+    def predictions_methods(self) -> list[str]:
+        """Names of the reference methods under Predictions/ (sorted)."""
+        folder = self.root / "Predictions"
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
+
+    def load_prediction(self, method: str, case_id: str) -> LabelVolume:
+        """Predictions/<method>/<case_id>.pkl[.gz] decoded to a uint8 (X, Y, Z) volume."""
+        if method not in self.predictions_methods():
+            have = format_names(self.predictions_methods(), limit=40)
+            raise DataError(f"{self.root / 'Predictions'}: no method {method!r}; have {have}")
+        folder = self.root / "Predictions" / method
+        path = _pickle_files(folder).get(_plain_name(case_id, "case id", folder))
+        if path is None:
+            raise DataError(f"{folder}: no prediction for case {case_id!r}")
+        return self._read_labels(path, case_id)

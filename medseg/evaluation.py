@@ -1,0 +1,274 @@
+"""Evaluation: a checkpoint or a predictions folder -> per-case table + summary; the leaderboard.
+
+Checkpoints are scored at the input's original geometry (the same ``Predictor`` as infer.py), on a split
+read from the saved splits.json. Refusing to score a checkpoint on a split other than the one it was
+trained with is deliberate: a different split may put its training cases into the evaluation set.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medseg import metrics as M
+from medseg.data.dataset import label_lut
+from medseg.errors import DataError, MedsegError
+from medseg.io_utils import atomic_path, atomic_write_json
+
+PREDICTION_SUFFIXES = (".pkl.gz", ".pkl", ".nii.gz", ".nii", "_mask.png", ".png", ".tif", ".tiff", ".gif", ".jpg", ".bmp")
+
+
+@dataclass
+class EvalResult:
+    name: str  # method name or checkpoint path
+    rows: list[dict[str, Any]]  # per case: case_id + case_metrics keys
+    summary: dict[str, Any]
+    labels: list[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def per_case_dice(self) -> dict[str, float]:
+        return {r["case_id"]: float(r["dice"]) for r in self.rows}
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """per_case.csv, per_case.json and summary.json in ``out_dir``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        with atomic_path(out_dir / "per_case.csv") as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        atomic_write_json(out_dir / "per_case.json", _json_safe(self.rows))
+        atomic_write_json(out_dir / "summary.json", _json_safe({"name": self.name, "labels": self.labels, **self.info, "summary": self.summary}))
+        return {"per_case_csv": out_dir / "per_case.csv", "per_case_json": out_dir / "per_case.json", "summary": out_dir / "summary.json"}
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN -> None so the JSON is standard (NaN marks an empty-empty case, left out of the means)."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def score_case(case_id: str, pred: np.ndarray, target: np.ndarray, labels: Sequence[int], *, lesions: bool = True) -> dict[str, Any]:
+    """Metrics of one case from raw label volumes (the task's own label values); ``lesions`` adds lesion-wise
+    detection (connected components: the slow part on large volumes)."""
+    if pred.shape != target.shape:
+        raise DataError(f"case {case_id}: prediction shape {pred.shape} != ground truth shape {target.shape}")
+    lut = label_lut(labels)
+    classes = list(range(1, len(labels) + 1))
+    return {"case_id": case_id, **M.case_metrics(lut[pred], lut[target], classes, lesion_labels=classes if lesions else None)}
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: bool = False, allow_split_mismatch: bool = False,
+                        batch_size: int = 16, device: str | None = None, progress: bool = True, data=None) -> EvalResult:
+    """Score a checkpoint on ``split`` of the config's dataset at full (original) resolution."""
+    from tqdm import tqdm
+
+    from medseg.inference import Predictor
+    from medseg.training import prepare_data
+
+    predictor = Predictor(ckpt, device=device, batch_size=batch_size, flip_tta=flip_tta)
+    data = data or prepare_data(cfg, progress=progress)
+    trained_on = predictor.meta.get("split_hash")
+    if trained_on != data.split.hash and not allow_split_mismatch:
+        raise MedsegError(f"{ckpt}: trained with split {trained_on}, but the config gives split {data.split.hash} "
+                          f"({data.split.path}); scoring there may include its training cases (use --allow-split-mismatch to force)")
+    labels = predictor.labels
+    rows = []
+    for cid in tqdm(data.split.cases(split), desc=f"eval {split}", unit="case", disable=not progress, leave=False):
+        case = data.source.load(cid)
+        rows.append(score_case(cid, predictor.predict(case.image), case.label, labels))
+    if not rows:
+        raise MedsegError(f"split '{split}' of {data.split.path} is empty")
+    info = {"checkpoint": str(Path(ckpt).resolve()), "split": split, "split_hash": data.split.hash, "flip_tta": flip_tta,
+            "dataset": str(data.source.root)}
+    return EvalResult(name=str(ckpt), rows=rows, summary=M.summarize(rows), labels=labels, info=info)
+
+
+# ------------------------------------------------------------------------------------ predictions folder
+
+
+def find_prediction(pred_dir: Path, case_id: str) -> Path | None:
+    for suffix in PREDICTION_SUFFIXES:
+        path = pred_dir / f"{case_id}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def read_prediction(path: Path, *, labels: dict[int, str] | None = None) -> np.ndarray:
+    """A prediction file -> uint8 (X, Y, Z) label volume: evalseg pickle, NIfTI, or a 2D mask image (depth 1)."""
+    name = path.name.lower()
+    if name.endswith((".pkl", ".pkl.gz")):
+        from medseg.data.evalseg_pickle import read_label_pickle
+
+        return read_label_pickle(path).volume
+    if name.endswith((".nii", ".nii.gz")):
+        from medseg.data.sources.common import load_nifti, to_label
+
+        vol = load_nifti(path, source=str(path))
+        return to_label(vol.array, source=str(path))
+    from medseg.data.sources.folders2d import read_mask
+
+    return read_mask(path, labels)
+
+
+def evaluate_predictions(source, pred_dir: str | Path, *, labels: Sequence[int] | None = None, case_ids: Sequence[str] | None = None,
+                         missing_as_empty: bool = False, name: str | None = None, progress: bool = True,
+                         lesions: bool = True) -> EvalResult:
+    """Score a folder of predictions (``<id>.pkl[.gz]``, ``<id>.nii[.gz]`` or ``<id>[_mask].png``) against the
+    source's ground truth. Only ground truth is read, so tasks without CT volumes can be scored.
+
+    Without ``case_ids``, the cases scored are those with both a ground truth and a prediction file (as the
+    dataset's own reference figures are computed); ground-truth cases without a prediction are listed in
+    ``info["missing"]`` and printed as a warning. With ``case_ids`` every listed case must have a prediction.
+    ``missing_as_empty`` scores missing predictions as empty masks instead.
+    """
+    import logging
+
+    from tqdm import tqdm
+
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise DataError(f"{pred_dir}: predictions folder not found")
+    labels = list(labels) if labels else sorted(int(k) for k in source.labels if int(k) != 0)
+    wanted = list(case_ids) if case_ids is not None else source.ground_truth_ids()
+    found = {cid: find_prediction(pred_dir, cid) for cid in wanted}
+    missing = [cid for cid, p in found.items() if p is None]
+    if missing and case_ids is not None and not missing_as_empty:
+        raise DataError(f"{pred_dir}: no prediction for {len(missing)} case(s): {', '.join(missing[:8])}"
+                        f"{' ...' if len(missing) > 8 else ''} (use --missing-as-empty to score them as empty)")
+    ids = wanted if missing_as_empty else [cid for cid in wanted if found[cid] is not None]
+    if not ids:
+        raise DataError(f"{pred_dir}: no prediction file matches a ground-truth case of {source.root}")
+    if missing and not missing_as_empty:
+        logging.getLogger(__name__).warning("%s: %d ground-truth case(s) have no prediction and are not scored: %s",
+                                            pred_dir, len(missing), ", ".join(missing[:8]))
+    rows = []
+    for cid in tqdm(ids, desc=f"score {pred_dir.name}", unit="case", disable=not progress, leave=False):
+        target = source.load_label(cid)
+        pred = read_prediction(found[cid], labels=source.labels) if found[cid] else np.zeros_like(target)
+        rows.append(score_case(cid, pred, target, labels, lesions=lesions))
+    info = {"predictions": str(pred_dir.resolve()), "missing": missing, "missing_scored_as_empty": missing_as_empty,
+            "dataset": str(source.root)}
+    return EvalResult(name=name or pred_dir.name, rows=rows, summary=M.summarize(rows), labels=labels, info=info)
+
+
+def leaderboard(results: Sequence[EvalResult], case_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Rank methods by mean per-case Dice on one common case set (the intersection, or ``case_ids``)."""
+    common = set(case_ids) if case_ids is not None else set.intersection(*(set(r.per_case_dice()) for r in results))
+    table = []
+    for r in results:
+        rows = [row for row in r.rows if row["case_id"] in common]
+        s = M.summarize(rows)
+        table.append({"method": r.name, "dice": s["dice"], "iou": s["iou"], "dice_micro": s["dice_micro"],
+                      "lesion_recall": s.get("lesion_recall", float("nan")), "lesion_precision": s.get("lesion_precision", float("nan")),
+                      "n_cases": s["n_cases"], "n_scored": s["n_scored"]})
+    table.sort(key=lambda row: -row["dice"] if row["dice"] == row["dice"] else float("inf"))
+    for rank, row in enumerate(table, start=1):
+        row["rank"] = rank
+    return table
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Aligned plain-text table (floats to 4 decimals)."""
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- tracking
+
+
+def log_eval_run(cfg, result: EvalResult, out_files: dict[str, Path], *, run_name: str | None = None) -> str:
+    """An MLflow run for an evaluation, linked to the training run (tag ``training_run_id``)."""
+    from medseg.tracking import ensure_experiment, get_client, log_metrics, start_run, tags_of, tracked_run, tracking_uri
+
+    uri = tracking_uri(cfg)
+    client = get_client(uri)
+    exp = ensure_experiment(uri, cfg.output.experiment)
+    info = result.info
+    tags = tags_of(cfg, kind="eval", split=info.get("split", ""), checkpoint=info.get("checkpoint", info.get("predictions", "")))
+    if info.get("checkpoint"):
+        from medseg.checkpoint import load_checkpoint
+        from medseg.tracking import find_training_run
+
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        info["training_run_id"] = find_training_run(client, experiments, Path(info["checkpoint"]), load_checkpoint(info["checkpoint"])["meta"])
+    if info.get("training_run_id"):
+        tags["training_run_id"] = info["training_run_id"]
+        tags["mlflow.note.content"] = f"Evaluation of the checkpoint of training run {info['training_run_id']}"
+    params = {"eval.split": str(info.get("split", "")), "eval.flip_tta": str(info.get("flip_tta", False)),
+              "eval.checkpoint": str(info.get("checkpoint", "")), "eval.predictions": str(info.get("predictions", ""))}
+    run_id = start_run(client, exp, run_name=run_name or f"eval-{Path(result.name).stem}", params=params, tags=tags,
+                       parent_run_id=None)
+    with tracked_run(client, run_id):
+        log_metrics(client, run_id, {f"eval/{k}": v for k, v in result.summary.items()}, step=0)
+        for path in out_files.values():
+            client.log_artifact(run_id, str(path), "eval")
+    return run_id
+
+
+def expected_mean_dice(result: EvalResult) -> tuple[float, int]:
+    """Mean per-case Dice and number scored (handy for comparing with published figures)."""
+    return M.mean_per_case_dice([r["dice"] for r in result.rows])
+
+
+def dump_summary(result: EvalResult) -> str:
+    keys = ("dice", "iou", "dice_micro", "sensitivity", "precision", "lesion_recall", "lesion_precision", "n_cases", "n_scored", "n_empty_empty")
+    return json.dumps({k: result.summary.get(k) for k in keys}, default=lambda v: None if v != v else v)
+
+
+def run_eval_cli(cfg, args) -> str:
+    """eval.py's job; returns the text to print."""
+    from medseg.data.sources import open_source_from_config
+
+    out_lines = []
+    results: list[EvalResult] = []
+    if args.ckpt:
+        result = evaluate_checkpoint(args.ckpt, cfg, split=args.split, flip_tta=args.tta, allow_split_mismatch=args.allow_split_mismatch)
+        out_dir = Path(args.out or Path(args.ckpt).resolve().parent / f"eval-{args.split}{'-tta' if args.tta else ''}")
+        files = result.write(out_dir)
+        if not args.no_mlflow:
+            result.info["mlflow_run_id"] = log_eval_run(cfg, result, files)
+        out_lines.append(f"{result.name} on {args.split}: {dump_summary(result)}\nper-case table: {files['per_case_csv']}")
+        results.append(result)
+    source = None
+    if args.predictions:
+        source = open_source_from_config(cfg.dataset)
+        case_ids = results[0].per_case_dice().keys() if results else None
+        result = evaluate_predictions(source, args.predictions, labels=cfg.dataset.labels, case_ids=list(case_ids) if case_ids else None,
+                                      missing_as_empty=args.missing_as_empty)
+        files = result.write(Path(args.out or f"eval-{Path(args.predictions).name}"))
+        out_lines.append(f"{result.name}: {dump_summary(result)}\nper-case table: {files['per_case_csv']}")
+        results.append(result)
+    if args.leaderboard:
+        source = source or open_source_from_config(cfg.dataset)
+        methods = getattr(source, "predictions_methods", lambda: [])()
+        if not methods:
+            raise MedsegError(f"{source.root}: no Predictions/<method> folders to rank against")
+        case_ids = list(results[0].per_case_dice()) if results else None
+        for method in methods:
+            results.append(evaluate_predictions(source, Path(source.root) / "Predictions" / method, labels=cfg.dataset.labels,
+                                                case_ids=case_ids, missing_as_empty=args.missing_as_empty, name=method))
+        table = leaderboard(results)
+        out_lines.append(f"leaderboard on {len(case_ids) if case_ids else 'all'} cases:\n"
+                         + format_table(table, ["rank", "method", "dice", "iou", "dice_micro", "lesion_recall", "lesion_precision", "n_scored"]))
+    return "\n".join(out_lines)

@@ -1,0 +1,196 @@
+"""Checkpoint + input volume/image -> mask with the input's geometry.
+
+The preprocessing is the checkpoint's own (window or percentiles, in-plane size, 2.5D context), run through
+the same functions that built the training cache; probabilities are resized back to each slice's original
+size before thresholding, so masks line up voxel for voxel with the input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from medseg.checkpoint import model_from_checkpoint
+from medseg.data.cache import make_normaliser, resize_slice
+from medseg.data.dataset import stack_context
+from medseg.errors import DataError
+from medseg.training import _tta_logits, autocast
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
+
+
+class Predictor:
+    """A loaded checkpoint that turns (X, Y, Z) float32 volumes into (X, Y, Z) uint8 label volumes."""
+
+    def __init__(self, ckpt: str | Path, *, device: str | None = None, batch_size: int = 16, flip_tta: bool = False):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.meta, self.cfg = model_from_checkpoint(ckpt, device=self.device)
+        self.ckpt = Path(ckpt)
+        self.settings: dict[str, Any] = self.meta["preprocessing"]
+        self.context = int(self.settings.get("context_slices", 0))
+        self.labels = [int(v) for v in self.meta["labels"]]
+        self.batch_size = batch_size
+        self.flip_tta = flip_tta
+        self.threshold = self.cfg.training.threshold
+        self.amp = self.cfg.training.amp
+        # class index -> raw label value (class 0 is background)
+        self.class_to_label = np.array([0, *self.labels], dtype=np.uint8)
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """(X, Y, Z) raw intensities -> (Z, S, S) float32 in [0, 1], exactly as the training cache."""
+        norm, _ = make_normaliser(image, self.settings)
+        size = self.settings["image_size"]
+        # float16 like the cache, so a checkpoint sees exactly the values it was trained and validated on
+        return np.stack([resize_slice(norm(image[:, :, z]), size, is_label=False) for z in range(image.shape[2])]).astype(np.float16).astype(np.float32)
+
+    @torch.no_grad()
+    def probabilities(self, image: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (z, probabilities (C, X, Y)) per slice at the input's in-plane size, computed in batches."""
+        volume = self.preprocess(image)
+        n, (height, width) = volume.shape[0], image.shape[:2]
+        for start in range(0, n, self.batch_size):
+            zs = range(start, min(n, start + self.batch_size))
+            x = torch.from_numpy(np.stack([stack_context(volume, z, self.context) for z in zs])).to(self.device)
+            with autocast(self.device, self.amp):
+                logits = self.model(x).float()
+                if self.flip_tta:
+                    logits = _tta_logits(self.model, x, logits)
+            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+            if (height, width) != tuple(probs.shape[2:]):
+                probs = torch.nn.functional.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+            for i, z in enumerate(zs):
+                yield z, probs[i].cpu().numpy()
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """(X, Y, Z) float32 -> (X, Y, Z) uint8 raw label values (the task's own label numbering)."""
+        if image.ndim != 3:
+            raise DataError(f"expected an (X, Y, Z) volume, got shape {image.shape}")
+        out = np.zeros(image.shape, np.uint8)
+        for z, probs in self.probabilities(image):
+            classes = (probs[0] > self.threshold).astype(np.uint8) if probs.shape[0] == 1 else probs.argmax(axis=0).astype(np.uint8)
+            out[:, :, z] = self.class_to_label[classes]
+        return out
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass
+class InputItem:
+    """One thing to segment: its id, float32 (X, Y, Z) image, and how to write a mask like it."""
+
+    name: str
+    image: np.ndarray
+    kind: str  # "nifti" | "image"
+    reference: Any  # nibabel image (NIfTI) or the image path (2D)
+
+
+def _has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
+    return path.name.lower().endswith(suffixes)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", *NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def read_nifti(path: Path) -> InputItem:
+    from medseg.data.sources.common import load_nifti, to_image
+
+    nii = load_nifti(path, source=str(path))
+    return InputItem(_stem(path), to_image(nii.array), "nifti", nii)
+
+
+def read_image(path: Path) -> InputItem:
+    from medseg.data.sources.folders2d import read_gray
+
+    return InputItem(_stem(path), read_gray(path), "image", path)
+
+
+def iter_inputs(path: str | Path, case_ids: list[str] | None = None) -> Iterator[InputItem]:
+    """A NIfTI file, an image file, a folder of either, or a Kaggle task folder (all or ``case_ids``)."""
+    path = Path(path)
+    if path.is_dir() and ((path / "CT.zip").exists() or (path / "CT").is_dir()) and (path / "metadata.json").exists():
+        from medseg.data.sources import open_source
+
+        source = open_source("kaggle", path, allow_missing=True)
+        for cid in case_ids or source.image_ids():
+            image, nifti = source.load_image(cid)
+            yield InputItem(cid, image, "nifti", nifti)
+        return
+    if case_ids:
+        raise DataError(f"{path}: --case applies to a Kaggle task folder only")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and _has_suffix(p, NIFTI_SUFFIXES + IMAGE_SUFFIXES))
+        if not files:
+            raise DataError(f"{path}: no NIfTI or image files found")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"{path}: no such file or folder")
+    for f in files:
+        if _has_suffix(f, NIFTI_SUFFIXES):
+            yield read_nifti(f)
+        elif _has_suffix(f, IMAGE_SUFFIXES):
+            yield read_image(f)
+        else:
+            raise DataError(f"{f}: unsupported input type (use .nii, .nii.gz, or an image)")
+
+
+def write_mask(item: InputItem, mask: np.ndarray, out_dir: Path, *, binary_255: bool) -> Path:
+    """Write ``mask`` with the input's geometry: NIfTI with the input's affine and shape, or an image of its size."""
+    from medseg.io_utils import atomic_path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if item.kind == "nifti":
+        import nibabel as nib
+
+        ref = item.reference
+        data = mask.reshape(ref.shape) if int(np.prod(ref.shape)) == mask.size else mask
+        header = ref.header.copy()
+        header.set_data_dtype(np.uint8)
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        img = image_class(data.astype(np.uint8), ref.affine, header)
+        img.header.set_slope_inter(1, 0)
+        path = out_dir / f"{item.name}.nii.gz"
+        with atomic_path(path, suffix=".nii.gz") as tmp:
+            nib.save(img, str(tmp))
+        return path
+    from PIL import Image
+
+    plane = mask[:, :, 0]
+    if binary_255:
+        plane = (plane > 0).astype(np.uint8) * 255  # visible 0/255 masks; the folders2d reader maps them back to 0/1
+    path = out_dir / f"{item.name}_mask.png"
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(plane).save(tmp, format="PNG")
+    return path
+
+
+def run_inference(ckpt: str | Path, input_path: str | Path, out_dir: str | Path, *, case_ids: list[str] | None = None,
+                  batch_size: int = 16, flip_tta: bool = False, overlays: bool = True, device: str | None = None) -> list[dict[str, Any]]:
+    """Segment every input; write masks (+ overlay PNGs). Returns one record per input."""
+    from medseg.plots import overlay_png, pick_slice
+
+    predictor = Predictor(ckpt, device=device, batch_size=batch_size, flip_tta=flip_tta)
+    out_dir = Path(out_dir)
+    records = []
+    for item in iter_inputs(input_path, case_ids):
+        mask = predictor.predict(item.image)
+        path = write_mask(item, mask, out_dir, binary_255=len(predictor.labels) == 1)
+        record = {"input": item.name, "mask": str(path), "shape": list(mask.shape),
+                  "foreground_voxels": int(np.count_nonzero(mask))}
+        if overlays:
+            z = pick_slice(np.moveaxis(mask, 2, 0), np.moveaxis(mask, 2, 0))
+            norm, _ = make_normaliser(item.image, predictor.settings)
+            record["overlay"] = str(overlay_png(norm(item.image[:, :, z]), None, mask[:, :, z], out_dir / "overlays" / f"{item.name}_z{z:03d}.png",
+                                                title=f"{item.name}, slice {z}: red prediction"))
+        records.append(record)
+    return records

@@ -1,0 +1,203 @@
+"""Champion / challenger: re-evaluate, compare with a paired bootstrap, set MLflow registry aliases, mirror.
+
+The figure that decides is the eval code's mean per-case validation Dice at full resolution (never the
+training-time number). A challenger replaces the champion only when, on the same split,
+  delta = Dice(challenger) - Dice(champion) >= margin   and   P(challenger better) >= min_probability,
+the probability coming from a paired bootstrap over validation cases. Otherwise it gets the alias
+``challenger`` and the decision says which condition failed. The champion is mirrored to
+``<models_dir>/champion`` as a symlink switched atomically to a complete version folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medseg import metrics as M
+from medseg.io_utils import atomic_write_json, atomic_write_text, publish_mode
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    alias: str
+    reason: str
+    registry_name: str
+    version: str | None
+    candidate: dict[str, Any]
+    champion_before: dict[str, Any] | None = None
+    bootstrap: dict[str, Any] | None = None
+    rule: dict[str, Any] = field(default_factory=dict)
+    mirror: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def current_champion(client, name: str):
+    """The model version holding the ``champion`` alias, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def download_checkpoint(version, uri: str, dest: Path) -> Path:
+    """The best.pt behind a model version (source ``runs:/<run>/checkpoint``)."""
+    import mlflow.artifacts
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dest), tracking_uri=uri))
+    return local / "best.pt" if local.is_dir() else local
+
+
+def _eval_record(result, run_id: str | None, checkpoint: str) -> dict[str, Any]:
+    s = result.summary
+    return {"run_id": run_id, "checkpoint": checkpoint, "dice": s["dice"], "iou": s["iou"], "dice_micro": s["dice_micro"],
+            "lesion_recall": s.get("lesion_recall"), "lesion_precision": s.get("lesion_precision"), "n_cases": s["n_cases"],
+            "n_scored": s["n_scored"], "split_hash": result.info.get("split_hash"), "per_case_dice": result.per_case_dice()}
+
+
+def compare(champion: dict[str, Any], candidate: dict[str, Any], rule) -> tuple[bool, str, dict[str, Any]]:
+    """Apply the promotion rule to two evaluation records on the same cases."""
+    ids = sorted(candidate["per_case_dice"])
+    if sorted(champion["per_case_dice"]) != ids:
+        return False, "champion and candidate were scored on different cases", {}
+    boot = M.paired_bootstrap([champion["per_case_dice"][i] for i in ids], [candidate["per_case_dice"][i] for i in ids],
+                              n_resamples=rule.bootstrap_resamples, seed=rule.seed)
+    delta, prob = boot["delta"], boot["prob_better"]
+    failed = []
+    if not delta >= rule.margin:
+        failed.append(f"gain {delta:+.4f} is below the margin {rule.margin:.4f}")
+    if not prob >= rule.min_probability:
+        failed.append(f"P(better) {prob:.3f} is below {rule.min_probability:.2f}")
+    summary = f"Dice {candidate['dice']:.4f} vs champion {champion['dice']:.4f} (gain {delta:+.4f}, 95% CI [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}], P(better) {prob:.3f})"
+    if failed:
+        return False, f"kept the champion: {'; '.join(failed)}. {summary}", boot
+    return True, f"promoted: {summary}", boot
+
+
+def decide_and_register(*, checkpoint: str | Path, run_id: str, cfg, rule, uri: str, data=None, progress: bool = True) -> Decision:
+    """Re-evaluate the candidate (and the current champion) on the validation split, decide, register, mirror."""
+    from medseg.checkpoint import load_checkpoint
+    from medseg.evaluation import evaluate_checkpoint
+    from medseg.tracking import get_client
+    from medseg.training import prepare_data
+
+    client = get_client(uri)
+    data = data or prepare_data(cfg, progress=progress)
+    candidate_eval = evaluate_checkpoint(checkpoint, cfg, split="val", data=data, progress=progress)
+    candidate = _eval_record(candidate_eval, run_id, str(checkpoint))
+    champion_version = current_champion(client, rule.registry_name)
+    champion_before, boot = None, None
+    if champion_version is None:
+        promoted, reason = True, f"promoted: no champion yet (Dice {candidate['dice']:.4f})"
+    else:
+        with tempfile.TemporaryDirectory(prefix="medseg-champion-") as tmp:
+            champ_ckpt = download_checkpoint(champion_version, uri, Path(tmp))
+            champ_split = load_checkpoint(champ_ckpt)["meta"].get("split_hash")
+            if champ_split != data.split.hash:
+                champion_before = {"version": champion_version.version, "run_id": champion_version.run_id, "split_hash": champ_split}
+                promoted = False
+                reason = (f"kept the champion: it was validated on split {champ_split}, the candidate on {data.split.hash}; "
+                          "scores on different splits are not comparable")
+            else:
+                champ_eval = evaluate_checkpoint(champ_ckpt, cfg, split="val", data=data, progress=progress)
+                champion_before = {**_eval_record(champ_eval, champion_version.run_id, champion_version.source), "version": champion_version.version}
+                promoted, reason, boot = compare(champion_before, candidate, rule)
+    version = register_version(client, rule.registry_name, run_id, candidate, promoted, reason)
+    alias = CHAMPION if promoted else CHALLENGER
+    client.set_registered_model_alias(rule.registry_name, alias, version)
+    decision = Decision(promoted=promoted, alias=alias, reason=reason, registry_name=rule.registry_name, version=version,
+                        candidate=candidate, champion_before=champion_before, bootstrap=boot, rule=rule.model_dump())
+    if promoted:
+        decision.mirror = str(mirror_champion(Path(rule.models_dir), checkpoint, cfg, decision))
+    return decision
+
+
+def register_version(client, name: str, run_id: str, candidate: dict[str, Any], promoted: bool, reason: str) -> str:
+    """A new model version for the run's logged checkpoint (``runs:/<run>/checkpoint``), tagged with its scores."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="medseg segmentation models; alias 'champion' is the one to use")
+    mv = client.create_model_version(name, source=f"runs:/{run_id}/checkpoint", run_id=run_id, description=reason[:500],
+                                     tags={"val_dice": f"{candidate['dice']:.6f}", "val_iou": f"{candidate['iou']:.6f}",
+                                           "split_hash": str(candidate["split_hash"]), "promoted": str(promoted).lower()})
+    return str(mv.version)
+
+
+def model_card(decision: Decision, cfg) -> str:
+    c = decision.candidate
+    lines = [
+        f"# {decision.registry_name} v{decision.version} (champion)",
+        "",
+        f"- Promoted: {time.strftime('%Y-%m-%d %H:%M:%S')}; {decision.reason}",
+        f"- MLflow run: `{c['run_id']}`; registry: `models:/{decision.registry_name}@champion`",
+        f"- Data: `{cfg.dataset.path}` task `{cfg.dataset.task}`, labels {cfg.dataset.labels}; split hash `{c['split_hash']}`",
+        f"- Model: {cfg.model.arch} / {cfg.model.encoder} (depth {cfg.model.encoder_depth}, weights {cfg.model.encoder_weights}), "
+        f"input {cfg.dataset.image_size} px, 2.5D context {cfg.dataset.context_slices}",
+        f"- Training: loss {cfg.loss.name}, {cfg.training.optimizer} lr {cfg.training.lr:g}, {cfg.training.scheduler} schedule, "
+        f"{cfg.training.epochs} epochs, augmentations: {', '.join(a.name for a in cfg.augment) or 'none'}",
+        "",
+        "## Validation (full resolution, per case)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| mean per-case Dice | {c['dice']:.4f} |",
+        f"| mean per-case IoU | {c['iou']:.4f} |",
+        f"| micro Dice | {c['dice_micro']:.4f} |",
+        f"| lesion recall | {c['lesion_recall'] if c['lesion_recall'] is None else round(c['lesion_recall'], 4)} |",
+        f"| lesion precision | {c['lesion_precision'] if c['lesion_precision'] is None else round(c['lesion_precision'], 4)} |",
+        f"| cases (scored) | {c['n_cases']} ({c['n_scored']}) |",
+        "",
+        "Use: `python infer.py --ckpt models/champion/checkpoint.pt --input <volume or folder> --out <dir>`.",
+        "Limits: trained on the data above only; not a medical device; check the per-case table before relying on it.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def mirror_champion(models_dir: Path, checkpoint: str | Path, cfg, decision: Decision) -> Path:
+    """Write ``versions/<name>-v<version>/`` completely, then switch the ``champion`` symlink to it atomically."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    final = models_dir / "versions" / f"{decision.registry_name}-v{decision.version}"
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=models_dir))
+    try:
+        shutil.copyfile(checkpoint, staging / "checkpoint.pt")
+        (staging / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_json(staging / "metrics.json", {k: v for k, v in decision.to_dict().items()})
+        atomic_write_text(staging / "MODEL_CARD.md", model_card(decision, cfg))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        publish_mode(staging, directory=True)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    link = models_dir / "champion"
+    if link.exists() and not link.is_symlink():
+        raise FileExistsError(f"{link} is a real folder, not the champion symlink; move it away")
+    tmp_link = models_dir / f".champion.{os.getpid()}.tmp"
+    if tmp_link.is_symlink():
+        tmp_link.unlink()
+    os.symlink(os.path.relpath(final, models_dir), tmp_link)
+    os.replace(tmp_link, link)  # rename over the old symlink: readers see the old or the new champion, never a mix
+    return link
+
+
+def read_champion_metrics(models_dir: Path) -> dict[str, Any] | None:
+    path = Path(models_dir) / "champion" / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None

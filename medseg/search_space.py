@@ -1,0 +1,218 @@
+"""Search-space files (search_spaces/*.yaml): a base config, parameter domains over dotted config keys,
+and the study settings (metric, samples, concurrency, resources, ASHA, Optuna seed, budget, champion rule).
+
+Validated like configs: unknown keys are errors naming their dotted path, and every domain is checked
+against the config tree by validating the base config with the domain's bounds or choices.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medseg.config import Config, _format_error, config_from_dict, load_yaml
+from medseg.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Domain(_Strict):
+    """One searched parameter. uniform/loguniform: [low, high]; int: low..high inclusive; choice: values."""
+
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Domain":
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("choice takes 'values', not low/high")
+            return self
+        if self.values is not None:
+            raise ValueError(f"{self.type} takes low/high, not 'values'")
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.type} needs low < high, got low={self.low} high={self.high}")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs low > 0")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("int needs integer low/high")
+        return self
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all give a valid config (bounds, or every choice)."""
+        if self.type == "choice":
+            return list(self.values)
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.type == "uniform":
+            return tune.uniform(self.low, self.high)
+        if self.type == "loguniform":
+            return tune.loguniform(self.low, self.high)
+        if self.type == "int":
+            return tune.randint(int(self.low), int(self.high) + 1)  # randint's upper bound is exclusive
+        return tune.choice(list(self.values))
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "choice":
+            return value in self.values
+        return value is not None and self.low <= value <= self.high
+
+
+class AshaConfig(_Strict):
+    enabled: bool = True
+    max_t: int = Field(8, ge=1, description="epochs of a trial that is never stopped")
+    grace_period: int = Field(2, ge=1, description="epochs every trial gets before it may be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AshaConfig":
+        if self.grace_period > self.max_t:
+            raise ValueError(f"grace_period ({self.grace_period}) must be <= max_t ({self.max_t})")
+        return self
+
+
+class Resources(_Strict):
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)
+
+
+class ChampionRule(_Strict):
+    """When a challenger replaces the champion: better by ``margin`` AND paired-bootstrap P(better) >= min_probability."""
+
+    registry_name: str = "medseg"
+    margin: float = Field(0.0, ge=0, description="minimum gain in mean per-case validation Dice")
+    min_probability: float = Field(0.95, gt=0, le=1)
+    bootstrap_resamples: int = Field(10000, ge=100)
+    seed: int = 0
+    models_dir: str = "models"
+
+
+class SearchSpace(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    base_config: str
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys applied to the base config")
+    params: dict[str, Domain] = Field(default_factory=dict)
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="trials to run first (after the base config's own values)")
+    metric: str = "val/dice"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    optuna_seed: int = 0
+    time_budget_s: float | None = Field(None, gt=0)
+    max_failures: int = Field(1, ge=0, description="retries of a crashed trial, from its last checkpoint")
+    storage_path: str = "runs/ray"
+    tracking_uri: str | None = None
+    experiment: str = "medseg-tune"
+    reports_dir: str = "reports"
+    champion: ChampionRule = Field(default_factory=ChampionRule)
+
+    # filled in by load_space / space_for_configs
+    source: str = ""
+    base: dict[str, Any] = Field(default_factory=dict)
+    fixed_configs: dict[str, dict[str, Any]] = Field(default_factory=dict, description="tune.py --configs: file -> config")
+
+    def base_cfg(self) -> Config:
+        return config_from_dict(self.base, source=self.source, resolve=False)
+
+    def trial_config(self, sampled: dict[str, Any]) -> Config:
+        """The base config with a trial's sampled values applied."""
+        return config_from_dict(self.base, source=f"{self.source} (trial)", overrides=sampled, resolve=False)
+
+    def initial_points(self) -> list[dict[str, Any]]:
+        """The base config's own point (when inside the domains), then ``points_to_evaluate``."""
+        base = self.base_point()
+        return ([base] if base else []) + [p for p in self.points_to_evaluate if p != base]
+
+    def base_point(self) -> dict[str, Any] | None:
+        """The base config's own values of the searched keys, when they all lie in their domains:
+        evaluated first so the study's baseline is a trial like any other."""
+        flat = _flat_values(self.base)
+        point = {k: flat.get(k) for k in self.params}
+        return point if all(d.contains(point[k]) for k, d in self.params.items()) else None
+
+
+def _flat_values(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat_values(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _absolute(path: str, base: Path) -> str:
+    return str((base / os.path.expanduser(path)).resolve()) if "://" not in path else path
+
+
+def load_space(path: str | Path, *, overrides: list[str] | None = None) -> SearchSpace:
+    """Load and validate a search-space file; the base config path is relative to the file itself."""
+    path = Path(path)
+    raw = load_yaml(path)
+    for text in overrides or []:
+        from medseg.config import parse_override, set_dotted
+
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as err:
+        raise _format_error(err, str(path)) from None
+    base_path = (path.parent / space.base_config).resolve()
+    base_cfg = config_from_dict(load_yaml(base_path), source=str(base_path), overrides=dict(space.overrides))
+    space.source, space.base = str(path), base_cfg.to_dict()
+    for i, point in enumerate(space.points_to_evaluate):
+        if set(point) != set(space.params):
+            raise ConfigError(f"{path}: points_to_evaluate.{i}: keys {sorted(point)} must be the searched keys {sorted(space.params)}")
+        outside = [k for k, v in point.items() if not space.params[k].contains(v)]
+        if outside:
+            raise ConfigError(f"{path}: points_to_evaluate.{i}: {outside[0]}={point[outside[0]]!r} is outside its domain")
+    for key, domain in space.params.items():
+        for value in domain.probe_values():
+            try:
+                config_from_dict(space.base, source=f"{path}: params.{key}={value!r}", overrides={key: value}, resolve=False)
+            except ConfigError as err:
+                raise ConfigError(str(err)) from None
+    cwd = Path.cwd()
+    space.storage_path = _absolute(space.storage_path, cwd)
+    space.reports_dir = _absolute(space.reports_dir, cwd)
+    space.champion.models_dir = _absolute(space.champion.models_dir, cwd)
+    if space.asha.enabled and space.asha.max_t != base_cfg.training.epochs:
+        raise ConfigError(f"{path}: asha.max_t ({space.asha.max_t}) must equal the trial epochs training.epochs "
+                          f"({base_cfg.training.epochs}); set overrides: {{training.epochs: {space.asha.max_t}}}")
+    return space
+
+
+def space_for_configs(config_paths: list[str], *, name: str, template: SearchSpace | None = None) -> SearchSpace:
+    """A 'study' over a fixed list of config files (tune.py --configs): one trial per file, no early stopping."""
+    from medseg.config import load_config
+
+    bases = [load_config(p).to_dict() for p in config_paths]
+    settings = template.model_dump(exclude={"params", "base", "source", "overrides", "base_config", "name", "fixed_configs"}) if template else {}
+    space = SearchSpace.model_validate({**settings, "name": name, "base_config": config_paths[0]})
+    space.asha.enabled = False
+    space.num_samples = len(config_paths)
+    space.source = ", ".join(config_paths)
+    space.base = bases[0]
+    space.fixed_configs = {str(Path(p).resolve()): b for p, b in zip(config_paths, bases)}
+    cwd = Path.cwd()
+    space.storage_path = _absolute(space.storage_path, cwd)
+    space.reports_dir = _absolute(space.reports_dir, cwd)
+    space.champion.models_dir = _absolute(space.champion.models_dir, cwd)
+    return space

@@ -1,0 +1,172 @@
+"""MLflow adapter: tracking URI resolution, params/tags, run lifecycle, per-epoch logging and artifacts.
+
+All calls go through ``MlflowClient`` with explicit run ids (no global "active run"), so the tuning driver
+can own many runs at once and a trial never depends on process-global MLflow state.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from medseg.config import Config, flatten
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LEN = 6000
+
+
+def default_tracking_uri(base: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else an embedded sqlite store ``sqlite:///<abs cwd>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(base or os.getcwd()).resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.output.tracking_uri or default_tracking_uri()
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Absolute artifact root beside a local sqlite store (``mlartifacts/``); None lets a server decide."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def get_client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Experiment id for ``name``, created (with an absolute artifact root) if missing. Call this once on the
+    driver before trials start: concurrent first use of a new sqlite store races on table creation."""
+    from mlflow.exceptions import MlflowException
+
+    client = get_client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root_for(uri))
+    except MlflowException:  # created meanwhile by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def params_of(cfg: Config) -> dict[str, str]:
+    """The flattened resolved config as MLflow params (same keys for train.py runs and tuning trials)."""
+    return {k: str(v)[:MAX_PARAM_LEN] for k, v in flatten(cfg.to_dict()).items()}
+
+
+def tags_of(cfg: Config, data=None, **extra: str) -> dict[str, str]:
+    tags = {"git_commit": git_commit(), "config_hash": cfg.hash(), "config_name": cfg.name}
+    if data is not None:
+        tags.update(dataset=str(Path(data.source.root).name), dataset_fingerprint=data.source.fingerprint(),
+                    split_hash=data.split.hash, split_fold=str(data.split.fold), preprocessing_hash=Path(data.cache.root).name)
+    tags.update({k: str(v) for k, v in extra.items()})
+    return tags
+
+
+def start_run(client, experiment_id: str, *, run_name: str, params: dict[str, str], tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    from mlflow.entities import Param
+
+    if parent_run_id:
+        tags = {**tags, PARENT_TAG: parent_run_id}
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    """Numeric metrics at ``step`` (the epoch); non-finite values are skipped, not logged as NaN."""
+    import math
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    if items:
+        client.log_batch(run_id, metrics=items)
+
+
+def log_run_artifacts(client, run_id: str, run_dir: Path) -> None:
+    """Best checkpoint, curves, overlays, resolved config, splits.json and per-case CSV of a run folder."""
+    run_dir = Path(run_dir)
+    for name, dest in (("best.pt", "checkpoint"), ("config.yaml", None), ("splits.json", None), ("val_per_case.csv", None),
+                       ("history.json", None), ("learning_curve.png", "plots")):
+        if (run_dir / name).exists():
+            client.log_artifact(run_id, str(run_dir / name), dest)
+    if (run_dir / "overlays").is_dir():
+        client.log_artifacts(run_id, str(run_dir / "overlays"), "plots/overlays")
+
+
+@contextmanager
+def tracked_run(client, run_id: str) -> Iterator[str]:
+    """End the run FINISHED on success, KILLED on Ctrl-C, FAILED (with the error as a tag) otherwise."""
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException as err:
+        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    else:
+        client.set_terminated(run_id, "FINISHED")
+
+
+def train_tracked(cfg: Config, *, progress: bool = True) -> tuple[Any, str]:
+    """train.py's job: prepare data, open an MLflow run, fit with per-epoch logging, log artifacts.
+
+    Returns (FitResult, run_id). Failures end the run FAILED and re-raise.
+    """
+    from medseg.training import fit, prepare_data
+
+    uri = tracking_uri(cfg)
+    client = get_client(uri)
+    experiment_id = ensure_experiment(uri, cfg.output.experiment)
+    data = prepare_data(cfg, progress=progress)
+    run_name = cfg.output.run_name or cfg.name
+    run_id = start_run(client, experiment_id, run_name=run_name, params=params_of(cfg), tags=tags_of(cfg, data, kind="train"))
+    run_dir = Path(cfg.output.run_dir) / f"{run_name}-{run_id[:8]}"
+    with tracked_run(client, run_id):
+        client.set_tag(run_id, "run_dir", str(run_dir))
+
+        def on_epoch(report) -> None:
+            log_metrics(client, run_id, report.metrics, step=report.epoch)
+
+        result = fit(cfg, on_epoch=on_epoch, run_dir=run_dir, data=data, progress=progress, checkpoint_meta={"mlflow_run_id": run_id})
+        log_metrics(client, run_id, {f"best/{k}": v for k, v in result.best_metrics.items()}, step=result.best_epoch)
+        client.set_tag(run_id, "best_epoch", str(result.best_epoch))
+        client.set_tag(run_id, "stop_reason", result.stop_reason)
+        log_run_artifacts(client, run_id, result.run_dir)
+    return result, run_id
+
+
+def find_training_run(client, experiment_ids: list[str], checkpoint: Path, meta: dict) -> str | None:
+    """The MLflow run that produced a checkpoint: its id in the checkpoint (train.py), else the run whose
+    ``run_dir`` tag is the checkpoint's folder (tuning trials)."""
+    if meta.get("mlflow_run_id"):
+        return str(meta["mlflow_run_id"])
+    run_dir = str(Path(checkpoint).resolve().parent)
+    runs = client.search_runs(experiment_ids, filter_string=f"tags.run_dir = '{run_dir}'", max_results=1)
+    return runs[0].info.run_id if runs else None

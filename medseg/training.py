@@ -1,0 +1,399 @@
+"""fit(config, on_epoch=callback): the single-run trainer and the body of every tuning trial.
+
+It knows nothing of Ray or MLflow: after each epoch it hands an ``EpochReport`` to ``on_epoch``, which
+``tracking.py`` turns into MLflow calls and ``tuning.py`` into ``ray.tune.report``. Validation Dice is
+computed per case on whole volumes (slices stacked back), never averaged over batches.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from medseg import metrics as M
+from medseg.checkpoint import library_versions, save_checkpoint
+from medseg.config import Config
+from medseg.data.dataset import EpochSampler, SliceDataset, build_augmentation, label_lut, seed_worker, stack_context
+from medseg.errors import MedsegError, NonFiniteLossError
+from medseg.io_utils import atomic_path, atomic_write_json
+from medseg.losses import build_loss
+from medseg.models import build_model, n_classes, predict_classes
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class PreparedData:
+    """Everything fit() and evaluation need from the data layer."""
+
+    source: Any
+    cache: Any
+    split: Any
+    labels: list[int]  # foreground label values learned, in class order (class i+1 = labels[i])
+
+    @property
+    def in_channels(self) -> int:
+        return 1  # single modality; 2.5D context is added by the caller as 2k+1 channels
+
+    def preprocessing(self, cfg: Config) -> dict[str, Any]:
+        return {**self.cache.settings, "context_slices": cfg.dataset.context_slices, "labels": self.labels,
+                "label_names": {str(v): self.source.labels.get(v, str(v)) for v in self.labels}}
+
+
+def prepare_data(cfg: Config, *, progress: bool = True) -> PreparedData:
+    """Open the source, build or reuse the slice cache, and load or create the saved split."""
+    from medseg.data.cache import build_cache
+    from medseg.data.sources import open_source_from_config
+    from medseg.data.split import load_or_create_split
+
+    source = open_source_from_config(cfg.dataset)
+    labels = resolve_labels(cfg.dataset.labels, source)
+    cache = build_cache(cfg.dataset, source, progress=progress)
+    split = load_or_create_split(cache, source, cfg.dataset.split)
+    return PreparedData(source=source, cache=cache, split=split, labels=labels)
+
+
+def resolve_labels(wanted: list[int] | None, source) -> list[int]:
+    known = sorted(int(k) for k in source.labels if int(k) != 0)
+    if wanted is None:
+        return known
+    unknown = [v for v in wanted if v not in known]
+    if unknown or not wanted:
+        raise MedsegError(f"dataset.labels: {unknown or wanted} not among the task's labels {known} ({source.root})")
+    return list(wanted)
+
+
+# ------------------------------------------------------------------------------------------ reproducibility
+
+
+def seed_everything(seed: int, epoch: int = 0) -> None:
+    """Seed python, numpy and torch from (seed, epoch): each epoch is reproducible on its own, so a run
+    resumed from a checkpoint continues exactly as the uninterrupted run would have."""
+    mixed = (seed * 1_000_003 + epoch) % 2**32
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+def configure_torch(cfg: Config) -> torch.device:
+    """Threads, determinism and device from the config."""
+    t = cfg.training
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise MedsegError("training.device: 'cuda' requested but no CUDA device is available")
+    if t.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matmuls; harmless on CPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = want_cuda
+    return torch.device("cuda" if want_cuda else "cpu")
+
+
+# ------------------------------------------------------------------------------------------- schedule
+
+
+def lr_factor(epoch: int, cfg: Config) -> float:
+    """LR multiplier for a 0-based epoch: linear warmup, then cosine or poly decay to min_lr_ratio."""
+    t = cfg.training
+    if epoch < t.warmup_epochs:
+        return (epoch + 1) / (t.warmup_epochs + 1)
+    if t.scheduler == "none":
+        return 1.0
+    progress = (epoch - t.warmup_epochs) / max(1, t.epochs - t.warmup_epochs)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.scheduler == "cosine" else (1 - progress) ** t.poly_power
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.training
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------- prediction
+
+
+def autocast(device: torch.device, enabled: bool):
+    if device.type != "cuda" or not enabled:
+        return torch.autocast(device_type="cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def predict_volume(model: torch.nn.Module, volume: np.ndarray, *, context: int, device: torch.device, batch_size: int,
+                   threshold: float = 0.5, amp: bool = False, flip_tta: bool = False,
+                   target: np.ndarray | None = None, loss_fn=None) -> tuple[np.ndarray, float | None]:
+    """(Z, S, S) normalised volume -> (Z, S, S) uint8 class map, slice batches through the model.
+
+    With ``target`` (class indices) and ``loss_fn``, also returns the mean loss over slices.
+    ``flip_tta`` averages probabilities over the identity and the two in-plane flips.
+    """
+    model.eval()
+    n = volume.shape[0]
+    out = np.empty((n, volume.shape[1], volume.shape[2]), np.uint8)
+    loss_sum = 0.0
+    for start in range(0, n, batch_size):
+        zs = range(start, min(n, start + batch_size))
+        x = torch.from_numpy(np.stack([stack_context(volume, z, context) for z in zs])).to(device)
+        with autocast(device, amp):
+            logits = model(x).float()
+            if flip_tta:
+                logits = _tta_logits(model, x, logits)
+        if target is not None and loss_fn is not None:
+            y = torch.from_numpy(np.ascontiguousarray(target[start:start + len(zs)]).astype(np.int64)).to(device)
+            loss_sum += float(loss_fn(logits, y)) * len(zs)
+        out[start:start + len(zs)] = predict_classes(logits, threshold).cpu().numpy()
+    return out, (loss_sum / n if loss_fn is not None and target is not None else None)
+
+
+def _tta_logits(model, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Average probabilities over flips, returned as logits so thresholds and argmax apply unchanged."""
+    to_prob = torch.sigmoid if logits.shape[1] == 1 else (lambda t: torch.softmax(t, dim=1))
+    probs = to_prob(logits)
+    for dims in ((2,), (3,)):
+        probs = probs + to_prob(model(torch.flip(x, dims)).float()).flip(dims)
+    probs = (probs / 3).clamp(1e-6, 1 - 1e-6)
+    return torch.logit(probs) if logits.shape[1] == 1 else torch.log(probs)
+
+
+def validate(model, data: PreparedData, case_ids: list[str], cfg: Config, device: torch.device, *, loss_fn=None,
+             flip_tta: bool = False, keep_predictions: bool = False) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Whole-volume, per-case metrics on the cached resolution. Returns (summary, per-case rows, predictions)."""
+    lut = label_lut(data.labels)
+    classes = list(range(1, len(data.labels) + 1))
+    rows, losses, predictions = [], [], {}
+    for cid in case_ids:
+        target = lut[np.asarray(data.cache.label(cid))]
+        pred, loss = predict_volume(model, data.cache.image(cid), context=cfg.dataset.context_slices, device=device,
+                                    batch_size=cfg.training.batch_size, threshold=cfg.training.threshold, amp=cfg.training.amp,
+                                    flip_tta=flip_tta, target=target, loss_fn=loss_fn)
+        if loss is not None:
+            losses.append(loss)
+        rows.append({"case_id": cid, **M.case_metrics(pred, target, classes, lesion_labels=classes)})
+        if keep_predictions:
+            predictions[cid] = pred
+    summary = M.summarize(rows)
+    if losses:
+        summary["loss"] = float(np.mean(losses))
+    return summary, rows, predictions
+
+
+# ------------------------------------------------------------------------------------------------ fit
+
+
+@dataclass
+class EpochReport:
+    """What each epoch hands to the callback. ``metrics`` keys: train/loss, val/loss, val/dice, val/iou, ... lr."""
+
+    epoch: int  # 1-based
+    metrics: dict[str, float]
+    is_best: bool
+    best_value: float  # best value of training.monitor so far
+    best_epoch: int
+    checkpoint_dir: Path  # holds best.pt (best so far) and last.pt (resumable state)
+    final: bool = False  # True on the last epoch the trainer itself runs (max epochs or patience)
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    best_checkpoint: Path
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    stop_reason: str  # "max_epochs" | "patience" | "callback"
+    per_case_csv: Path
+    artifacts: list[Path] = field(default_factory=list)
+
+
+OnEpoch = Callable[[EpochReport], "bool | None"]
+
+
+def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | None = None,
+        resume_state: str | Path | None = None, data: PreparedData | None = None, progress: bool = True,
+        checkpoint_meta: dict[str, Any] | None = None) -> FitResult:
+    """Train per the config; after each epoch call ``on_epoch(report)`` (returning True stops the run).
+
+    The best checkpoint is the epoch with the best ``training.monitor`` (validation Dice by default).
+
+    run_dir receives best.pt (the best checkpoint by validation Dice, self-describing), last.pt (state to
+    resume from), history.json, val_per_case.csv, learning_curve.png, overlays/, config.yaml, splits.json.
+    ``checkpoint_meta`` is stored in every checkpoint's metadata (train.py puts the MLflow run id there).
+    """
+    device = configure_torch(cfg)
+    t = cfg.training
+    run_dir = Path(run_dir or Path(cfg.output.run_dir) / (cfg.output.run_name or cfg.name)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = data or prepare_data(cfg, progress=progress)
+    context = cfg.dataset.context_slices
+    classes = n_classes(data.labels)
+
+    seed_everything(t.seed)
+    model = build_model(cfg.model, in_channels=(2 * context + 1) * data.in_channels, classes=classes).to(device)
+    optimizer = build_optimizer(model, cfg)
+    loss_fn = build_loss(cfg.loss, classes)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.amp and not torch.cuda.is_bf16_supported())
+    transform = build_augmentation(cfg.augment, seed=t.seed)
+    train_set = SliceDataset(data.cache, data.split.train, labels=data.labels, context_slices=context, transform=transform)
+    sampler = EpochSampler(train_set.has_foreground(), n=t.samples_per_epoch, fg_fraction=t.fg_oversample, seed=t.seed)
+    loader_gen = torch.Generator()
+    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers, drop_last=len(sampler) > t.batch_size,
+                        worker_init_fn=seed_worker, generator=loader_gen, persistent_workers=False, pin_memory=device.type == "cuda")
+    meta_base = {
+        "config": cfg.to_dict(), "preprocessing": data.preprocessing(cfg), "labels": data.labels,
+        "in_channels": (2 * context + 1) * data.in_channels, "classes": classes, "split_hash": data.split.hash,
+        "split_fold": data.split.fold, "dataset_fingerprint": data.source.fingerprint(), "versions": library_versions(),
+        **(checkpoint_meta or {}),
+    }
+    _write_run_files(run_dir, cfg, data)
+
+    history: list[dict[str, float]] = []
+    sign = 1.0 if t.monitor_mode == "max" else -1.0  # compare sign * value: larger is better
+    best = {"value": -math.inf, "epoch": 0, "metrics": {}}
+    start_epoch = 0
+    if resume_state is not None:
+        start_epoch, history, best = _load_state(resume_state, model, optimizer, scaler)
+    stop_reason = "max_epochs"
+    artifacts: list[Path] | None = None
+    for epoch in range(start_epoch, t.epochs):
+        seed_everything(t.seed, epoch + 1)
+        loader_gen.manual_seed(t.seed * 1_000_003 + epoch)
+        sampler.set_epoch(epoch)
+        if transform is not None:
+            transform.set_random_seed(t.seed * 1_000_003 + epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = t.lr * lr_factor(epoch, cfg)
+        started = time.perf_counter()
+        train = train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg, epoch=epoch + 1, progress=progress)
+        val, rows, _ = validate(model, data, data.split.val, cfg, device, loss_fn=loss_fn)
+        metrics = {f"train/{k}": v for k, v in train.items()}
+        metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        if t.monitor not in metrics:
+            raise MedsegError(f"training.monitor: '{t.monitor}' is not a validation metric; available: {sorted(k for k in metrics if k.startswith('val/'))}")
+        value = sign * metrics[t.monitor]
+        is_best = not math.isnan(value) and value > best["value"]
+        if is_best:
+            best = {"value": value, "epoch": epoch + 1, "metrics": dict(metrics)}
+            save_checkpoint(run_dir / "best.pt", model, {**meta_base, "epoch": epoch + 1, "metrics": metrics})
+            _write_per_case(run_dir / "val_per_case.csv", rows)
+        history.append({"epoch": epoch + 1, **metrics})
+        _save_state(run_dir / "last.pt", model, optimizer, scaler, epoch + 1, history, best)
+        atomic_write_json(run_dir / "history.json", history)
+        patience_hit = t.patience is not None and epoch + 1 - best["epoch"] >= t.patience
+        final = epoch + 1 == t.epochs or patience_hit
+        if final:  # artifacts before the last callback: a scheduler may end the process at that report
+            artifacts = finish_run(run_dir, cfg, data, history, device)
+        report = EpochReport(epoch=epoch + 1, metrics=metrics, is_best=is_best, best_value=sign * best["value"],
+                             best_epoch=best["epoch"], checkpoint_dir=run_dir, final=final)
+        if on_epoch is not None and on_epoch(report):
+            stop_reason = "callback"
+            break
+        if patience_hit:
+            stop_reason = "patience"
+            break
+    if best["epoch"] == 0:
+        raise MedsegError(f"{run_dir}: no epoch produced a finite {t.monitor} (are all validation cases empty?)")
+    if artifacts is None:  # stopped by the callback, or resumed after the last epoch
+        artifacts = finish_run(run_dir, cfg, data, history, device)
+    return FitResult(run_dir=run_dir, best_checkpoint=run_dir / "best.pt", best_epoch=best["epoch"], best_metrics=best["metrics"],
+                     history=history, stop_reason=stop_reason, per_case_csv=run_dir / "val_per_case.csv", artifacts=artifacts)
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Config, *, epoch: int, progress: bool) -> dict[str, float]:
+    """One pass over the sampler's slices. Returns {"loss": mean loss, "images_per_s": throughput}."""
+    from tqdm import tqdm
+
+    model.train()
+    total, seen = 0.0, 0
+    started = time.perf_counter()
+    for step, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, cfg.training.amp):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"epoch {epoch} step {step}: training loss is {loss.item()} (lr {optimizer.param_groups[0]['lr']:.3g}); "
+                                     "lower training.lr or enable training.grad_clip")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.training.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * len(x)
+        seen += len(x)
+    return {"loss": total / max(seen, 1), "images_per_s": seen / max(time.perf_counter() - started, 1e-9)}
+
+
+# --------------------------------------------------------------------------------------- state & files
+
+
+def _save_state(path: Path, model, optimizer, scaler, epoch: int, history, best) -> None:
+    """Resumable training state (weights_only-loadable: tensors and plain containers only)."""
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "history": history, "best": best}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path, model, optimizer, scaler) -> tuple[int, list, dict]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    best = dict(state["best"])
+    return int(state["epoch"]), list(state["history"]), best
+
+
+def _write_run_files(run_dir: Path, cfg: Config, data: PreparedData) -> None:
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with atomic_path(run_dir / "splits.json") as tmp:
+        tmp.write_bytes(Path(data.split.path).read_bytes())
+
+
+def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def finish_run(run_dir: Path, cfg: Config, data: PreparedData, history, device) -> list[Path]:
+    """Learning curve and overlays of fixed validation cases from the best checkpoint."""
+    from medseg.checkpoint import model_from_checkpoint
+    from medseg.plots import learning_curve_png, overlay_pngs
+
+    paths = [learning_curve_png(history, run_dir / "learning_curve.png")]
+    if cfg.training.val_overlays:
+        model, meta, _ = model_from_checkpoint(run_dir / "best.pt", device=device)
+        cases = sorted(data.split.val)[: cfg.training.val_overlays]
+        _, _, preds = validate(model, data, cases, cfg, device, keep_predictions=True)
+        lut = label_lut(data.labels)
+        paths += overlay_pngs({cid: (np.asarray(data.cache.image(cid)), lut[np.asarray(data.cache.label(cid))], preds[cid]) for cid in cases},
+                              run_dir / "overlays")
+    return paths

@@ -1,0 +1,403 @@
+"""Ray Tune study: the trainer as a function trainable, OptunaSearch + ASHA, and driver-side MLflow.
+
+Layout of a study (all paths absolute, so trials running in other working directories or on other nodes
+of a cluster with shared storage find them)::
+
+    <storage_path>/<study>/                Ray Tune experiment folder (trial checkpoints, tuner state)
+    <storage_path>/<study>/medseg_study.json   parent MLflow run id, space, status (for --resume)
+    <storage_path>/<study>/artifacts/<trial id>/   fit()'s run folder of each trial
+
+MLflow is written by the driver only (``MlflowTrialCallback``): one parent run per study, one child run per
+trial with the same params and metric keys as train.py. Trials never touch the tracking store, so a
+sqlite store sees a single writer and runs get their final status from the driver even when ASHA stops a
+trial in the middle of its loop (the trial process is gone by then).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.config import config_from_dict
+from medseg.errors import MedsegError
+from medseg.io_utils import atomic_write_json
+from medseg.search_space import SearchSpace
+
+FIXED_KEY = "config_file"
+OBJECTIVE = "objective"  # running best of the space's metric, what Optuna and ASHA compare
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STATE_FILE = "medseg_study.json"
+LOGGED_PREFIXES = ("train/", "val/", "best/")
+LOGGED_KEYS = ("lr", "epoch_seconds")
+
+
+# ---------------------------------------------------------------------------------------------- trial
+
+
+def trial_config(sampled: dict[str, Any], space: SearchSpace):
+    """Resolved Config of a trial: a fixed config file, or the base config with the sampled values."""
+    if FIXED_KEY in sampled:
+        cfg = config_from_dict(space.fixed_configs[sampled[FIXED_KEY]], source=sampled[FIXED_KEY], resolve=False)
+    else:
+        cfg = space.trial_config(sampled)
+    cfg.training.monitor, cfg.training.monitor_mode = space.metric, space.mode
+    return cfg
+
+
+def train_trial(sampled: dict[str, Any], *, space_dict: dict[str, Any], artifacts_root: str) -> None:
+    """Ray Tune function trainable: fit() with a per-epoch ``tune.report`` carrying a ``tune.Checkpoint``.
+
+    Only ``ray.tune`` APIs are used (``ray.train.*`` calls fail inside Tune trainables on current Ray).
+    A restored trial (retry after a crash, or ``--resume``) continues from its last checkpoint.
+    """
+    import ray
+    from ray import tune
+
+    from medseg.training import fit
+
+    space = SearchSpace.model_validate(space_dict)
+    cfg = trial_config(sampled, space)
+    ctx = tune.get_context()
+    cpus = ctx.get_trial_resources().required_resources.get("CPU", 1)
+    cfg.training.threads = max(1, int(cpus))  # torch threads = the trial's CPUs, no oversubscription
+    if cfg.training.num_workers and cpus < 2:
+        cfg.training.num_workers = 0
+    run_dir = Path(artifacts_root) / ctx.get_trial_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            for name in ("last.pt", "best.pt"):
+                if (Path(ckpt_dir) / name).exists():
+                    shutil.copy2(Path(ckpt_dir) / name, run_dir / name)
+        resume_state = run_dir / "last.pt"
+    node_id = ray.get_runtime_context().get_node_id()
+
+    def on_epoch(report) -> None:
+        metrics = {k: v for k, v in report.metrics.items() if isinstance(v, (int, float))}
+        metrics.update({OBJECTIVE: report.best_value, "best/epoch": report.best_epoch, "epoch": report.epoch,
+                        "final": int(report.final), "node_id": node_id, "run_dir": str(run_dir)})
+        with tempfile.TemporaryDirectory(prefix="medseg-ckpt-") as tmp:
+            for name in ("last.pt", "best.pt"):
+                if (run_dir / name).exists():
+                    shutil.copy2(run_dir / name, Path(tmp) / name)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    fit(cfg, on_epoch=on_epoch, run_dir=run_dir, resume_state=resume_state, progress=False)
+
+
+# -------------------------------------------------------------------------------------- MLflow callback
+
+
+def _tune_callback_base():
+    from ray import tune
+
+    return tune.Callback
+
+
+class MlflowTrialCallback(_tune_callback_base()):
+    """Driver-side MLflow: a child run per trial, metrics per epoch, final status and artifacts.
+
+    Holds only plain data (URI, ids), so Tune can pickle it into the experiment state; the client is
+    re-created after a restore, and runs of restored trials are found again by their ``trial_id`` tag.
+    """
+
+    def __init__(self, *, uri: str, experiment_id: str, parent_run_id: str, study: str, space_dict: dict[str, Any], artifacts_root: str):
+        self.uri, self.experiment_id, self.parent_run_id, self.study = uri, experiment_id, parent_run_id, study
+        self.space_dict, self.artifacts_root = space_dict, artifacts_root
+        self.runs: dict[str, str] = {}
+        self._client = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            from medseg.tracking import get_client
+
+            self._client = get_client(self.uri)
+        return self._client
+
+    def _run_for(self, trial) -> str:
+        from medseg.tracking import params_of, start_run, tags_of
+
+        run_id = self.runs.get(trial.trial_id)
+        if run_id:
+            return run_id
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.trial_id = '{trial.trial_id}' and tags.study = '{self.study}'")
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            space = SearchSpace.model_validate(self.space_dict)
+            cfg = trial_config(trial.config, space)
+            sampled = {k: v for k, v in trial.config.items()}
+            tags = tags_of(cfg, kind="trial", study=self.study, trial_id=trial.trial_id, sampled=json.dumps(sampled, default=str),
+                           run_dir=str(Path(self.artifacts_root) / trial.trial_id))
+            run_id = start_run(self.client, self.experiment_id, run_name=f"{self.study}-{trial.trial_id}", params=params_of(cfg),
+                               tags=tags, parent_run_id=self.parent_run_id)
+        self.runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from medseg.tracking import log_metrics
+
+        metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_PREFIXES) or k in LOGGED_KEYS}
+        log_metrics(self.client, self._run_for(trial), metrics, step=int(result.get("epoch", result.get("training_iteration", 0))))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        """Normal end or a scheduler stop. A trial whose last report was not the trainer's final epoch was
+        stopped early by ASHA: FINISHED, tagged ``stopped_early``, its curve drawn from history.json."""
+        from medseg.plots import learning_curve_png
+        from medseg.tracking import log_run_artifacts
+
+        run_id = self._run_for(trial)
+        last = trial.last_result or {}
+        stopped_early = not last.get("final", 0)
+        run_dir = Path(self.artifacts_root) / trial.trial_id
+        history_file = run_dir / "history.json"
+        if stopped_early and history_file.exists():
+            learning_curve_png(json.loads(history_file.read_text()), run_dir / "learning_curve.png")
+        self.client.set_tag(run_id, "stopped_early", str(bool(stopped_early)).lower())
+        self.client.set_tag(run_id, "epochs_used", str(last.get("epoch", 0)))
+        self.client.set_tag(run_id, "tune_status", "stopped_early" if stopped_early else "completed")
+        log_run_artifacts(self.client, run_id, run_dir)
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        message = _trial_error(trial)
+        self.client.set_tag(run_id, "tune_status", "failed")
+        self.client.set_tag(run_id, "error", message[:5000])
+        self.client.set_tag(run_id, "epochs_used", str((trial.last_result or {}).get("epoch", 0)))
+        self.client.set_terminated(run_id, "FAILED")
+
+    def close_unfinished(self, status: str = "KILLED") -> None:
+        """Runs still RUNNING when the study stops (Ctrl-C, budget): ended with ``status``; --resume reopens them."""
+        for run_id in self.runs.values():
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, status)
+
+
+def _trial_error(trial) -> str:
+    """The last line of a failed trial's error (its exception message), for tags and the report."""
+    for attr in ("error_file", "pickled_error_file"):
+        path = getattr(trial, attr, None)
+        if path and attr == "error_file" and os.path.exists(path):
+            lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+            return lines[-1] if lines else "error"
+    return str(getattr(trial, "error_msg", None) or "error")
+
+
+# ----------------------------------------------------------------------------------------------- study
+
+
+@dataclass
+class StudyOutcome:
+    name: str
+    study_dir: Path
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    trials: list[dict[str, Any]] = field(default_factory=list)  # one record per trial (see _trial_records)
+    best: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+def new_study_name(space: SearchSpace) -> str:
+    return f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_study(space: SearchSpace) -> str | None:
+    """Name of the most recent study of this space under its storage path (for --resume)."""
+    root = Path(space.storage_path)
+    candidates = sorted(root.glob(f"{space.name}-*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1].parent.name if candidates else None
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Per-epoch checkpoints with num_to_keep=1 trigger a snapshot warning on every report; the snapshots are wanted.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Workers import medseg from the project folder (also on other nodes sharing the file system).
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+                                "PYTHONHASHSEED": "0"}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+
+
+def _param_space(space: SearchSpace) -> dict[str, Any]:
+    from ray import tune
+
+    if space.fixed_configs:
+        return {FIXED_KEY: tune.grid_search(list(space.fixed_configs))}
+    return {key: domain.to_tune() for key, domain in space.params.items()}
+
+
+def _build_tuner(space: SearchSpace, trainable, callback, name: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    search_alg = None
+    if not space.fixed_configs and space.params:
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=space.optuna_seed, points_to_evaluate=space.initial_points() or None)
+    if space.asha.enabled:
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=space.asha.max_t, grace_period=space.asha.grace_period,
+                                  reduction_factor=space.asha.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    tune_config = tune.TuneConfig(metric=OBJECTIVE, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
+                                  num_samples=1 if space.fixed_configs else space.num_samples, max_concurrent_trials=space.max_concurrent,
+                                  time_budget_s=space.time_budget_s, trial_dirname_creator=lambda trial: trial.trial_id)
+    run_config = tune.RunConfig(name=name, storage_path=space.storage_path, callbacks=[callback], verbose=0,
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                failure_config=tune.FailureConfig(max_failures=space.max_failures))
+    return tune.Tuner(trainable, param_space=_param_space(space), tune_config=tune_config, run_config=run_config)
+
+
+def _trainable(space: SearchSpace, artifacts_root: Path):
+    from ray import tune
+
+    fn = tune.with_parameters(train_trial, space_dict=space.model_dump(), artifacts_root=str(artifacts_root))
+    return tune.with_resources(fn, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
+
+
+def _prepare_all(space: SearchSpace) -> None:
+    """Build caches and splits on the driver, once, before trials start (trials then only read them)."""
+    from medseg.training import prepare_data
+
+    configs = list(space.fixed_configs.values()) or [space.base]
+    for raw in configs:
+        prepare_data(config_from_dict(raw, resolve=False), progress=True)
+
+
+def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = None, address: str | None = None,
+              num_cpus: int | None = None) -> StudyOutcome:
+    """Run (or resume) a study; returns the trial records. MLflow runs end with their final status."""
+    from ray import tune
+
+    from medseg.tracking import default_tracking_uri, ensure_experiment, get_client, start_run, tags_of
+
+    started = time.perf_counter()
+    uri = space.tracking_uri or default_tracking_uri()
+    experiment_id = ensure_experiment(uri, space.experiment)  # once, on the driver, before any trial
+    client = get_client(uri)
+    if resume:
+        name = name or latest_study(space)
+        if not name:
+            raise MedsegError(f"--resume: no study of space '{space.name}' under {space.storage_path}")
+    name = name or new_study_name(space)
+    study_dir = Path(space.storage_path) / name
+    state_path = study_dir / STATE_FILE
+    artifacts_root = study_dir / "artifacts"
+    if resume:
+        if not state_path.exists() or not tune.Tuner.can_restore(str(study_dir)):
+            raise MedsegError(f"--resume: {study_dir} holds no resumable study")
+        state = json.loads(state_path.read_text())
+        parent_run_id = state["parent_run_id"]
+        client.update_run(parent_run_id, status="RUNNING")
+    else:
+        if study_dir.exists():
+            raise MedsegError(f"{study_dir}: a study with this name exists; use --resume or another --name")
+        base_cfg = space.base_cfg()
+        parent_run_id = start_run(client, experiment_id, run_name=name,
+                                  params={"space." + k: json.dumps(v.model_dump(exclude_none=True)) for k, v in space.params.items()}
+                                  | {"space.num_samples": str(space.num_samples), "space.metric": space.metric,
+                                     "space.asha": json.dumps(space.asha.model_dump()), "space.max_concurrent": str(space.max_concurrent)},
+                                  tags=tags_of(base_cfg, kind="study", study=name, space_file=space.source))
+        state = {"name": name, "parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+                 "space": space.model_dump(), "status": "running"}
+        study_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(state_path, state)
+    _prepare_all(space)
+    _init_ray(address, num_cpus)
+    callback = MlflowTrialCallback(uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id, study=name,
+                                   space_dict=space.model_dump(), artifacts_root=str(artifacts_root))
+    trainable = _trainable(space, artifacts_root)
+    if resume:
+        tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = _build_tuner(space, trainable, callback, name)
+    try:
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        callback.close_unfinished("KILLED")
+        client.set_terminated(parent_run_id, "KILLED")
+        raise
+    outcome = StudyOutcome(name=name, study_dir=study_dir, parent_run_id=parent_run_id, experiment_id=experiment_id, tracking_uri=uri)
+    outcome.trials = _trial_records(grid, space, artifacts_root, client, experiment_id, name)
+    _close_leftover_runs(client, experiment_id, name)
+    finished = [t for t in outcome.trials if t["status"] != "failed" and t["best_value"] is not None and math.isfinite(t["best_value"])]
+    if finished:
+        sign = 1 if space.mode == "max" else -1
+        outcome.best = max(finished, key=lambda t: sign * t["best_value"])
+    outcome.seconds = time.perf_counter() - started
+    state.update(status="finished", best_trial=outcome.best["trial_id"] if outcome.best else None)
+    atomic_write_json(state_path, state)
+    return outcome
+
+
+def _close_leftover_runs(client, experiment_id: str, study: str) -> None:
+    """A restored driver may not see every callback event of trials that ended before a crash: end them here."""
+    for run in client.search_runs([experiment_id], filter_string=f"tags.study = '{study}' and tags.kind = 'trial'"):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _trial_records(grid, space: SearchSpace, artifacts_root: Path, client, experiment_id: str, study: str) -> list[dict[str, Any]]:
+    """One dict per trial: id, run id, sampled params, best value, epochs used, status, checkpoint, history."""
+    runs = {r.data.tags.get("trial_id"): r for r in client.search_runs([experiment_id], filter_string=f"tags.study = '{study}' and tags.kind = 'trial'")}
+    records = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        run_dir = artifacts_root / trial_id
+        history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
+        run = runs.get(trial_id)
+        if result.error is not None:
+            status = "failed"
+        elif metrics.get("final"):
+            status = "completed"
+        else:
+            status = "stopped_early"
+        best_value = metrics.get(OBJECTIVE)
+        best_row = max(history, key=lambda h: (1 if space.mode == "max" else -1) * h.get(space.metric, -math.inf)) if history else {}
+        records.append({
+            "trial_id": trial_id,
+            "run_id": run.info.run_id if run else None,
+            "params": {k: v for k, v in (result.config or {}).items()},
+            "status": status,
+            "error": str(result.error).strip().splitlines()[-1] if result.error is not None else None,
+            "best_value": float(best_value) if isinstance(best_value, (int, float)) else None,
+            "best_dice": best_row.get("val/dice"),
+            "best_iou": best_row.get("val/iou"),
+            "best_epoch": best_row.get("epoch"),
+            "epochs_used": len(history),
+            "node_id": metrics.get("node_id"),
+            "checkpoint": str(run_dir / "best.pt") if (run_dir / "best.pt").exists() else None,
+            "history": [{k: h.get(k) for k in ("epoch", "train/loss", "val/loss", "val/dice", "val/iou")} for h in history],
+        })
+    return records

@@ -1,0 +1,168 @@
+"""Builders of tiny on-disk datasets for tests (Kaggle evalseg, MSD / nnU-Net, 2D folders) and real-data paths."""
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from medseg.data.evalseg_pickle import write_label_pickle
+
+EVALSEG_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "evalseg"
+SPACING = (0.8, 0.75, 2.5)
+SLOPE, INTER = 2.0, -1024.0  # stored raw * 2 - 1024: readers must apply the NIfTI scaling
+
+
+def evalseg_dir() -> Path:
+    """The real evalseg files in ../shared; skips the calling test when the folder is absent."""
+    import pytest
+
+    if not EVALSEG_DIR.is_dir():
+        pytest.skip(f"real evalseg files not found at {EVALSEG_DIR} (check out ../shared beside the repo)")
+    return EVALSEG_DIR
+
+
+def expected() -> dict:
+    """../shared/data/evalseg/expected.json (skips when absent)."""
+    return json.loads((evalseg_dir() / "expected.json").read_text())
+
+
+def tiny_case(seed: int, shape: tuple[int, int, int] = (10, 12, 4), n_labels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(raw int16 stored values, uint8 label) of a small volume with a box of each label 1..n_labels."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 600, size=shape, dtype=np.int16)
+    label = np.zeros(shape, np.uint8)
+    for value in range(1, n_labels + 1):
+        x = 1 + 2 * (value - 1) % (shape[0] - 2)
+        label[x : x + 2, 2:6, 1:3] = value
+    return raw, label
+
+
+def nifti_image(raw: np.ndarray, spacing=SPACING, scaled: bool = True):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(raw, np.diag([*spacing, 1.0]))
+    if scaled:
+        img.header.set_slope_inter(SLOPE, INTER)
+    return img
+
+
+def hu(raw: np.ndarray) -> np.ndarray:
+    """What a reader must return for ``raw`` written with ``nifti_image(scaled=True)``: float32 (X, Y, Z)."""
+    return (raw.astype(np.float32) * SLOPE + INTER).astype(np.float32)
+
+
+def write_nifti(path: Path, raw: np.ndarray, spacing=SPACING, scaled: bool = True) -> Path:
+    """``path`` ending in .nii or .nii.gz."""
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nifti_image(raw, spacing, scaled), str(path))
+    return path
+
+
+def nifti_bytes(raw: np.ndarray, spacing=SPACING, gz: bool = False) -> bytes:
+    """The on-disk bytes of a .nii (or .nii.gz when ``gz``) holding ``raw`` with the test scaling."""
+    import gzip
+
+    data = nifti_image(raw, spacing).to_bytes()
+    return gzip.compress(data, mtime=0) if gz else data
+
+
+def make_kaggle_task(
+    root: Path,
+    cases: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    folder: str = "Task009_Tiny",
+    name: str | None = None,
+    labels: dict[int, str] | None = None,
+    ct: str = "zip",
+    member_suffix: str = ".nii",
+    gt_suffix: str = ".pkl",
+    gt_only: dict[str, np.ndarray] | None = None,
+    ct_only: dict[str, np.ndarray] | None = None,
+    predictions: dict[str, dict[str, np.ndarray]] | None = None,
+) -> Path:
+    """Write a Kaggle-layout task under ``root/folder``; returns the task folder.
+
+    cases: id -> (raw int16 CT, uint8 label). ct: "zip" (bzip2 CT.zip with a .keepkaggle member marked
+    encrypted, as on Kaggle) or "folder" (CT/). member_suffix: ".nii" or ".nii.gz" for the CT files.
+    gt_only / ct_only add unpaired GroundTruth / CT files; predictions: method -> id -> label volume.
+    """
+    task = root / folder
+    task.mkdir(parents=True, exist_ok=True)
+    meta = {"labels": {str(k): v for k, v in (labels or {0: "background", 1: "tumor"}).items()},
+            "modality": {"0": "CT"}, "name": name or folder, "licence": "CC-BY"}
+    (task / "metadata.json").write_text(json.dumps(meta, indent=1))
+    ct_volumes = {cid: raw for cid, (raw, _) in cases.items()} | dict(ct_only or {})
+    gt_volumes = {cid: label for cid, (_, label) in cases.items()} | dict(gt_only or {})
+    if ct == "zip":
+        with zipfile.ZipFile(task / "CT.zip", "w", compression=zipfile.ZIP_BZIP2) as zf:
+            zf.writestr(".keepkaggle", b"kaggle keeps this file")
+            for cid, raw in ct_volumes.items():
+                zf.writestr(cid + member_suffix, nifti_bytes(raw, gz=member_suffix.endswith(".gz")))
+        patch_zip_member(task / "CT.zip", ".keepkaggle", flag_bits=0x1)  # zipfile cannot write encrypted members
+    else:
+        for cid, raw in ct_volumes.items():
+            write_nifti(task / "CT" / (cid + member_suffix), raw)
+    for cid, label in gt_volumes.items():
+        write_label_pickle(task / "GroundTruth" / (cid + gt_suffix), label, SPACING)
+    for method, volumes in (predictions or {}).items():
+        for cid, label in volumes.items():
+            write_label_pickle(task / "Predictions" / method / (cid + gt_suffix), label, SPACING)
+    return task
+
+
+def patch_zip_member(zip_path: Path, member: str, *, crc: int | None = None, flag_bits: int | None = None) -> None:
+    """Rewrite the CRC-32 and/or OR in general-purpose flag bits of one member, in its local and central headers.
+
+    Builds what zipfile refuses to write: a member with a wrong CRC (corruption) or marked encrypted.
+    """
+    with zipfile.ZipFile(zip_path) as zf:
+        info = zf.getinfo(member)
+        data = bytearray(zip_path.read_bytes())
+    central = data.find(b"PK\x01\x02")
+    while central != -1:
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, central + 28)
+        local = struct.unpack_from("<I", data, central + 42)[0]
+        if data[central + 46 : central + 46 + name_len].decode() == member and local == info.header_offset:
+            # (header start, offset of the flag field, offset of the CRC field)
+            for start, flag_at, crc_at in ((central, 8, 16), (local, 6, 14)):
+                if flag_bits is not None:
+                    flags = struct.unpack_from("<H", data, start + flag_at)[0]
+                    struct.pack_into("<H", data, start + flag_at, flags | flag_bits)
+                if crc is not None:
+                    struct.pack_into("<I", data, start + crc_at, crc)
+            zip_path.write_bytes(bytes(data))
+            return
+        central = data.find(b"PK\x01\x02", central + 46 + name_len + extra_len + comment_len)
+    raise KeyError(member)
+
+
+def make_msd(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], *, v2: bool = False,
+             labels: dict[int, str] | None = None) -> Path:
+    """An MSD (``imagesTr/<id>.nii.gz``, labels {"0": ...}) or nnU-Net v2 (``<id>_0000``, {"name": 0}) folder."""
+    labels = labels or {0: "background", 1: "liver"}
+    if v2:
+        meta = {"channel_names": {"0": "CT"}, "labels": {v: k for k, v in labels.items()},
+                "numTraining": len(cases), "file_ending": ".nii.gz"}
+    else:
+        meta = {"name": "Liver", "modality": {"0": "CT"}, "labels": {str(k): v for k, v in labels.items()},
+                "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases]}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for cid, (raw, label) in cases.items():
+        write_nifti(root / "imagesTr" / (f"{cid}_0000.nii.gz" if v2 else f"{cid}.nii.gz"), raw)
+        write_nifti(root / "labelsTr" / f"{cid}.nii.gz", label, scaled=False)
+    return root
+
+
+def write_image(path: Path, array: np.ndarray) -> Path:
+    """``array`` uint8 (rows, cols) or (rows, cols, 3) saved with Pillow, format from the suffix."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path

@@ -1,0 +1,357 @@
+"""Slice cache: built once and reused, keyed by the settings that change pixels, half-written caches rebuilt,
+failed builds leave nothing, concurrent builders agree, hand-checked windowing, label-preserving resize.
+
+Tiny Kaggle-layout tasks (tests.fixtures) and real readers throughout; the only wrapper is a counter of
+``source.load`` calls around a real source.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.config import config_from_dict
+from medseg.data.cache import (
+    SliceCache,
+    build_cache,
+    dataset_dir_for,
+    make_normaliser,
+    preprocessing_settings,
+    resize_slice,
+)
+from medseg.data.sources import open_source_from_config
+from medseg.errors import DataError
+from tests.fixtures import evalseg_dir, hu, make_kaggle_task, tiny_case, write_nifti
+
+IDS = ("021", "21", "101", "7")  # "021" and "21" are different cases
+
+
+class CountingSource:
+    """A real source whose ``load`` calls are recorded; ``fail_on=n`` raises on the n-th load (a crash midway)."""
+
+    def __init__(self, source, fail_on: int | None = None):
+        self._source = source
+        self.fail_on = fail_on
+        self.loads: list[str] = []
+        self.alive_at_load: list[int] = []  # earlier cases still referenced when the next one is decoded
+        self._returned: list[weakref.ref] = []
+
+    def __getattr__(self, name):  # root, labels, modality, case_ids, fingerprint, file_of: the real ones
+        return getattr(self._source, name)
+
+    def load(self, case_id: str):
+        self.loads.append(case_id)
+        self.alive_at_load.append(sum(ref() is not None for ref in self._returned))
+        if self.fail_on is not None and len(self.loads) == self.fail_on:
+            raise RuntimeError(f"simulated crash while decoding case {case_id}")
+        case = self._source.load(case_id)
+        self._returned.append(weakref.ref(case))
+        return case
+
+
+def dataset_config(task: Path, cache_dir: Path, **dataset):
+    raw = {"format": "kaggle", "path": str(task), "cache_dir": str(cache_dir), "image_size": 32, **dataset}
+    return config_from_dict({"dataset": raw}, resolve=True).dataset
+
+
+def counting(cfg, **kw) -> CountingSource:
+    return CountingSource(open_source_from_config(cfg), **kw)
+
+
+@pytest.fixture
+def cases():
+    return {cid: tiny_case(seed) for seed, cid in enumerate(IDS)}
+
+
+@pytest.fixture
+def task(tmp_path, cases) -> Path:
+    return make_kaggle_task(tmp_path / "data", cases)
+
+
+def prep_dirs(cache_dir: Path) -> list[Path]:
+    return sorted(p for p in cache_dir.glob("*/prep-*") if p.is_dir())
+
+
+# --------------------------------------------------------------------------------------- build and reuse
+
+
+def test_built_once_then_reused_without_decoding(task, tmp_path, cases):
+    cfg = dataset_config(task, tmp_path / "cache")
+    first = counting(cfg)
+    cache = build_cache(cfg, first, progress=False)
+    assert sorted(first.loads) == sorted(IDS)
+
+    assert first.alive_at_load == [0] * len(IDS)  # one case in memory: the previous one is freed before a load
+
+    again = counting(cfg)
+    reused = build_cache(cfg, again, progress=False)
+    assert again.loads == []  # nothing decoded the second time
+    assert reused.root == cache.root and reused.manifest == cache.manifest
+    assert build_cache(cfg, progress=False).root == cache.root  # the source opened from the config: same cache
+
+    assert sorted(cache.case_ids) == sorted(IDS)
+    assert cache.dataset_dir == cache.root.parent
+    for cid, (raw, label) in cases.items():
+        image, lbl = cache.image(cid), cache.label(cid)
+        assert isinstance(image, np.memmap) and isinstance(lbl, np.memmap)
+        assert image.dtype == np.float16 and image.shape == (raw.shape[2], 32, 32)
+        assert lbl.dtype == np.uint8 and lbl.shape == (raw.shape[2], 32, 32)
+        assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+        assert cache.n_slices(cid) == raw.shape[2]
+        assert cache.fg_per_slice(cid).tolist() == [int(np.count_nonzero(s)) for s in lbl]
+        entry = cache.manifest["cases"][cache.case_ids.index(cid)]
+        assert entry["normalisation"] == "window"
+        assert entry["voxels_per_label"] == {"1": int(np.count_nonzero(label))}  # original resolution
+        assert entry["intensity"]["min"] == float(hu(raw).min())
+        assert entry["intensity"]["fg_mean"] == pytest.approx(float(hu(raw)[label > 0].mean()), rel=1e-6)
+
+
+def test_cached_pixels_are_the_windowed_resized_slices(tmp_path):
+    """Golden check of the whole path, axes included: cached slice z = resize(window(HU[:, :, z]))."""
+    raw, label = tiny_case(3, shape=(16, 24, 3))
+    label[:] = 0
+    label[:8] = 1  # first half of the X axis: after resizing, rows 0..15 of the (X, Y) slice, not columns
+    task = make_kaggle_task(tmp_path / "data", {"a": (raw, label)})
+    cache = build_cache(dataset_config(task, tmp_path / "cache"), progress=False)
+    volume = hu(raw)
+    for z in range(raw.shape[2]):
+        windowed = np.clip((volume[:, :, z] - (60 - 200)) / 400, 0, 1).astype(np.float32)
+        want = resize_slice(windowed, 32, is_label=False)
+        np.testing.assert_allclose(cache.image("a")[z], want, atol=1e-3)  # float16 storage
+        assert cache.label("a")[z][:16].all() and not cache.label("a")[z][16:].any()
+
+
+def test_case_ids_that_sanitise_alike_get_their_own_files(tmp_path):
+    volumes = {"a b": tiny_case(0), "a_b": tiny_case(1), "021": tiny_case(2), "21": tiny_case(3)}
+    task = make_kaggle_task(tmp_path / "data", volumes)
+    cache = build_cache(dataset_config(task, tmp_path / "cache"), progress=False)
+    files = [(c["image_file"], c["label_file"]) for c in cache.manifest["cases"]]
+    assert len({f for pair in files for f in pair}) == 2 * len(volumes)
+    for cid, (raw, _) in volumes.items():
+        window = np.clip((hu(raw)[:, :, 0] - (60 - 200)) / 400, 0, 1).astype(np.float32)
+        np.testing.assert_allclose(cache.image(cid)[0], resize_slice(window, 32, is_label=False), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------- what forks the cache
+
+
+def test_pixel_settings_fork_the_cache_and_split_or_context_settings_do_not(task, tmp_path):
+    cache_dir = tmp_path / "cache"
+    base = build_cache(dataset_config(task, cache_dir), progress=False)
+    for changed in ({"window": {"level": 40, "width": 350}}, {"image_size": 64}, {"window": None},
+                    {"percentiles": (1.0, 99.0)}):
+        other = build_cache(dataset_config(task, cache_dir, **changed), progress=False)
+        assert other.root != base.root and other.root.parent == base.root.parent, changed
+    for same in ({"context_slices": 2}, {"split": {"seed": 7, "val_fraction": 0.5}}, {"labels": [1]}):
+        cfg = dataset_config(task, cache_dir, **same)
+        source = counting(cfg)
+        assert build_cache(cfg, source, progress=False).root == base.root, same
+        assert source.loads == []
+    assert len(prep_dirs(cache_dir)) == 5
+
+
+def test_window_is_not_a_setting_of_non_ct_data(task, tmp_path):
+    ct = dataset_config(task, tmp_path)
+    other = dataset_config(task, tmp_path, window={"level": 0, "width": 100})
+    assert preprocessing_settings(ct, "CT") != preprocessing_settings(other, "CT")
+    assert preprocessing_settings(ct, "MRI") == preprocessing_settings(other, "MRI")
+    assert preprocessing_settings(ct, "MRI")["window"] is None
+
+
+def test_new_data_on_disk_gets_a_new_dataset_folder(tmp_path, cases):
+    task = make_kaggle_task(tmp_path / "data", cases)
+    cfg = dataset_config(task, tmp_path / "cache")
+    before = dataset_dir_for(cfg, open_source_from_config(cfg))
+    make_kaggle_task(tmp_path / "data", {**cases, "999": tiny_case(9)})  # a case added
+    assert dataset_dir_for(cfg, open_source_from_config(cfg)) != before
+
+
+# --------------------------------------------------------------------------------------- half-written caches
+
+
+def _truncate_npy(prep: Path) -> None:
+    path = sorted(prep.glob("*.img.npy"))[0]
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _incomplete_manifest(prep: Path) -> None:
+    manifest = json.loads((prep / "manifest.json").read_text())
+    (prep / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda prep: (prep / "manifest.json").unlink(),  # interrupted before the manifest
+    _truncate_npy,  # a file cut short
+    _incomplete_manifest,
+    lambda prep: (prep / "manifest.json").write_text('{"complete": true, "cases": [{"image_f'),  # torn JSON
+], ids=["no-manifest", "truncated-npy", "complete-false", "torn-manifest"])
+def test_half_written_cache_is_detected_and_rebuilt(task, tmp_path, damage):
+    cfg = dataset_config(task, tmp_path / "cache")
+    good = build_cache(cfg, progress=False)
+    want = {cid: (np.array(good.image(cid)), np.array(good.label(cid))) for cid in good.case_ids}
+    damage(good.root)
+
+    source = counting(cfg)
+    rebuilt = build_cache(cfg, source, progress=False)
+    assert sorted(source.loads) == sorted(IDS)
+    assert rebuilt.root == good.root and rebuilt.manifest["complete"] is True
+    for cid, (image, label) in want.items():
+        assert np.array_equal(rebuilt.image(cid), image) and np.array_equal(rebuilt.label(cid), label)
+    assert build_cache(cfg, counting(cfg), progress=False).manifest == rebuilt.manifest
+
+
+def test_failed_build_writes_nothing_in_place(task, tmp_path):
+    cfg = dataset_config(task, tmp_path / "cache")
+    source = counting(cfg, fail_on=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(cfg, source, progress=False)
+    assert len(source.loads) == 3
+    dataset_dir = dataset_dir_for(cfg, source)
+    leftovers = [p.name for p in dataset_dir.iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []  # no prep-<hash>/ and no .prep-<hash>.tmp-<pid>/
+    assert build_cache(cfg, counting(cfg), progress=False).manifest["complete"] is True
+
+
+def test_temp_folder_of_a_killed_build_is_removed(task, tmp_path):
+    cfg = dataset_config(task, tmp_path / "cache")
+    source = open_source_from_config(cfg)
+    settings_hash = build_cache(cfg, source, progress=False).root.name
+    dataset_dir = dataset_dir_for(cfg, source)
+    (dataset_dir / settings_hash / "manifest.json").unlink()
+    stale = dataset_dir / f".{settings_hash}.tmp-999999"  # a SIGKILLed builder never cleans up
+    (stale / "junk").mkdir(parents=True)
+    build_cache(cfg, source, progress=False)
+    assert not stale.exists()
+    assert sorted(p.name for p in dataset_dir.iterdir() if not p.name.endswith(".lock")) == [settings_hash]
+
+
+# --------------------------------------------------------------------------------------- concurrency
+
+
+def _build_in_child(cfg, start, results) -> None:
+    """Spawned process: wait for the others, build, report (root, manifest text, cases it decoded)."""
+    source = CountingSource(open_source_from_config(cfg))
+    start.wait(timeout=60)
+    cache = build_cache(cfg, source, progress=False)
+    results.put((str(cache.root), json.dumps(cache.manifest, sort_keys=True), len(source.loads)))
+
+
+def test_concurrent_builders_end_with_one_complete_cache(task, tmp_path):
+    cfg = dataset_config(task, tmp_path / "cache")  # a DatasetConfig pickles without re-validating the model
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(cfg, start, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    roots, manifests, decoded = zip(*out)
+    assert len(set(roots)) == 1 and len(set(manifests)) == 1
+    assert sorted(decoded) == [0, 0, len(IDS)]  # one builder; the others waited on the lock and reused its cache
+    prep = Path(roots[0])
+    assert sorted(p.name for p in prep.parent.iterdir() if not p.name.endswith(".lock")) == [prep.name]
+    assert SliceCache(prep, json.loads(manifests[0])).manifest["complete"] is True
+
+
+# --------------------------------------------------------------------------------------- intensities
+
+
+WINDOW = {"window": {"level": 60.0, "width": 400.0}, "percentiles": [0.5, 99.5], "image_size": 32}
+
+
+def test_ct_window_hand_checked():
+    volume = np.full((8, 8, 2), -1024.0, np.float32)  # air: values look like Hounsfield units
+    norm, method = make_normaliser(volume, WINDOW)
+    assert method == "window"
+    hu_values = np.array([[-1024, -140, -40, 60, 160, 260, 3000]], np.float32)
+    assert norm(hu_values)[0].tolist() == pytest.approx([0, 0, 0.25, 0.5, 0.75, 1, 1])
+    assert norm(hu_values).dtype == np.float32
+    assert hu_values[0, 0] == -1024  # the input plane is not modified
+
+
+def test_non_hu_intensities_take_the_percentile_path():
+    volume = np.linspace(0, 255, 16 * 16 * 2, dtype=np.float32).reshape(16, 16, 2)  # a 0..255 image labelled CT
+    norm, method = make_normaliser(volume, {**WINDOW, "percentiles": [0.0, 100.0]})
+    assert method == "percentile"
+    assert norm(np.array([[0, 127.5, 255, 300]], np.float32))[0].tolist() == pytest.approx([0, 0.5, 1, 1])
+    norm, _ = make_normaliser(volume, WINDOW)
+    lo, hi = np.percentile(volume, [0.5, 99.5])
+    assert norm(np.array([[lo, (lo + hi) / 2, hi]], np.float32))[0].tolist() == pytest.approx([0, 0.5, 1], abs=1e-6)
+    # no window configured: percentiles even for HU data
+    assert make_normaliser(np.full((4, 4, 1), -1000.0, np.float32), {**WINDOW, "window": None})[1] == "percentile"
+
+
+def test_0_255_volumes_are_percentile_normalised_end_to_end(tmp_path):
+    """A CT/ folder of unscaled 0..255 volumes (metadata still says CT): the cache must not apply the HU window."""
+    rng = np.random.default_rng(0)
+    volumes = {cid: (rng.integers(0, 256, (32, 32, 2)).astype(np.uint8), tiny_case(i, (32, 32, 2))[1])
+               for i, cid in enumerate(("370", "394"))}
+    task = make_kaggle_task(tmp_path / "data", volumes, ct="folder")
+    for cid, (raw, _) in volumes.items():
+        write_nifti(task / "CT" / f"{cid}.nii", raw, scaled=False)  # stored values are the intensities
+    cache = build_cache(dataset_config(task, tmp_path / "cache", percentiles=(0.0, 100.0)), progress=False)
+    for cid, (raw, _) in volumes.items():
+        entry = cache.manifest["cases"][cache.case_ids.index(cid)]
+        assert entry["normalisation"] == "percentile"
+        lo, hi = int(raw.min()), int(raw.max())  # percentiles 0 and 100; 32 px: no resize
+        want = (raw.astype(np.float32) - lo) / (hi - lo)
+        np.testing.assert_allclose(cache.image(cid), want.transpose(2, 0, 1), atol=1e-3)
+
+
+def test_real_example_is_hu_after_header_scaling(tmp_path):
+    """The shared example's slices are stored as uint8 0..255 but carry scl_slope 9.16 / scl_inter -1024: read
+    values are HU (-1024..1312), so the window applies."""
+    task = evalseg_dir() / "TaskA_Example"
+    cache = build_cache(dataset_config(task, tmp_path / "cache", allow_missing=True, image_size=64), progress=False)
+    assert sorted(cache.case_ids) == ["370", "394"]
+    for entry in cache.manifest["cases"]:
+        assert entry["normalisation"] == "window" and entry["intensity"]["min"] == -1024
+        image = np.asarray(cache.image(entry["case_id"]), np.float32)
+        assert image.shape == (1, 64, 64) and image.min() == 0 and 0.5 < image.max() <= 1
+
+
+# --------------------------------------------------------------------------------------- resize
+
+
+def test_resize_keeps_label_values_and_shapes():
+    rng = np.random.default_rng(0)
+    label = rng.choice(np.array([0, 2, 6], np.uint8), size=(100, 80))
+    for size in (32, 128):
+        out = resize_slice(label, size, is_label=True)
+        assert out.shape == (size, size) and out.dtype == np.uint8
+        assert set(np.unique(out)) <= {0, 2, 6}
+    image = rng.random((100, 80), dtype=np.float32)
+    for size in (32, 128):
+        out = resize_slice(image, size, is_label=False)
+        assert out.shape == (size, size) and out.dtype == np.float32
+        assert image.min() <= out.min() and out.max() <= image.max()
+    same = rng.random((32, 32), dtype=np.float32)
+    assert np.array_equal(resize_slice(same, 32, is_label=False), same)
+
+
+@pytest.mark.parametrize("is_label", [True, False])
+def test_resize_ignores_memory_order(is_label):
+    """Planes of NIfTI volumes are Fortran-ordered; the result must not depend on that."""
+    rng = np.random.default_rng(1)
+    plane = rng.integers(0, 4, (48, 40)).astype(np.uint8) if is_label else rng.random((48, 40), dtype=np.float32)
+    for size in (32, 64):
+        c_order = resize_slice(np.ascontiguousarray(plane), size, is_label=is_label)
+        f_order = resize_slice(np.asfortranarray(plane), size, is_label=is_label)
+        np.testing.assert_allclose(f_order, c_order, atol=1e-6)
+
+
+def test_empty_task_is_an_error(tmp_path):
+    """A source with no case: one-line DataError, nothing left behind."""
+    task = make_kaggle_task(tmp_path / "data", {"1": tiny_case(0)})
+    cfg = dataset_config(task, tmp_path / "cache")
+    source = open_source_from_config(cfg)
+    source.case_ids = lambda: []  # the real reader, told there is nothing to read
+    with pytest.raises(DataError, match="no cases to cache"):
+        build_cache(cfg, source, progress=False)
+    assert [p for p in dataset_dir_for(cfg, source).iterdir() if not p.name.endswith(".lock")] == []

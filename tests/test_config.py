@@ -1,0 +1,98 @@
+"""Config loading: every shipped file loads, unknown keys and bad values name their dotted key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medseg.config import config_from_dict, flatten, load_config, parse_override
+from medseg.errors import ConfigError
+from medseg.search_space import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.encoder_weights is None, "shipped configs must not download weights"
+    assert Path(cfg.dataset.path).is_absolute() and Path(cfg.output.run_dir).is_absolute()
+    assert yaml.safe_load(path.read_text())["name"] == cfg.name == path.stem
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_search_space_loads(path):
+    space = load_space(path)
+    assert space.params or space.fixed_configs
+    for key, domain in space.params.items():
+        for value in domain.probe_values():
+            space.trial_config({key: value})  # every bound / choice gives a valid config
+
+
+def test_unknown_key_names_its_dotted_path():
+    with pytest.raises(ConfigError, match=r"training\.learning_rate: unknown key"):
+        config_from_dict({"training": {"learning_rate": 0.1}})
+    with pytest.raises(ConfigError, match=r"augment\.0\.name: Field required"):
+        config_from_dict({"augment": [{"p": 0.5}]})
+
+
+def test_bad_values_name_the_key_and_allowed_values():
+    with pytest.raises(ConfigError, match=r"loss\.name: Input should be 'bce', 'dice', 'bce_dice'"):
+        config_from_dict({"loss": {"name": "hinge"}})
+    with pytest.raises(ConfigError, match=r"model: unknown arch 'Unett'; allowed: .*'Unet'"):
+        config_from_dict({"model": {"arch": "Unett"}})
+    with pytest.raises(ConfigError, match=r"model: unknown encoder 'resnet1888'; allowed: .*resnet18"):
+        config_from_dict({"model": {"encoder": "resnet1888"}})
+    with pytest.raises(ConfigError, match=r"augment\.0: unknown albumentations transform 'Flipp'"):
+        config_from_dict({"augment": [{"name": "Flipp"}]})
+    with pytest.raises(ConfigError, match=r"augment\.0: albumentations\.HorizontalFlip\(\{'p': 3\}\)"):
+        config_from_dict({"augment": [{"name": "HorizontalFlip", "p": 3}]})
+    with pytest.raises(ConfigError, match=r"dataset\.image_size: .*multiple of 32"):
+        config_from_dict({"dataset": {"image_size": 100}})
+    with pytest.raises(ConfigError, match=r"dataset\.split: .*fold 3 out of range"):
+        config_from_dict({"dataset": {"split": {"n_folds": 3, "fold": 3}}})
+
+
+def test_overrides_from_the_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "c", "training": {"lr": 0.1}}))
+    cfg = load_config(path, ["training.lr=3e-4", "loss.name=dice", "dataset.labels=[1, 2]", "training.patience=null"])
+    assert cfg.training.lr == pytest.approx(3e-4)
+    assert cfg.loss.name == "dice" and cfg.dataset.labels == [1, 2] and cfg.training.patience is None
+    assert parse_override("a.b=1e-3") == ("a.b", 1e-3)
+    with pytest.raises(ConfigError, match=r"training\.lrr: unknown key"):
+        load_config(path, ["training.lrr=1"])
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(path, ["training.lr"])
+
+
+def test_flatten_gives_mlflow_param_keys():
+    cfg = config_from_dict({"augment": [{"name": "HorizontalFlip", "p": 0.5}]})
+    flat = flatten(cfg.to_dict())
+    assert flat["training.lr"] == cfg.training.lr
+    assert flat["augment.0.name"] == "HorizontalFlip" and flat["augment.0.p"] == 0.5
+    assert flat["model.decoder_channels"] == [64, 32, 16, 8]
+
+
+def test_search_space_errors_name_keys(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"name": "base", "training": {"epochs": 4}}))
+
+    def space(**extra):
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump({"name": "s", "base_config": "base.yaml", "asha": {"max_t": 4}, **extra}))
+        return path
+
+    with pytest.raises(ConfigError, match=r"params\.training\.lr\.type: Input should be 'uniform'"):
+        load_space(space(params={"training.lr": {"type": "normal", "low": 0, "high": 1}}))
+    with pytest.raises(ConfigError, match=r"params\.training\.lrr=0\.1.*training\.lrr: unknown key"):
+        load_space(space(params={"training.lrr": {"type": "uniform", "low": 0.1, "high": 0.2}}))
+    with pytest.raises(ConfigError, match=r"params\.loss\.name='hinge'.*loss\.name"):
+        load_space(space(params={"loss.name": {"type": "choice", "values": ["dice", "hinge"]}}))
+    with pytest.raises(ConfigError, match=r"loguniform needs low > 0"):
+        load_space(space(params={"training.lr": {"type": "loguniform", "low": 0, "high": 1}}))
+    with pytest.raises(ConfigError, match=r"asha\.max_t \(8\) must equal .*training\.epochs \(4\)"):
+        load_space(space(asha={"max_t": 8}, params={"training.lr": {"type": "uniform", "low": 0.1, "high": 0.2}}))
+    with pytest.raises(ConfigError, match=r"s\.yaml: num_sample: unknown key"):
+        load_space(space(num_sample=3))

@@ -1,0 +1,126 @@
+"""eval.py and infer.py: reference Dice of the real dataset, checkpoint evaluation, leaderboard, geometry of masks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from medseg.data.sources import open_source
+from medseg.errors import MedsegError
+from medseg.evaluation import evaluate_checkpoint, evaluate_predictions, leaderboard
+from medseg.inference import Predictor, run_inference
+from medseg.training import fit, prepare_data
+from tests.fixtures import evalseg_dir, expected
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method", ["TaskA_Example/p1", "TaskA_Example/Alg2", "Task001_LiverTumor/Dice", "Task001_LiverTumor/CE"])
+def test_scoring_reference_predictions_reproduces_expected_dice(method):
+    ref = expected()["reference_methods"][method]
+    task, name = method.split("/")  # TaskA_Example holds ground truth for 4 cases, each method predicts 2 of them
+    source = open_source("kaggle", evalseg_dir() / task)
+    # lesion detection off: Dice is what expected.json holds, and labelling 87 large volumes takes minutes
+    result = evaluate_predictions(source, evalseg_dir() / task / "Predictions" / name, progress=False, lesions=False)
+    assert result.summary["n_cases"] == ref["cases"] and result.summary["n_scored"] == ref["cases_scored"]
+    assert round(result.summary["dice"], 4) == ref["mean_case_dice"]
+    for case_id, dice in ref["per_case_dice"].items():
+        got = result.per_case_dice()[case_id]
+        assert (dice is None and np.isnan(got)) or got == pytest.approx(dice, abs=1e-6), case_id
+
+
+def test_eval_cli_on_a_predictions_folder(tmp_path):
+    task = evalseg_dir() / "TaskA_Example"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "c", "dataset": {"path": str(task), "labels": [1]}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--config", str(cfg), "--predictions", str(task / "Predictions" / "p1"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert round(summary["summary"]["dice"], 4) == expected()["reference_methods"]["TaskA_Example/p1"]["mean_case_dice"]
+    assert (tmp_path / "out" / "per_case.csv").read_text().startswith("case_id,dice,iou")
+    assert summary["missing"] == ["101", "108"]  # ground truth without a prediction: listed, not scored
+    assert "2 ground-truth case(s) have no prediction and are not scored: 101, 108" in proc.stderr
+    # when the cases are given (here: scored as empty), missing ones count as empty masks: Dice 0
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--config", str(cfg), "--predictions", str(task / "Predictions" / "p1"),
+                           "--missing-as-empty", "--out", str(tmp_path / "out2")], capture_output=True, text=True, cwd=tmp_path)
+    summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
+    assert summary["summary"]["n_cases"] == 4 and summary["summary"]["dice"] == pytest.approx(0.8223 / 2, abs=1e-4)
+
+
+@pytest.fixture
+def trained(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(training={"epochs": 2})
+    result = fit(cfg, run_dir=tmp_path / "run", progress=False)
+    return cfg, result
+
+
+def test_checkpoint_evaluation_full_resolution_matches_training_validation(trained):
+    cfg, result = trained
+    ev = evaluate_checkpoint(result.best_checkpoint, cfg, split="val", progress=False)
+    # the synthetic volumes are 64 px like the cache, so full-resolution scores equal the training-time ones
+    assert ev.summary["dice"] == pytest.approx(result.best_metrics["val/dice"], abs=1e-9)
+    assert sorted(ev.per_case_dice()) == sorted(prepare_data(cfg, progress=False).split.val)
+    tta = evaluate_checkpoint(result.best_checkpoint, cfg, split="val", flip_tta=True, progress=False)
+    assert tta.info["flip_tta"] and 0 <= tta.summary["dice"] <= 1
+
+
+def test_checkpoint_is_refused_on_another_split(trained, tiny_cfg):
+    _, result = trained
+    other = tiny_cfg(dataset={"split": {"seed": 7, "val_fraction": 0.25}})
+    with pytest.raises(MedsegError, match="trained with split .* scoring there may include its training cases"):
+        evaluate_checkpoint(result.best_checkpoint, other, progress=False)
+
+
+def test_leaderboard_ranks_checkpoint_among_reference_methods(trained, tmp_path):
+    cfg, result = trained
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--config", str(cfg_path), "--ckpt", str(result.best_checkpoint),
+                           "--leaderboard"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout.split("leaderboard on", 1)[1].splitlines()[2:]
+    methods = {line.split()[1] for line in table}
+    assert {"threshold", "perturbed", str(result.best_checkpoint)} <= methods
+    # ranks follow the Dice column
+    dices = [float(line.split()[2]) for line in table]
+    assert dices == sorted(dices, reverse=True)
+    # and the scores are the ones evaluate_predictions gives on the same validation cases
+    data = prepare_data(cfg, progress=False)
+    ref = evaluate_predictions(data.source, Path(data.source.root) / "Predictions" / "perturbed", case_ids=data.split.val, progress=False)
+    row = leaderboard([ref])[0]
+    assert any(line.split()[1] == "perturbed" and float(line.split()[2]) == pytest.approx(row["dice"], abs=1e-4) for line in table)
+
+
+def test_infer_keeps_nifti_geometry_and_image_size(trained, tmp_path):
+    cfg, result = trained
+    data = prepare_data(cfg, progress=False)
+    case = data.source.load(data.split.val[0])
+    # a NIfTI with a non-trivial affine and a different in-plane size than the model's input (64 px)
+    affine = np.array([[0.7, 0, 0, -10], [0, 0.7, 0, 5], [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    image = np.repeat(np.repeat(case.image, 2, axis=0), 2, axis=1)[:100, :90]
+    nib.save(nib.Nifti1Image(image.astype(np.int16), affine), tmp_path / "vol.nii.gz")
+    Image.fromarray(np.clip(case.image[:, :, 0] + 1000, 0, 255).astype(np.uint8)).save(tmp_path / "slice.png")
+    records = run_inference(result.best_checkpoint, tmp_path / "vol.nii.gz", tmp_path / "out", device="cpu")
+    mask = nib.load(records[0]["mask"])
+    assert mask.shape == (100, 90, image.shape[2]) and np.allclose(mask.affine, affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    assert Path(records[0]["overlay"]).exists()
+    records = run_inference(result.best_checkpoint, tmp_path / "slice.png", tmp_path / "out", device="cpu")
+    assert Image.open(records[0]["mask"]).size == (64, 64)
+    # a case of a Kaggle task through the CLI, written with the CT's geometry
+    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--ckpt", str(result.best_checkpoint), "--input", str(data.source.root),
+                           "--case", case.case_id, "--out", str(tmp_path / "k")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = nib.load(tmp_path / "k" / f"{case.case_id}.nii.gz")
+    assert out.shape == case.image.shape and np.allclose(out.affine, case.affine)
+    # same prediction as the evaluation path
+    predicted = Predictor(result.best_checkpoint, device="cpu").predict(case.image)
+    assert np.array_equal(np.asarray(out.dataobj), predicted)

@@ -1,0 +1,407 @@
+"""Readers: Kaggle evalseg (CT.zip and CT/), MSD / nnU-Net v2, 2D folders; one test per error they report."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import zipfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from medseg.data.evalseg_pickle import write_label_pickle
+from medseg.data.sources import (
+    Case,
+    Folders2DSource,
+    KaggleEvalsegSource,
+    MSDSource,
+    detect_format,
+    open_source,
+    open_source_from_config,
+)
+from medseg.errors import DataError
+from tests.fixtures import (
+    SPACING,
+    evalseg_dir,
+    expected,
+    hu,
+    make_kaggle_task,
+    make_msd,
+    nifti_bytes,
+    patch_zip_member,
+    tiny_case,
+    write_image,
+    write_nifti,
+)
+
+IDS = ("021", "21", "101")  # "021" and "21" are different cases
+
+
+@pytest.fixture
+def cases():
+    return {cid: tiny_case(seed) for seed, cid in enumerate(IDS)}
+
+
+def assert_case(case: Case, raw: np.ndarray, label: np.ndarray, case_id: str) -> None:
+    assert case.case_id == case_id
+    assert case.image.dtype == np.float32 and case.label.dtype == np.uint8
+    assert np.array_equal(case.image, hu(raw))  # NIfTI scaling applied, (i, j, k) order kept
+    assert np.array_equal(case.label, label)
+    assert case.spacing == pytest.approx(SPACING)
+    assert np.allclose(case.affine, np.diag([*SPACING, 1.0]))
+
+
+# ------------------------------------------------------------------------------------------------ Kaggle
+
+
+@pytest.mark.parametrize("member_suffix, gt_suffix", [(".nii", ".pkl"), (".nii.gz", ".pkl.gz")])
+def test_kaggle_zip_layout_loads_every_case(tmp_path, cases, member_suffix, gt_suffix):
+    task = make_kaggle_task(tmp_path, cases, member_suffix=member_suffix, gt_suffix=gt_suffix)
+    with zipfile.ZipFile(task / "CT.zip", "a", compression=zipfile.ZIP_BZIP2) as zf:
+        zf.writestr("README.txt", b"not a volume")
+        zf.writestr("__MACOSX/._021.nii", b"resource fork")
+    src = KaggleEvalsegSource(task)
+    assert src.root == task and src.labels == {0: "background", 1: "tumor"} and src.modality == "CT"
+    assert src.case_ids() == sorted(IDS)
+    for cid in IDS:
+        assert_case(src.load(cid), *cases[cid], cid)
+        assert src.file_of(cid) == cid + member_suffix
+    assert [c.case_id for c in src] == sorted(IDS)
+
+
+def test_kaggle_keepkaggle_member_is_encrypted_and_ignored(tmp_path, cases):
+    task = make_kaggle_task(tmp_path, cases)
+    with zipfile.ZipFile(task / "CT.zip") as zf:
+        assert zf.getinfo(".keepkaggle").flag_bits & 0x1  # reading it would need a password
+        assert all(i.compress_type == zipfile.ZIP_BZIP2 for i in zf.infolist() if i.filename.endswith(".nii"))
+    assert ".keepkaggle" not in KaggleEvalsegSource(task).case_ids()
+
+
+def test_kaggle_ct_folder_layout(tmp_path, cases):
+    task = make_kaggle_task(tmp_path, cases, ct="folder", member_suffix=".nii.gz")
+    src = KaggleEvalsegSource(task)
+    assert src.case_ids() == sorted(IDS)
+    assert_case(src.load("021"), *cases["021"], "021")
+    assert src.file_of("21") == "21.nii.gz"
+
+
+def test_kaggle_task_selection_from_a_dataset_root(tmp_path, cases):
+    make_kaggle_task(tmp_path, cases, folder="Task001_A")
+    make_kaggle_task(tmp_path, cases, folder="Task003_B", name="Task04_B")  # metadata names itself differently
+    with pytest.raises(DataError, match="several tasks.*Task001_A, Task003_B"):
+        KaggleEvalsegSource(tmp_path)
+    assert KaggleEvalsegSource(tmp_path, task="Task001_A").root.name == "Task001_A"
+    assert KaggleEvalsegSource(tmp_path, task="Task04_B").root.name == "Task003_B"
+    assert KaggleEvalsegSource(tmp_path / "Task003_B").name == "Task04_B"
+    with pytest.raises(DataError, match="no single task named 'Task999'.*Task001_A, Task003_B"):
+        KaggleEvalsegSource(tmp_path, task="Task999")
+
+
+def test_kaggle_ground_truth_without_ct(tmp_path, cases):
+    task = make_kaggle_task(tmp_path, cases, gt_only={"007": np.zeros((10, 12, 4), np.uint8)})
+    with pytest.raises(DataError, match=r"GroundTruth without CT.*007.*GroundTruth/007\.pkl"):
+        KaggleEvalsegSource(task).case_ids()
+
+
+def test_kaggle_ct_without_ground_truth(tmp_path, cases, caplog):
+    task = make_kaggle_task(tmp_path, cases, ct_only={"008": tiny_case(8)[0]})
+    with pytest.raises(DataError, match=r"CT without GroundTruth.*008.*CT\.zip:008\.nii"):
+        KaggleEvalsegSource(task).case_ids()
+    with caplog.at_level(logging.WARNING):
+        assert KaggleEvalsegSource(task, allow_missing=True).case_ids() == sorted(IDS)
+    assert "008" in caplog.text and "CT.zip:008.nii" in caplog.text
+
+
+def test_kaggle_shape_mismatch_names_both_files_and_the_case(tmp_path, cases):
+    cases["21"] = (tiny_case(5, shape=(10, 12, 5))[0], cases["21"][1])
+    task = make_kaggle_task(tmp_path, cases)
+    src = KaggleEvalsegSource(task)
+    with pytest.raises(DataError, match=r"CT\.zip:21\.nii vs .*GroundTruth/21\.pkl \(case 21\): "
+                                        r"CT shape \(10, 12, 5\)"):
+        src.load("21")
+    src.load("021")  # the other cases still load
+
+
+def test_kaggle_bad_crc_member(tmp_path, cases):
+    task = make_kaggle_task(tmp_path, cases)
+    patch_zip_member(task / "CT.zip", "101.nii", crc=0xDEADBEEF)
+    src = KaggleEvalsegSource(task)
+    assert src.case_ids() == sorted(IDS)  # listing reads the central directory only
+    with pytest.raises(DataError, match=r"CT\.zip:101\.nii \(case 101\): "
+                                        r"corrupt zip member \(BadZipFile: Bad CRC-32") as err:
+        src.load("101")
+    assert "\n" not in str(err.value)
+
+
+def test_kaggle_truncated_nifti_member(tmp_path, cases):
+    task = make_kaggle_task(tmp_path, cases)
+    with zipfile.ZipFile(task / "CT.zip", "a", compression=zipfile.ZIP_BZIP2) as zf:
+        zf.writestr("555.nii", nifti_bytes(tiny_case(1)[0])[:-100])
+    write_label_pickle(task / "GroundTruth" / "555.pkl", tiny_case(1)[1], SPACING)
+    with pytest.raises(DataError, match=r"CT\.zip:555\.nii \(case 555\): unreadable NIfTI") as err:
+        KaggleEvalsegSource(task).load("555")
+    assert "\n" not in str(err.value)
+
+
+def test_kaggle_truncated_nifti_gz_file(tmp_path, cases):
+    task = make_kaggle_task(tmp_path, cases, ct="folder", member_suffix=".nii.gz")
+    path = task / "CT" / "021.nii.gz"
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(DataError, match=r"CT/021\.nii\.gz \(case 021\): unreadable NIfTI"):
+        KaggleEvalsegSource(task).load("021")
+
+
+def test_kaggle_label_values_outside_metadata(tmp_path, cases):
+    raw, label = cases["101"]
+    label = label.copy()
+    label[0, 0, 0] = 3
+    cases["101"] = (raw, label)
+    task = make_kaggle_task(tmp_path, cases)
+    with pytest.raises(DataError, match=r"GroundTruth/101\.pkl \(case 101\): "
+                                        r"label values \[3\] not in the dataset labels \[0, 1\]"):
+        KaggleEvalsegSource(task).load("101")
+
+
+def test_kaggle_duplicate_and_nested_members(tmp_path, cases):
+    task = make_kaggle_task(tmp_path, cases)
+    with zipfile.ZipFile(task / "CT.zip", "a") as zf:
+        zf.writestr("021.nii.gz", gzip.compress(nifti_bytes(cases["021"][0])))
+    with pytest.raises(DataError, match=r"case 021: two CT files, CT\.zip:021\.nii and CT\.zip:021\.nii\.gz"):
+        KaggleEvalsegSource(task).case_ids()
+
+    other = make_kaggle_task(tmp_path / "b", cases)
+    with zipfile.ZipFile(other / "CT.zip", "a") as zf:
+        zf.writestr("sub/777.nii", b"")
+    with pytest.raises(DataError, match=r"member 'sub/777\.nii' is not at the zip root"):
+        KaggleEvalsegSource(other).case_ids()
+
+
+def test_kaggle_fingerprint_is_stable_and_tracks_changes(tmp_path, cases):
+    task = make_kaggle_task(tmp_path, cases)
+    first = KaggleEvalsegSource(task).fingerprint()
+    assert first == KaggleEvalsegSource(task).fingerprint()
+    patch_zip_member(task / "CT.zip", "021.nii", crc=0x12345678)  # same size, new CRC
+    second = KaggleEvalsegSource(task).fingerprint()
+    assert second != first
+    write_label_pickle(task / "GroundTruth" / "21.pkl", np.ones((10, 12, 4), np.uint8), SPACING)
+    assert KaggleEvalsegSource(task).fingerprint() != second
+
+
+def test_kaggle_unpaired_files_stay_reachable_for_scoring_and_inference(tmp_path, cases):
+    gt_only, (ct_raw, _) = np.eye(10, 12, dtype=np.uint8)[..., None].repeat(4, axis=2), tiny_case(8)
+    task = make_kaggle_task(tmp_path, cases, gt_only={"007": gt_only}, ct_only={"008": ct_raw})
+    src = KaggleEvalsegSource(task, allow_missing=True)
+    assert src.case_ids() == sorted(IDS)
+    assert src.ground_truth_ids() == sorted([*IDS, "007"]) and src.image_ids() == sorted([*IDS, "008"])
+    assert np.array_equal(src.load_label("007"), gt_only)
+    image, nii = src.load_image("008")
+    assert np.array_equal(image, hu(ct_raw)) and image.dtype == np.float32
+    assert nii.shape == ct_raw.shape and np.allclose(nii.affine, np.diag([*SPACING, 1.0]))
+    assert nii.header.get_zooms() == pytest.approx(SPACING)
+    with pytest.raises(DataError, match="no GroundTruth for case '008'"):
+        src.load_label("008")
+    with pytest.raises(DataError, match="no CT for case '007'"):
+        src.load_image("007")
+    with pytest.raises(DataError, match="case '007' is not in this task"):
+        src.load("007")
+
+
+def test_kaggle_predictions(tmp_path, cases):
+    pred = {cid: np.roll(label, 1, axis=0) for cid, (_, label) in cases.items()}
+    task = make_kaggle_task(tmp_path, cases, predictions={"Dice": pred, "CE": pred})
+    src = KaggleEvalsegSource(task)
+    assert src.predictions_methods() == ["CE", "Dice"]
+    lv = src.load_prediction("Dice", "021")
+    assert np.array_equal(lv.volume, pred["021"]) and lv.voxelsize == pytest.approx(SPACING)
+    with pytest.raises(DataError, match="no method 'Focal'"):
+        src.load_prediction("Focal", "021")
+    with pytest.raises(DataError, match=r"invalid case id '\.\./\.\./GroundTruth/021'"):
+        src.load_prediction("Dice", "../../GroundTruth/021")
+    with pytest.raises(DataError, match="no prediction for case '999'"):
+        src.load_prediction("Dice", "999")
+
+
+def test_real_example_task_loads_both_ct_cases(caplog):
+    root = evalseg_dir() / "TaskA_Example"
+    truth = expected()["ground_truth"]
+    with pytest.raises(DataError, match=r"GroundTruth without CT in CT/ for case\(s\) 101, 108"):
+        KaggleEvalsegSource(root).case_ids()
+    with caplog.at_level(logging.WARNING):
+        src = KaggleEvalsegSource(root, allow_missing=True)
+        assert src.case_ids() == ["370", "394"]
+    assert "101" in caplog.text and "108" in caplog.text
+    for case in src:
+        want = truth[f"TaskA_Example/GroundTruth/{case.case_id}.pkl.gz"]
+        assert case.image.shape == tuple(want["shape"]) == (512, 512, 1) and case.image.dtype == np.float32
+        assert hashlib.sha256(case.label.tobytes()).hexdigest() == want["sha256"]
+        assert case.spacing == pytest.approx(want["voxelsize"], abs=1e-5)
+        assert case.image.min() < -500 < case.image.max()  # scaled to HU by the header slope
+
+
+def test_real_ground_truth_only_tasks_are_reported():
+    root = evalseg_dir()
+    with pytest.raises(DataError, match="several tasks.*: Task001_LiverTumor, Task002_Pancreas, "
+                                        "Task003_Multiorgan, TaskA_Example"):
+        KaggleEvalsegSource(root)
+    src = KaggleEvalsegSource(root, task="Task001_LiverTumor")
+    assert len(src.ground_truth_ids()) == 87 and src.predictions_methods() == ["CE", "Dice"]
+    with pytest.raises(DataError, match=r"GroundTruth without CT \(no CT\.zip or CT/ folder\) "
+                                        r"for case\(s\) 101, .*GroundTruth/101\.pkl\.gz"):
+        src.case_ids()
+    assert KaggleEvalsegSource(root, task="Task04_Multiorgan").root.name == "Task003_Multiorgan"
+    assert KaggleEvalsegSource(root, task="Task002_Pancreas").ground_truth_ids()[0] == "021"
+
+
+# ------------------------------------------------------------------------------------------------ MSD / nnU-Net
+
+
+def test_msd_v1_layout_skips_hidden_files(tmp_path):
+    cases = {"liver_0": tiny_case(0), "liver_10": tiny_case(1)}
+    root = make_msd(tmp_path / "Task03_Liver", cases)
+    write_nifti(root / "imagesTr" / "._liver_0.nii.gz", tiny_case(0)[0])  # macOS fork, not a case
+    src = MSDSource(root)
+    assert src.case_ids() == ["liver_0", "liver_10"] and src.modality == "CT"
+    assert src.labels == {0: "background", 1: "liver"}
+    assert_case(src.load("liver_10"), *cases["liver_10"], "liver_10")
+    assert src.file_of("liver_0") == "liver_0.nii.gz"
+    assert src.fingerprint() == MSDSource(root).fingerprint()
+
+
+def test_nnunet_v2_layout(tmp_path):
+    cases = {"case_0001": tiny_case(0), "case_0002": tiny_case(1)}  # ids that end in 4 digits themselves
+    root = make_msd(tmp_path / "Dataset001_Liver", cases, v2=True)
+    src = MSDSource(root)
+    assert src.case_ids() == ["case_0001", "case_0002"]
+    assert src.labels == {0: "background", 1: "liver"} and src.modality == "CT"
+    assert_case(src.load("case_0002"), *cases["case_0002"], "case_0002")
+    assert src.file_of("case_0001") == "case_0001_0000.nii.gz"
+
+
+def test_msd_errors_name_file_and_case(tmp_path):
+    cases = {"a": tiny_case(0), "b": tiny_case(1)}
+    root = make_msd(tmp_path / "m", cases)
+    write_nifti(root / "imagesTr" / "c.nii.gz", tiny_case(2)[0])
+    with pytest.raises(DataError, match=r"images without label for case\(s\) c: imagesTr/c\.nii\.gz"):
+        MSDSource(root).case_ids()
+    assert MSDSource(root, allow_missing=True).case_ids() == ["a", "b"]
+    assert MSDSource(root, allow_missing=True).ground_truth_ids() == ["a", "b"]
+    assert np.array_equal(MSDSource(root).load_label("b"), cases["b"][1])
+
+    write_nifti(root / "labelsTr" / "a.nii.gz", np.full((10, 12, 4), 2, np.uint8), scaled=False)
+    with pytest.raises(DataError, match=r"labelsTr/a\.nii\.gz \(case a\): label values \[2\]"):
+        MSDSource(root, allow_missing=True).load("a")
+    write_nifti(root / "labelsTr" / "b.nii.gz", np.zeros((10, 12, 3), np.uint8), scaled=False)
+    with pytest.raises(DataError, match=r"imagesTr/b\.nii\.gz vs .*labelsTr/b\.nii\.gz \(case b\): image shape"):
+        MSDSource(root, allow_missing=True).load("b")
+
+
+# ------------------------------------------------------------------------------------------------ 2D folders
+
+
+def test_folders2d_suffixes_and_binarised_masks(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
+    mask = np.zeros((6, 7), np.uint8)
+    mask[1:3, 2:5] = 255
+    write_image(tmp_path / "images" / "case1.png", rgb)
+    write_image(tmp_path / "masks" / "case1_mask.png", mask)
+    write_image(tmp_path / "images" / "case2.bmp", rgb[..., 0])
+    write_image(tmp_path / "masks" / "case2_mask.gif", mask)
+    write_image(tmp_path / "images" / "case3.tif", rgb[..., 1])
+    write_image(tmp_path / "masks" / "case3_mask.tiff", (mask > 0).astype(np.uint8))
+    src = Folders2DSource(tmp_path, mask_suffix="_mask")
+    assert src.case_ids() == ["case1", "case2", "case3"] and src.modality != "CT"
+    case = src.load("case1")
+    assert case.image.shape == case.label.shape == (6, 7, 1) and case.image.dtype == np.float32
+    luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    assert np.allclose(case.image[..., 0], luma, atol=1e-3)
+    assert case.spacing == (1.0, 1.0, 1.0) and case.label.dtype == np.uint8
+    for cid in ("case1", "case2", "case3"):  # 0/255 and 0/1 masks give the same labels
+        assert np.array_equal(src.load(cid).label[..., 0], (mask > 0).astype(np.uint8))
+    assert np.array_equal(src.load("case2").image[..., 0], rgb[..., 0].astype(np.float32))
+    assert src.file_of("case2") == "case2.bmp"
+
+
+def test_folders2d_regex_suffixes_and_multi_label_masks(tmp_path):
+    labels = {0: "background", 1: "polyp", 2: "instrument"}
+    mask = np.zeros((5, 5), np.uint8)
+    mask[0, 0], mask[4, 4] = 1, 2
+    write_image(tmp_path / "img" / "p01_img.jpg", np.full((5, 5), 100, np.uint8))
+    write_image(tmp_path / "img" / "p02.jpeg", np.full((5, 5), 50, np.uint8))
+    write_image(tmp_path / "lbl" / "p01_seg.png", mask)
+    write_image(tmp_path / "lbl" / "p02_segmentation.png", mask)
+    src = Folders2DSource(tmp_path, image_dir="img", mask_dir="lbl", image_suffix="_img",
+                          mask_suffix="_seg(mentation)?", labels=labels)
+    assert src.case_ids() == ["p01", "p02"]
+    assert np.array_equal(src.load("p02").label[..., 0], mask)  # values kept as labels
+    with pytest.raises(DataError, match=r"lbl/p01_seg\.png \(case p01\): "
+                                        r"label values \[2\] not in the dataset labels \[0, 1\]"):
+        Folders2DSource(tmp_path, image_dir="img", mask_dir="lbl", image_suffix="_img",
+                        mask_suffix="_seg(mentation)?").load("p01")
+
+
+def test_folders2d_unpaired_files(tmp_path, caplog):
+    write_image(tmp_path / "images" / "a.png", np.zeros((4, 4), np.uint8))
+    write_image(tmp_path / "images" / "b.png", np.zeros((4, 4), np.uint8))
+    write_image(tmp_path / "masks" / "a_mask.png", np.zeros((4, 4), np.uint8))
+    write_image(tmp_path / "masks" / "z_mask.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"images without mask for case\(s\) b: images/b\.png; "
+                                        r"masks without image for case\(s\) z: masks/z_mask\.png"):
+        Folders2DSource(tmp_path, mask_suffix="_mask").case_ids()
+    with caplog.at_level(logging.WARNING):
+        assert Folders2DSource(tmp_path, mask_suffix="_mask", allow_missing=True).case_ids() == ["a"]
+    assert "images/b.png" in caplog.text
+    src = Folders2DSource(tmp_path, mask_suffix="_mask")
+    assert src.ground_truth_ids() == ["a", "z"] and src.load_label("z").shape == (4, 4, 1)
+
+
+def test_folders2d_refuses_colour_masks_and_size_mismatch(tmp_path):
+    write_image(tmp_path / "images" / "a.png", np.zeros((4, 4), np.uint8))
+    colour = np.zeros((4, 4, 3), np.uint8)
+    colour[0, 0] = (255, 0, 0)
+    write_image(tmp_path / "masks" / "a.png", colour)
+    write_image(tmp_path / "images" / "b.png", np.zeros((4, 4), np.uint8))
+    write_image(tmp_path / "masks" / "b.png", np.zeros((4, 5), np.uint8))
+    src = Folders2DSource(tmp_path)
+    with pytest.raises(DataError, match=r"masks/a\.png: colour mask"):
+        src.load("a")
+    with pytest.raises(DataError, match=r"images/b\.png vs .*masks/b\.png \(case b\)"):
+        src.load("b")
+
+
+# ------------------------------------------------------------------------------------------------ open_source
+
+
+def test_open_source_detects_each_layout(tmp_path, cases):
+    kaggle = make_kaggle_task(tmp_path / "kaggle", cases).parent
+    msd = make_msd(tmp_path / "msd", {"a": tiny_case(0)})
+    write_image(tmp_path / "f2d" / "images" / "x.png", np.zeros((3, 3), np.uint8))
+    write_image(tmp_path / "f2d" / "masks" / "x.png", np.zeros((3, 3), np.uint8))
+    assert [detect_format(p) for p in (kaggle, msd, tmp_path / "f2d")] == ["kaggle", "msd", "folders2d"]
+    assert isinstance(open_source("auto", kaggle), KaggleEvalsegSource)
+    assert isinstance(open_source("msd", msd), MSDSource)
+    assert open_source("auto", tmp_path / "f2d").case_ids() == ["x"]
+    with pytest.raises(DataError, match="unknown dataset layout"):
+        detect_format(tmp_path)
+    with pytest.raises(ValueError, match="unknown format 'nifti'; allowed: kaggle, msd, folders2d, auto"):
+        open_source("nifti", kaggle)
+
+
+def test_open_source_from_config_passes_every_field(tmp_path, cases):
+    make_kaggle_task(tmp_path / "k", cases, folder="Task001_A")
+    make_kaggle_task(tmp_path / "k", cases, folder="Task002_B", ct_only={"008": tiny_case(8)[0]})
+    cfg = SimpleNamespace(format="auto", path=str(tmp_path / "k"), task="Task002_B", allow_missing=True,
+                          labels=None, image_dir="images", mask_dir="masks", image_suffix="", mask_suffix="")
+    src = open_source_from_config(cfg)
+    assert src.root.name == "Task002_B" and src.case_ids() == sorted(IDS)
+
+    mask = np.zeros((3, 3), np.uint8)
+    mask[0, 0] = 2
+    write_image(tmp_path / "f" / "img" / "x_img.png", np.zeros((3, 3), np.uint8))
+    write_image(tmp_path / "f" / "lbl" / "x_lbl.png", mask)
+    cfg = SimpleNamespace(format="folders2d", path=str(tmp_path / "f"), task=None, allow_missing=False, labels=[2],
+                          image_dir="img", mask_dir="lbl", image_suffix="_img", mask_suffix="_lbl")
+    src = open_source_from_config(cfg)
+    assert src.labels == {0: "background", 2: "label 2"}
+    assert np.array_equal(src.load("x").label[..., 0], mask)

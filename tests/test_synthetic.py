@@ -1,0 +1,185 @@
+"""The synthetic twin: Kaggle layout (checked by the independent checker), determinism, HU and spacing, lesion
+statistics, reference methods, and overwrite protection. Small tasks (8 cases of 64x64x8-12) keep it to seconds."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from medseg.data import synthetic
+from medseg.data.evalseg_pickle import read_label_pickle
+from medseg.errors import ConfigError, MedsegError
+
+SMALL = {"cases": 8, "size": 64, "slices": (8, 12)}
+CHECKER = Path(__file__).resolve().parents[2] / "shared" / "tools" / "check_kaggle_task.py"
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    """One small task (seed 0) shared by the read-only tests."""
+    return synthetic.generate_task(tmp_path_factory.mktemp("synthetic"), seed=0, **SMALL)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _volumes(task: Path) -> dict[str, nib.Nifti1Image]:
+    with zipfile.ZipFile(task / "CT.zip") as zf:
+        return {n[: -len(".nii")]: nib.Nifti1Image.from_bytes(zf.read(n)) for n in zf.namelist() if n.endswith(".nii")}
+
+
+def _dice_per_case(task: Path, method: str) -> list[float]:
+    """Per-case Dice of a method against the ground truth; NaN when both are empty (the nnU-Net convention)."""
+    scores = []
+    for gt_path in sorted((task / "GroundTruth").glob("*.pkl")):
+        gt = read_label_pickle(gt_path).volume > 0
+        pred = read_label_pickle(task / "Predictions" / method / gt_path.name).volume > 0
+        total = int(gt.sum() + pred.sum())
+        scores.append(float("nan") if total == 0 else 2 * int((gt & pred).sum()) / total)
+    return scores
+
+
+def test_independent_checker_passes(task: Path) -> None:
+    if not CHECKER.is_file():
+        pytest.skip(f"reference checker not found at {CHECKER} (check out ../shared beside the repo)")
+    run = subprocess.run([sys.executable, str(CHECKER), str(task.parent)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "8 cases checked" in run.stdout and "0 problem(s)" in run.stdout
+
+
+def test_layout_ids_and_metadata(task: Path) -> None:
+    ids = synthetic.case_ids(8)
+    assert ids[:3] == ["001", "002", "3"]  # strings, some zero-padded: readers must not cast them
+    with zipfile.ZipFile(task / "CT.zip") as zf:
+        infos = {i.filename: i for i in zf.infolist()}
+    assert set(infos) == {".keepkaggle", *(f"{i}.nii" for i in ids)}
+    for name, info in infos.items():
+        assert info.date_time == (1980, 1, 1, 0, 0, 0)
+        if name.endswith(".nii"):
+            assert info.compress_type == zipfile.ZIP_BZIP2
+    assert sorted(p.stem for p in (task / "GroundTruth").iterdir()) == sorted(ids)
+    for method in synthetic.DEFAULT_METHODS:
+        assert sorted(p.stem for p in (task / "Predictions" / method).iterdir()) == sorted(ids)
+    meta = json.loads((task / "metadata.json").read_text())
+    assert meta["labels"] == {"0": "background", "1": "tumor"} and meta["modality"] == {"0": "CT"}
+    assert meta["name"] == task.name and "synthetic" in meta["description"].lower()
+    assert not [p for p in task.parent.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+
+
+def test_same_seed_same_bytes_other_seed_differs(task: Path, tmp_path: Path) -> None:
+    again = synthetic.generate_task(tmp_path / "again", seed=0, **SMALL)
+    assert _files(again) == _files(task)
+    other = _files(synthetic.generate_task(tmp_path / "other", seed=1, **SMALL))
+    assert other.keys() == _files(task).keys()
+    assert other["CT.zip"] != _files(task)["CT.zip"]
+    assert any(other[k] != v for k, v in _files(task).items() if k.startswith("GroundTruth"))
+
+
+def test_hounsfield_units_and_spacing(task: Path) -> None:
+    for case_id, img in _volumes(task).items():
+        data = np.asarray(img.dataobj)
+        assert data.dtype == np.int16 and img.header.get_data_dtype() == np.int16, case_id
+        assert data.min() < -900 and 400 < data.max() < 3072, case_id  # air outside, bone inside
+        sx, sy, sz = (float(v) for v in img.header.get_zooms())
+        assert sx == sy and 0.85 < sx / (350 / 64) < 1.15, case_id  # FOV ~350 mm over 64 voxels
+        assert 2.5 <= sz <= 5.0 and 8 <= data.shape[2] <= 12, case_id
+        np.testing.assert_allclose(np.diag(img.affine)[:3], (sx, sy, sz), rtol=1e-6)
+        assert read_label_pickle(task / "GroundTruth" / f"{case_id}.pkl").voxelsize == pytest.approx((sx, sy, sz))
+
+
+def test_tissue_contrast_noise_free() -> None:
+    """Liver at 55-65 HU; each lesion's centre exactly ``contrast`` (10-40) HU below what the liver would be there."""
+    rng = np.random.default_rng([0, 0])
+    plan = synthetic.plan_case(rng, "001", size=128, slices=(24, 24), with_lesions=True, force_tiny=False)
+    assert plan.lesions and 10 <= plan.noise_std <= 25
+    case = synthetic.render_case(plan)
+    core = ndimage.binary_erosion(case.liver & (case.label == 0), iterations=2)
+    liver_hu = float(np.median(case.image[core]))
+    assert 50 <= liver_hu <= 67  # 55-65 drawn; vessels and mottle move the median a little
+    assert float(np.median(case.image[case.label > 0])) < liver_hu - 5  # blurred, lesions still read darker
+
+    grid = synthetic._Grid.of(plan)
+    without = dataclasses.replace(plan, lesions=())
+    for lesion in plan.lesions:
+        z = np.full((1, 1, 1), lesion.center[2], np.float32)
+        i = int(np.argmin(np.abs(grid.x.ravel() - lesion.center[0])))
+        j = int(np.argmin(np.abs(grid.y.ravel() - lesion.center[1])))
+        # Before blur and noise, the centre voxel differs from the lesion-free phantom by the full contrast.
+        plain, with_lesion = (synthetic._render_chunk(p, grid, z)[0][i, j, 0] for p in (without, plan))
+        darker = plain - with_lesion
+        assert 10 <= lesion.contrast <= 40
+        assert darker == pytest.approx(lesion.contrast, abs=1e-3)
+
+
+def test_lesion_free_fraction_and_tiny_lesions(task: Path) -> None:
+    sizes = []
+    for path in sorted((task / "GroundTruth").glob("*.pkl")):
+        components, n = ndimage.label(read_label_pickle(path).volume, structure=np.ones((3, 3, 3)))
+        sizes.append(np.bincount(components.ravel())[1:].tolist())
+    assert sum(not s for s in sizes) == 2  # a quarter of 8
+    assert any(v < synthetic.TINY_LESION_VOXELS for s in sizes for v in s)
+    assert any(v >= synthetic.TINY_LESION_VOXELS for s in sizes for v in s)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_lesions_inside_liver_one_segment_each(index: int) -> None:
+    rng = np.random.default_rng([3, index])
+    plan = synthetic.plan_case(rng, f"{index:03d}", size=64, slices=(10, 14), with_lesions=True,
+                               force_tiny=index == 0)
+    case = synthetic.render_case(plan)
+    assert plan.lesions and case.label.any()
+    assert not (case.label.astype(bool) & ~case.liver).any()
+    assert len(case.lesion_sizes()) == len(plan.lesions)  # every lesion labels voxels and none merge
+
+
+def test_reference_methods_score_differently(task: Path) -> None:
+    threshold = np.nanmean(_dice_per_case(task, "threshold"))
+    perturbed = np.nanmean(_dice_per_case(task, "perturbed"))
+    assert 0.0 < threshold < perturbed < 1.0
+    assert perturbed - threshold > 0.1
+
+
+def test_refuses_to_overwrite_unless_forced(tmp_path: Path, capsys) -> None:
+    args = {"cases": 2, "size": 48, "slices": (4, 5)}
+    (tmp_path / synthetic.DEFAULT_TASK_NAME).mkdir()  # an empty folder is fair game
+    task = synthetic.generate_task(tmp_path, seed=0, **args)
+    before = _files(task)
+    with pytest.raises(MedsegError, match="force"):
+        synthetic.generate_task(tmp_path, seed=1, **args)
+    assert _files(task) == before
+
+    argv = ["--out", str(tmp_path), "--cases", "2", "--size", "48", "--slices", "4", "5", "--seed", "1"]
+    assert synthetic.main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert synthetic.main([*argv, "--force"]) == 0
+    assert "2 cases" in capsys.readouterr().out
+    assert _files(task) != before and _files(task).keys() == before.keys()
+    assert [p.name for p in tmp_path.iterdir()] == [synthetic.DEFAULT_TASK_NAME]  # no temp siblings left
+
+
+def test_failure_leaves_no_task_folder(tmp_path: Path, monkeypatch) -> None:
+    def broken(case, rng):
+        raise RuntimeError("method failed")
+
+    monkeypatch.setitem(synthetic.METHODS, "threshold", broken)
+    with pytest.raises(RuntimeError, match="method failed"):
+        synthetic.generate_task(tmp_path, cases=2, size=48, slices=(4, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="methods"):
+        synthetic.generate_task(tmp_path, cases=1, size=48, slices=(4, 4), methods=("nope",))
+    with pytest.raises(ConfigError, match="slices"):
+        synthetic.generate_task(tmp_path, cases=1, size=48, slices=(5, 4))
+    with pytest.raises(ConfigError, match="task_name"):
+        synthetic.generate_task(tmp_path, cases=1, size=48, slices=(4, 4), task_name="../Task1")

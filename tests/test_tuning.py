@@ -1,0 +1,148 @@
+"""tune.py on a real local Ray (2 CPUs) and a real sqlite MLflow store: trials as child runs with final statuses,
+ASHA stops, failed trials, champion/challenger in the registry, the mirrored champion and the report."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medseg.config import flatten
+from medseg.registry import compare
+from medseg.search_space import ChampionRule, load_space, space_for_configs
+from medseg.tracking import get_client
+from tests.conftest import tiny_config_dict
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    yield
+    ray.shutdown()
+
+
+def _write_base(tmp_path, synth_root, shared_cache, **sections) -> Path:
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(synth_root, shared_cache, tmp_path, **sections)))
+    return path
+
+
+def _space(tmp_path, base: Path, **fields) -> Path:
+    doc = {"name": "t", "base_config": base.name, "metric": "val/loss", "mode": "min", "num_samples": 2, "max_concurrent": 1,
+           "resources": {"cpu": 1}, "asha": {"max_t": 2, "grace_period": 1, "reduction_factor": 2}, "max_failures": 0,
+           "storage_path": str(tmp_path / "ray"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tune-tests",
+           "reports_dir": str(tmp_path / "reports"),
+           "champion": {"registry_name": "tiny-model", "models_dir": str(tmp_path / "models"), "bootstrap_resamples": 2000}}
+    doc.update(fields)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_study_asha_champion_and_report(ray_local, tmp_path, synth_root, shared_cache, monkeypatch):
+    from medseg.study import run_and_promote
+
+    monkeypatch.chdir(tmp_path)
+    base = _write_base(tmp_path, synth_root, shared_cache, training={"epochs": 2, "lr": 0.003, "samples_per_epoch": 32})
+    # trial 1: the base config (lr 0.003); trial 2: a learning rate too small to learn anything. Run one after the
+    # other, trial 2's validation loss after epoch 1 is worse than trial 1's, so ASHA (grace 1) stops it there.
+    space = load_space(_space(tmp_path, base, params={"training.lr": {"type": "loguniform", "low": 1e-12, "high": 0.01}},
+                              points_to_evaluate=[{"training.lr": 1e-12}]))
+    outcome, decision, paths = run_and_promote(space, progress=False)
+
+    by_lr = {t["params"]["training.lr"]: t for t in outcome.trials}
+    assert set(by_lr) == {0.003, 1e-12}
+    good, stopped = by_lr[0.003], by_lr[1e-12]
+    assert good["status"] == "completed" and good["epochs_used"] == 2
+    assert stopped["status"] == "stopped_early" and stopped["epochs_used"] == 1
+    assert outcome.best["trial_id"] == good["trial_id"]
+
+    client = get_client(outcome.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["decision"] == "champion"
+    for trial in (good, stopped):
+        run = client.get_run(trial["run_id"])
+        assert run.info.status == "FINISHED"  # closed by the driver, also when ASHA ended the trial mid-loop
+        assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+        assert run.data.tags["stopped_early"] == ("true" if trial is stopped else "false")
+        cfg = space.trial_config(trial["params"])
+        cfg.training.monitor, cfg.training.monitor_mode = "val/loss", "min"
+        assert run.data.params == {k: str(v) for k, v in flatten(cfg.to_dict()).items()}  # same keys as train.py
+        steps = [m.step for m in client.get_metric_history(trial["run_id"], "val/dice")]
+        assert steps == list(range(1, trial["epochs_used"] + 1))
+    assert {a.path for a in client.list_artifacts(stopped["run_id"], "plots")} == {"plots/learning_curve.png"}
+
+    # champion: registered with the alias, mirrored with its files, decided on the re-evaluated Dice
+    assert decision.promoted and decision.alias == "champion" and "no champion yet" in decision.reason
+    version = client.get_model_version_by_alias("tiny-model", "champion")
+    assert version.run_id == good["run_id"]
+    champion = tmp_path / "models" / "champion"
+    assert champion.is_symlink()
+    assert {p.name for p in champion.iterdir()} == {"checkpoint.pt", "config.yaml", "metrics.json", "MODEL_CARD.md"}
+    metrics = json.loads((champion / "metrics.json").read_text())
+    assert metrics["candidate"]["dice"] == pytest.approx(decision.candidate["dice"])
+    # report: markdown + json + three plots, every trial listed with its status
+    report = json.loads(paths["json"].read_text())
+    assert report["status_counts"] == {"completed": 1, "stopped_early": 1, "failed": 0}
+    assert report["epochs_used"] == 3 and report["epochs_without_early_stopping"] == 4
+    text = paths["markdown"].read_text()
+    assert good["trial_id"] in text and stopped["trial_id"] in text and "CHAMPION" in text
+    for key in ("parallel", "curves", "budget"):
+        assert paths[key].stat().st_size > 1000
+
+    # a second study of fixed configs: a worse model does not replace the champion; it becomes the challenger
+    worse = _write_base(tmp_path, synth_root, shared_cache, name="worse", training={"epochs": 1, "lr": 1e-9, "samples_per_epoch": 8})
+    space2 = space_for_configs([str(worse)], name="fixed", template=space)
+    _, decision2, paths2 = run_and_promote(space2, progress=False)
+    assert not decision2.promoted and decision2.alias == "challenger"
+    assert decision2.reason.startswith("kept the champion:") and decision2.bootstrap["n_cases"] == len(decision.candidate["per_case_dice"])
+    assert client.get_model_version_by_alias("tiny-model", "champion").version == version.version
+    assert client.get_model_version_by_alias("tiny-model", "challenger").run_id != good["run_id"]
+    assert os.readlink(champion) == f"versions/tiny-model-v{version.version}"
+    assert "CHALLENGER" in paths2["markdown"].read_text()
+
+
+def test_failed_trial_is_recorded_and_the_study_goes_on(ray_local, tmp_path, synth_root, shared_cache, monkeypatch):
+    from medseg.study import run_and_promote
+
+    monkeypatch.chdir(tmp_path)
+    good = _write_base(tmp_path, synth_root, shared_cache, name="good", training={"epochs": 1})
+    nan = tmp_path / "nan.yaml"
+    nan.write_text(yaml.safe_dump(tiny_config_dict(synth_root, shared_cache, tmp_path, name="nan", training={"epochs": 1, "optimizer": "sgd", "lr": 1e12})))
+    space = space_for_configs([str(nan), str(good)], name="faults", template=load_space(_space(tmp_path, good, params={"training.lr": {"type": "uniform", "low": 0.001, "high": 0.01}},
+                                                                                        asha={"max_t": 1, "grace_period": 1})))
+    outcome, decision, paths = run_and_promote(space, progress=False)
+    status = {Path(t["params"]["config_file"]).stem: t for t in outcome.trials}
+    assert status["nan"]["status"] == "failed" and "training loss is" in status["nan"]["error"]
+    assert status["good"]["status"] == "completed" and decision.promoted
+    client = get_client(outcome.tracking_uri)
+    failed_run = client.get_run(status["nan"]["run_id"])
+    assert failed_run.info.status == "FAILED" and "training loss is" in failed_run.data.tags["error"]
+    assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
+    assert "failed: " in paths["markdown"].read_text()
+
+
+def test_promotion_rule_margin_and_bootstrap():
+    rule = ChampionRule(margin=0.01, min_probability=0.95, bootstrap_resamples=5000)
+    ids = [f"{i:03d}" for i in range(20)]
+    champion = {"dice": 0.6, "per_case_dice": {i: 0.6 + 0.01 * (k % 3) for k, i in enumerate(ids)}}
+    better = {"dice": 0.7, "per_case_dice": {i: v + 0.1 for i, v in champion["per_case_dice"].items()}}
+    promoted, reason, boot = compare(champion, better, rule)
+    assert promoted and boot["prob_better"] == 1.0 and reason.startswith("promoted:")
+    tiny_gain = {"dice": 0.605, "per_case_dice": {i: v + 0.005 for i, v in champion["per_case_dice"].items()}}
+    promoted, reason, _ = compare(champion, tiny_gain, rule)
+    assert not promoted and "below the margin 0.0100" in reason
+    # a large mean gain carried by one case is not a reliable improvement
+    lucky = {"dice": 0.0, "per_case_dice": dict(champion["per_case_dice"])}
+    lucky["per_case_dice"][ids[0]] += 0.9
+    for i in ids[1:6]:
+        lucky["per_case_dice"][i] -= 0.05
+    promoted, reason, boot = compare(champion, lucky, rule)
+    assert not promoted and "P(better)" in reason and boot["prob_better"] < 0.95 and boot["delta"] > 0.01

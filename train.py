@@ -1,0 +1,28 @@
+#!/usr/bin/env python
+"""Train one model from a config and track it in MLflow: python train.py --config configs/exp_000_baseline.yaml"""
+import argparse
+
+from medseg.cli import add_config_args, run_cli
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_config_args(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args()
+
+    from medseg.config import load_config
+    from medseg.tracking import train_tracked, tracking_uri
+
+    cfg = load_config(args.config, args.overrides)
+    result, run_id = train_tracked(cfg, progress=not args.quiet)
+    best = result.best_metrics
+    print(f"run {run_id}: best epoch {result.best_epoch}/{len(result.history)} ({result.stop_reason}), "
+          f"val/dice {best['val/dice']:.4f}, val/iou {best['val/iou']:.4f}")
+    print(f"checkpoint: {result.best_checkpoint}")
+    print(f"tracking:   {tracking_uri(cfg)}  (make mlflow-ui)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

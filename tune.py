@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Search for a better model and promote it only when it is really better.
+
+  python tune.py --space search_spaces/default.yaml            # Optuna + ASHA study, champion, report
+  python tune.py --space search_spaces/default.yaml --resume   # continue the latest interrupted study
+  python tune.py --configs configs/exp_*.yaml                  # run a fixed list of configs the same way
+"""
+import argparse
+
+from medseg.cli import run_cli
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", help="search space YAML (search_spaces/); with --configs it supplies study settings")
+    parser.add_argument("--configs", nargs="+", help="run these config files as the trials of one study")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a search-space key")
+    parser.add_argument("--name", help="study name (default: <space name>-<timestamp>; with --resume: the latest study)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted study without re-running finished trials")
+    parser.add_argument("--address", help="existing Ray cluster (ray start --head ...), e.g. 10.0.0.5:6379")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    parser.add_argument("--no-promote", action="store_true", help="skip the champion decision")
+    args = parser.parse_args()
+    if not args.space and not args.configs:
+        parser.error("give --space or --configs")
+
+    from medseg.search_space import load_space, space_for_configs
+    from medseg.study import run_and_promote
+
+    template = load_space(args.space, overrides=args.overrides) if args.space else None
+    space = space_for_configs(args.configs, name=args.name or "experiments", template=template) if args.configs else template
+    run_and_promote(space, resume=args.resume, name=args.name if not args.configs else None, address=args.address,
+                    num_cpus=args.num_cpus, promote=not args.no_promote)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
