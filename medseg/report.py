@@ -10,6 +10,7 @@ import numpy as np
 
 from medseg.io_utils import atomic_write_json, atomic_write_text
 from medseg.plots import _pyplot, save_figure
+from medseg.tuning import resume_command
 
 STATUS_STYLE = {"completed": "-", "stopped_early": "--", "failed": ":"}
 
@@ -187,5 +188,5 @@ def _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, s
         "", "## Reproduce and inspect", "",
         f"- MLflow: `make mlflow-ui` (tracking URI `{summary['tracking_uri']}`), study run `{summary['parent_run_id']}`; "
         "compare the child runs with the parallel-coordinates chart.",
-        f"- Study folder: `{summary['study_dir']}`; resume with `python tune.py --space {space.source} --resume --name {summary['study']}`.", ""]
+        f"- Study folder: `{summary['study_dir']}`; an interrupted study continues with `{resume_command(space, summary['study'])}`.", ""]
     return "\n".join(lines)

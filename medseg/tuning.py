@@ -188,12 +188,6 @@ class MlflowTrialCallback(_tune_callback_base()):
         self.client.set_tag(run_id, "epochs_used", str((trial.last_result or {}).get("epoch", 0)))
         self.client.set_terminated(run_id, "FAILED")
 
-    def close_unfinished(self, status: str = "KILLED") -> None:
-        """Runs still RUNNING when the study stops (Ctrl-C, budget): ended with ``status``; --resume reopens them."""
-        for run_id in self.runs.values():
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.set_terminated(run_id, status)
-
 
 def _trial_error(trial) -> str:
     """The last line of a failed trial's error (its exception message), for tags and the report."""
@@ -220,6 +214,11 @@ class StudyOutcome:
     seconds: float = 0.0
 
 
+def resume_command(space: SearchSpace, name: str) -> str:
+    what = f"--configs {' '.join(space.fixed_configs)}" if space.fixed_configs else f"--space {space.source}"
+    return f"python tune.py {what} --resume --name {name}"
+
+
 def new_study_name(space: SearchSpace) -> str:
     return f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -234,10 +233,10 @@ def latest_study(space: SearchSpace) -> str | None:
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
     import ray
 
-    if ray.is_initialized():
-        return
     # Per-epoch checkpoints with num_to_keep=1 trigger a snapshot warning on every report; the snapshots are wanted.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return
     # Workers import medseg from the project folder (also on other nodes sharing the file system).
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
                                 "PYTHONHASHSEED": "0"}}
@@ -343,10 +342,17 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
         tuner = _build_tuner(space, trainable, callback, name)
     try:
         grid = tuner.fit()
-    except KeyboardInterrupt:
-        callback.close_unfinished("KILLED")
-        client.set_terminated(parent_run_id, "KILLED")
+    except KeyboardInterrupt:  # a second Ctrl-C: Tune did not get to save its state cleanly
+        _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
         raise
+    # After a first Ctrl-C, Tune saves its state and returns normally: trials it stopped never reached the
+    # callback (their runs are still RUNNING), and trials not yet started are missing from the results.
+    running = _study_runs(client, experiment_id, name, status="RUNNING")
+    expected = len(space.fixed_configs) or space.num_samples
+    if running or (space.time_budget_s is None and len(grid) < expected):
+        _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
+        raise MedsegError(f"study {name} interrupted ({len(grid)} of {expected} trials started, {len(running)} unfinished); "
+                          f"continue it with: {resume_command(space, name)}")
     outcome = StudyOutcome(name=name, study_dir=study_dir, parent_run_id=parent_run_id, experiment_id=experiment_id, tracking_uri=uri)
     outcome.trials = _trial_records(grid, space, artifacts_root, client, experiment_id, name)
     _close_leftover_runs(client, experiment_id, name)
@@ -360,16 +366,29 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
     return outcome
 
 
+def _mark_interrupted(client, experiment_id: str, study: str, parent_run_id: str, state: dict, state_path: Path) -> None:
+    """Runs of unfinished trials and the study run end KILLED (``--resume`` reopens them); state says so."""
+    _close_leftover_runs(client, experiment_id, study)
+    client.set_terminated(parent_run_id, "KILLED")
+    state["status"] = "interrupted"
+    atomic_write_json(state_path, state)
+
+
+def _study_runs(client, experiment_id: str, study: str, status: str | None = None) -> list:
+    """The MLflow runs of a study's trials (optionally only those with ``status``)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.study = '{study}' and tags.kind = 'trial'")
+    return [r for r in runs if status is None or r.info.status == status]
+
+
 def _close_leftover_runs(client, experiment_id: str, study: str) -> None:
-    """A restored driver may not see every callback event of trials that ended before a crash: end them here."""
-    for run in client.search_runs([experiment_id], filter_string=f"tags.study = '{study}' and tags.kind = 'trial'"):
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "KILLED")
+    """Trial runs still RUNNING (interrupted, or a driver that died) end KILLED; --resume reopens them."""
+    for run in _study_runs(client, experiment_id, study, status="RUNNING"):
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _trial_records(grid, space: SearchSpace, artifacts_root: Path, client, experiment_id: str, study: str) -> list[dict[str, Any]]:
     """One dict per trial: id, run id, sampled params, best value, epochs used, status, checkpoint, history."""
-    runs = {r.data.tags.get("trial_id"): r for r in client.search_runs([experiment_id], filter_string=f"tags.study = '{study}' and tags.kind = 'trial'")}
+    runs = {r.data.tags.get("trial_id"): r for r in _study_runs(client, experiment_id, study)}
     records = []
     for result in grid:
         metrics = result.metrics or {}

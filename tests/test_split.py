@@ -140,7 +140,7 @@ def test_stratum_uses_original_resolution_labels(tmp_path):
         if i < 3:
             label[20:40, 20:40, :] = 1
         cases[cid] = (raw, label)
-    cases["c3"][1][1, 1, 0] = 1  # odd index: nearest-neighbour 64 -> 32 keeps only even rows and columns
+    cases["c3"][1][2, 2, 0] = 1  # even index: pixel-centre nearest neighbour 64 -> 32 keeps only odd rows and columns
     task = make_kaggle_task(tmp_path / "data", cases)
     small = prepare(task, tmp_path / "small", image_size=32, seed=0, val_fraction=0.4)
     large = prepare(task, tmp_path / "large", image_size=64, seed=0, val_fraction=0.4)

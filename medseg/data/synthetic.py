@@ -45,7 +45,7 @@ from medseg.io_utils import atomic_path, atomic_write_text
 DEFAULT_TASK_NAME = "Task900_SynthLiverTumor"
 DEFAULT_METHODS = ("threshold", "perturbed")
 # Bump whenever the same arguments would give different bytes, so caches keyed on metadata notice.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 TINY_LESION_VOXELS = 50  # the checker's (and the brief's) definition of a tiny lesion: a component under 50 voxels
 LESION_FREE_FRACTION = 0.25  # as in the real Task001, about a quarter of the cases hold no tumour
 
@@ -354,8 +354,8 @@ def plan_case(rng: np.random.Generator, case_id: str, *, size: int, slices: tupl
     blur_xy = _u(rng, 0.5, 0.9)
     plan = CasePlan(
         case_id=case_id, shape=(size, size, nz), spacing=spacing, hu=hu,
-        # 10-25 HU, median 14 as on routine abdominal CT; the noisiest cases make the hard tail.
-        noise_std=10 + 15 * _u(rng, 0, 1) ** 2, noise_corr=_u(rng, 0.4, 0.7),
+        # 10-25 HU, median 12 as on routine abdominal CT; the noisiest cases make the hard tail.
+        noise_std=10 + 15 * _u(rng, 0, 1) ** 3, noise_corr=_u(rng, 0.4, 0.7),
         blur_sigma=(blur_xy, blur_xy, _u(rng, 0.3, 0.6)),
         body=(cy, a_body, b_body),
         body_harmonics=tuple((n, _u(rng, 0, 0.03), _u(rng, 0, 2 * math.pi)) for n in (2, 3, 4)),
@@ -395,7 +395,7 @@ def _liver_rho_at(liver: Sequence[Blob], x: float, y: float, f: float) -> tuple[
 def _draw_lesions(rng: np.random.Generator, plan: CasePlan, force_tiny: bool) -> tuple[Lesion, ...]:
     """1-6 lesions centred in the liver, apart from each other (so each is its own evalseg segment).
 
-    Diameters: the first lesion is 12-45 mm (log-uniform), so every lesion case has something a model can find;
+    Diameters: the first lesion is 18-50 mm (log-uniform), so every lesion case has something a model can find;
     each further one is small (4-9 mm: tiny at the default grid, where a voxel is ~27 mm^3) with probability 1/3,
     else 9-45 mm. ``force_tiny`` adds a small one. Contrast 10-40 HU below the liver. Centres sit on voxel centres
     inside the rendered liver mask, so every lesion, however small, labels at least one voxel.
@@ -404,7 +404,7 @@ def _draw_lesions(rng: np.random.Generator, plan: CasePlan, force_tiny: bool) ->
         return math.exp(_u(rng, math.log(low), math.log(high)))
 
     extra = min(4, int(rng.poisson(1.2)))
-    diameters = [log_uniform(12, 45)] + [_u(rng, 4, 9) if rng.random() < 1 / 3 else log_uniform(9, 45)
+    diameters = [log_uniform(18, 50)] + [_u(rng, 4, 9) if rng.random() < 1 / 3 else log_uniform(9, 45)
                                          for _ in range(extra)]
     if force_tiny:
         diameters.insert(0, _u(rng, 4, 8))  # placed first, while the liver is still empty enough to take it
@@ -420,7 +420,7 @@ def _draw_lesions(rng: np.random.Generator, plan: CasePlan, force_tiny: bool) ->
         r = diameter / 2
         radii = (r * _u(rng, 0.8, 1.2), r * _u(rng, 0.8, 1.2), r * _u(rng, 0.8, 1.2))
         harmonics = tuple((m, _u(rng, 0, 0.12), _u(rng, 0, 2 * math.pi)) for m in (2, 3))
-        contrast = 10 + 30 * math.sqrt(_u(rng, 0, 1))  # 10-40 HU, leaning to the clearer end (median 31)
+        contrast = 10 + 30 * _u(rng, 0, 1) ** 0.35  # 10-40 HU, leaning to the clearer end (median 33.5)
         shape = Lesion((0.0, 0.0, 0.0), radii, _u(rng, 0, math.pi), harmonics, contrast)
         for _ in range(300):
             k = int(round(_u(rng, *f_range) * (nz - 1)))

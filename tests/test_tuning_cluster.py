@@ -1,0 +1,108 @@
+"""tune.py as a user runs it: Ctrl-C and --resume, and a study on a two-node Ray cluster (two raylets on loopback)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medseg.tracking import get_client
+from tests.conftest import tiny_config_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _study_files(tmp_path, synth_root, shared_cache, **space_fields) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config_dict(synth_root, shared_cache, tmp_path, training={"epochs": 2})))
+    space = {"name": "s", "base_config": "base.yaml", "num_samples": 3, "max_concurrent": 1, "resources": {"cpu": 1},
+             "asha": {"enabled": False, "max_t": 2}, "max_failures": 0, "storage_path": str(tmp_path / "ray"),
+             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "cli-tests", "reports_dir": str(tmp_path / "reports"),
+             "params": {"training.lr": {"type": "loguniform", "low": 0.001, "high": 0.01}},
+             "champion": {"registry_name": "cli-model", "models_dir": str(tmp_path / "models"), "bootstrap_resamples": 1000}}
+    space.update(space_fields)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def _histories(study_dir: Path) -> dict[str, int]:
+    out = {}
+    for path in study_dir.glob("artifacts/*/history.json"):
+        try:
+            out[path.parent.name] = len(json.loads(path.read_text()))
+        except ValueError:  # being rewritten
+            pass
+    return out
+
+
+def test_ctrl_c_then_resume_does_not_rerun_finished_trials(tmp_path, synth_root, shared_cache):
+    space = _study_files(tmp_path, synth_root, shared_cache)
+    study_dir = tmp_path / "ray" / "resumable"
+    cmd = [sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "resumable", "--num-cpus", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    # wait until one trial has finished both epochs and a second one has started training
+    while time.time() < deadline:
+        done = _histories(study_dir)
+        if sum(n == 2 for n in done.values()) >= 1 and len(done) >= 2:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("study did not reach its second trial in time")
+    finished_before = {t for t, n in _histories(study_dir).items() if n == 2}
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert "interrupted" in err and "--resume --name resumable" in err
+    client = get_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r.data.tags.get("trial_id"): r for r in client.search_runs([client.get_experiment_by_name("cli-tests").experiment_id])}
+    assert {runs[t].info.status for t in finished_before} == {"FINISHED"}
+    assert runs[None].info.status == "KILLED"  # the study run
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs.values())
+
+    proc = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "reports" / "resumable.json").read_text())
+    assert report["n_trials"] == 3 and report["status_counts"]["completed"] == 3
+    runs = {r.data.tags.get("trial_id"): r for r in client.search_runs([client.get_experiment_by_name("cli-tests").experiment_id])}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert len([t for t in runs if t]) == 3  # no trial got a second run
+    for trial_id in finished_before:  # finished trials were not trained again
+        assert [m.step for m in client.get_metric_history(runs[trial_id].info.run_id, "val/dice")] == [1, 2]
+    assert str(client.get_model_version_by_alias("cli-model", "champion").version) == "1"
+
+
+@pytest.mark.slow
+def test_study_on_a_two_node_cluster(tmp_path, synth_root, shared_cache):
+    """`ray start --head` + `ray start --address` on loopback (two raylets, one CPU each); trials land on both."""
+    port = 6400 + os.getpid() % 1000  # below the worker port range (10002-19999)
+    # `ray start --head` enables token authentication; joining nodes and drivers must say they use it too
+    env = {**_env(), "RAY_AUTH_MODE": "token"}
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+    try:
+        subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                        "--node-ip-address=127.0.0.1", "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+        space = _study_files(tmp_path, synth_root, shared_cache, num_samples=2, max_concurrent=2)
+        proc = subprocess.run([sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "cluster", "--address", f"127.0.0.1:{port}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads((tmp_path / "reports" / "cluster.json").read_text())
+        nodes = {t["node_id"] for t in report["trials"]}
+        assert report["status_counts"]["completed"] == 2 and len(nodes) == 2, nodes
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
