@@ -7,7 +7,7 @@ DATA := data/synthetic
 TASK := $(DATA)/Task900_SynthLiverTumor
 export PYTHONHASHSEED := 0
 
-.PHONY: demo test test-slow test-all venv data mlflow-ui bench clean
+.PHONY: demo experiments test test-slow test-all venv data mlflow-ui bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -24,6 +24,11 @@ $(TASK)/metadata.json: | venv
 demo: venv data
 	$(PY) tune.py --space search_spaces/default.yaml
 
+# The numbered experiments (configs/exp_*.yaml) as one study: the same MLflow runs, champion rule and report.
+experiments: venv data
+	$(PY) tune.py --configs configs/exp_000_baseline.yaml configs/exp_001_aug_sched.yaml configs/exp_002_context_2p5d.yaml \
+		--space search_spaces/default.yaml --name experiments
+
 test: venv
 	$(PY) -m pytest -q -m "not slow"
 
@@ -33,7 +38,7 @@ test-slow: venv
 test-all: venv
 	$(PY) -m pytest -q
 
-bench: venv
+bench: venv data
 	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_asha.py
