@@ -20,10 +20,39 @@ def build_model(model_cfg, *, in_channels: int, classes: int) -> torch.nn.Module
     if model_cfg.decoder_channels is not None:
         kwargs["decoder_channels"] = list(model_cfg.decoder_channels)
     try:
-        return smp.create_model(model_cfg.arch, encoder_name=model_cfg.encoder, encoder_weights=model_cfg.encoder_weights,
-                                in_channels=in_channels, classes=classes, **kwargs)
+        model = smp.create_model(model_cfg.arch, encoder_name=model_cfg.encoder, encoder_weights=model_cfg.encoder_weights,
+                                 in_channels=in_channels, classes=classes, **kwargs)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ConfigError(f"model: smp.create_model({model_cfg.arch}, {model_cfg.encoder}, {kwargs}): {' '.join(str(err).split())[:400]}") from None
+    drop_unused_encoder_stages(model, in_channels)
+    return model
+
+
+def drop_unused_encoder_stages(model: torch.nn.Module, in_channels: int) -> list[str]:
+    """Replace encoder children that the forward pass never calls with Identity.
+
+    With ``encoder_depth`` < 5, smp still builds every stage of a ResNet-style encoder (resnet18 at depth 4
+    keeps its 8.4M-parameter ``layer4``): unused weights that would fill every checkpoint. Which children run
+    is observed with forward hooks on one small input in eval mode (no gradients, no BatchNorm update).
+    """
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        return []
+    called: set[str] = set()
+    hooks = [child.register_forward_hook(lambda *_, name=name: called.add(name)) for name, child in encoder.named_children()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, 64, 64))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    unused = [name for name, child in encoder.named_children() if name not in called and any(True for _ in child.parameters())]
+    for name in unused:
+        setattr(encoder, name, torch.nn.Identity())
+    return unused
 
 
 def predict_classes(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
