@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import machine_info  # noqa: E402  (benchmarks/machine.py)
 
 
 def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_dice: float) -> dict:
@@ -100,7 +101,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-asha-") as tmp:
         report = run(space_path, quick=args.quick, work=Path(tmp), max_epochs=args.max_epochs, target_dice=args.target_dice)
     report.update(space=str(space_path.relative_to(ROOT)) if space_path.is_relative_to(ROOT) else str(space_path), quick=args.quick,
-                  machine={"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+                  machine=machine_info(("torch", "ray", "optuna", "segmentation-models-pytorch")),
                   load_average_before=load_before, load_average_after=os.getloadavg(), total_seconds=round(time.perf_counter() - started, 1),
                   date=time.strftime("%Y-%m-%d %H:%M:%S"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model as _cpu_model, versions  # benchmarks/machine.py
+
 REPO = Path(__file__).resolve().parents[1]
 TIME_RATIO_TARGET = 1.3
 RSS_RATIO_TARGET = 1.1
@@ -154,25 +156,7 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("numpy", "torch", "nibabel", "opencv-python-headless", "opencv-python"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return versions(("numpy", "torch", "nibabel", "opencv-python-headless", "opencv-python"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model as _cpu_model, versions  # benchmarks/machine.py
+
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "exp_000_baseline.yaml"
 RATIO_TARGET = 0.9  # trainer images/s over bare-loop images/s
@@ -362,25 +364,7 @@ def _measure(kind: str, args: argparse.Namespace, task: Path, cache_dir: Path, *
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "numpy", "segmentation-models-pytorch", "timm"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return versions(("torch", "numpy", "segmentation-models-pytorch", "timm"))
 
 
 def _parse_set(items: list[str]) -> dict:

@@ -1,7 +1,6 @@
 """Study reports: reports/<study>.md and .json, with PNG plots (parallel coordinates, Dice per epoch, ASHA budget)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any

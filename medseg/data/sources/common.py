@@ -193,3 +193,24 @@ def file_stamp(path: Path, root: Path) -> tuple[str, int, int]:
 def fingerprint_of(stamps: Iterable[tuple], settings: dict | None = None) -> str:
     """stable_hash over sorted file stamps (and reader settings that change what the cases are)."""
     return stable_hash({"files": sorted(stamps), "settings": settings or {}})
+
+
+class PairedFiles:
+    """Case lookup shared by sources whose cases are (image file, label file) pairs from ``_index()``."""
+
+    root: Path
+
+    def _index(self) -> dict[str, tuple[Path, Path]]:
+        raise NotImplementedError
+
+    def case_ids(self) -> list[str]:
+        return list(self._index())
+
+    def _pair(self, case_id: str) -> tuple[Path, Path]:
+        pair = self._index().get(case_id)
+        if pair is None:
+            raise DataError(f"{self.root}: case {case_id!r} is not in this dataset")
+        return pair
+
+    def file_of(self, case_id: str) -> str:
+        return self._pair(case_id)[0].name

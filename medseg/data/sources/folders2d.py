@@ -18,6 +18,7 @@ import numpy as np
 
 from medseg.data.sources.base import Case
 from medseg.data.sources.common import (
+    PairedFiles,
     check_labels,
     file_stamp,
     fingerprint_of,
@@ -107,7 +108,7 @@ def _by_key(folder: Path, suffix: re.Pattern | None) -> dict[str, Path]:
     return found
 
 
-class Folders2DSource:
+class Folders2DSource(PairedFiles):
     """Pairs ``<path>/<image_dir>/*`` with ``<path>/<mask_dir>/*`` by stem; each pair is a depth-1 Case."""
 
     def __init__(
@@ -145,18 +146,6 @@ class Folders2DSource:
         pairs = {k: (images[k], masks[k]) for k in ids}
         self._pairs = pairs
         return pairs
-
-    def case_ids(self) -> list[str]:
-        return list(self._index())
-
-    def _pair(self, case_id: str) -> tuple[Path, Path]:
-        pair = self._index().get(case_id)
-        if pair is None:
-            raise DataError(f"{self.root}: case {case_id!r} is not in this dataset")
-        return pair
-
-    def file_of(self, case_id: str) -> str:
-        return self._pair(case_id)[0].name
 
     def fingerprint(self) -> str:
         """Hash of the paired files' names, sizes and mtimes, and the pairing settings."""

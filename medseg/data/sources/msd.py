@@ -17,6 +17,7 @@ import numpy as np
 
 from medseg.data.sources.base import Case
 from medseg.data.sources.common import (
+    PairedFiles,
     NIFTI_SUFFIXES,
     check_labels,
     file_stamp,
@@ -51,7 +52,7 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-class MSDSource:
+class MSDSource(PairedFiles):
     """A Decathlon (MSD) task folder or an nnU-Net v2 raw dataset folder; labels and modality from dataset.json."""
 
     def __init__(self, path: str | os.PathLike, allow_missing: bool = False) -> None:
@@ -97,18 +98,6 @@ class MSDSource:
         pairs = {cid: (images[cid], labels[cid]) for cid in ids}
         self._pairs = pairs
         return pairs
-
-    def case_ids(self) -> list[str]:
-        return list(self._index())
-
-    def _pair(self, case_id: str) -> tuple[Path, Path]:
-        pair = self._index().get(case_id)
-        if pair is None:
-            raise DataError(f"{self.root}: case {case_id!r} is not in this dataset")
-        return pair
-
-    def file_of(self, case_id: str) -> str:
-        return self._pair(case_id)[0].name
 
     def fingerprint(self) -> str:
         """Hash of dataset.json and the paired files' names, sizes and mtimes (nothing decompressed)."""
