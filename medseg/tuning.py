@@ -155,6 +155,13 @@ class MlflowTrialCallback(_tune_callback_base()):
     def on_trial_restore(self, iteration, trials, trial, **info):
         self._run_for(trial)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """The trial failed and Tune retries it from its last checkpoint (``max_failures``): count and keep why."""
+        run_id = self._run_for(trial)
+        retries = int(self.client.get_run(run_id).data.tags.get("retries", "0")) + 1
+        self.client.set_tag(run_id, "retries", str(retries))
+        self.client.set_tag(run_id, f"retry_{retries}_error", _trial_error(trial)[:5000])
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from medseg.tracking import log_metrics
 

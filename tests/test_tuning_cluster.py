@@ -106,3 +106,37 @@ def test_study_on_a_two_node_cluster(tmp_path, synth_root, shared_cache):
         assert report["status_counts"]["completed"] == 2 and len(nodes) == 2, nodes
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+
+
+def test_killed_trial_process_retries_from_its_last_checkpoint(tmp_path, synth_root, shared_cache):
+    """A trial whose worker dies (SIGKILL mid-training) is retried from its last tune.Checkpoint, not from scratch."""
+    import psutil
+
+    space = _study_files(tmp_path, synth_root, shared_cache, num_samples=1, max_failures=1, asha={"enabled": False, "max_t": 3})
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["training"].update(epochs=3, samples_per_epoch=64)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    cmd = [sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "retry", "--num-cpus", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = get_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def logged_epochs() -> list[int]:
+        exp = client.get_experiment_by_name("cli-tests")
+        runs = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'") if exp else []
+        return [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/dice")] if runs else []
+
+    deadline = time.time() + 600
+    while time.time() < deadline and not logged_epochs():  # epoch 1 reported, so its checkpoint is persisted
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if any("ImplicitFunc" in part for part in (p.info["cmdline"] or []))]
+    assert workers, "no trial worker process found"
+    for worker in workers:
+        worker.kill()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    run = client.search_runs([client.get_experiment_by_name("cli-tests").experiment_id], filter_string="tags.kind = 'trial'")[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("retries") == "1", run.data.tags  # the kill hit a running trial, which Tune retried
+    # restored from a reported checkpoint: every epoch logged once (a restart from scratch would log epoch 1 twice)
+    assert sorted(logged_epochs()) == [1, 2, 3]
