@@ -20,7 +20,8 @@ def main() -> int:
     parser.add_argument("--missing-as-empty", action="store_true", help="score cases without a prediction file as empty")
     parser.add_argument("--leaderboard", action="store_true", help="rank --ckpt among the task's Predictions/<method> folders")
     parser.add_argument("--allow-split-mismatch", action="store_true", help="score a checkpoint on a split it was not trained with")
-    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval-<split> or ./eval-<method>)")
+    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval-<split>, ./eval/<version>-<split> for a "
+                        "registered model, ./eval-<method> for --predictions)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     args = parser.parse_args()
     if not (args.ckpt or args.predictions):

@@ -236,6 +236,16 @@ def dump_summary(result: EvalResult) -> str:
     return json.dumps({k: result.summary.get(k) for k in keys}, default=lambda v: None if v != v else v)
 
 
+def default_eval_dir(ckpt: Path, split: str, tta: bool) -> Path:
+    """``<checkpoint folder>/eval-<split>``, except for a registered version (models/champion -> models/versions/<name>-vN,
+    marked by its MODEL_CARD.md), which stays as registered: its evaluations go to ``./eval/<name>-vN-<split>``."""
+    folder = ckpt.resolve().parent
+    leaf = f"eval-{split}{'-tta' if tta else ''}"
+    if (folder / "MODEL_CARD.md").exists():
+        return Path.cwd() / "eval" / f"{folder.name}-{leaf.removeprefix('eval-')}"
+    return folder / leaf
+
+
 def run_eval_cli(cfg, args) -> str:
     """eval.py's job; returns the text to print."""
     from medseg.data.sources import open_source_from_config
@@ -244,7 +254,7 @@ def run_eval_cli(cfg, args) -> str:
     results: list[EvalResult] = []
     if args.ckpt:
         result = evaluate_checkpoint(args.ckpt, cfg, split=args.split, flip_tta=args.tta, allow_split_mismatch=args.allow_split_mismatch)
-        out_dir = Path(args.out or Path(args.ckpt).resolve().parent / f"eval-{args.split}{'-tta' if args.tta else ''}")
+        out_dir = Path(args.out) if args.out else default_eval_dir(Path(args.ckpt), args.split, args.tta)
         files = result.write(out_dir)
         if not args.no_mlflow:
             result.info["mlflow_run_id"] = log_eval_run(cfg, result, files)

@@ -83,7 +83,7 @@ def train_trial(sampled: dict[str, Any], *, space_dict: dict[str, Any], artifact
     def on_epoch(report) -> None:
         metrics = {k: v for k, v in report.metrics.items() if isinstance(v, (int, float))}
         metrics.update({OBJECTIVE: report.best_value, "best/epoch": report.best_epoch, "epoch": report.epoch,
-                        "final": int(report.final), "node_id": node_id, "run_dir": str(run_dir)})
+                        "final": int(report.final), "epochs": cfg.training.epochs, "node_id": node_id, "run_dir": str(run_dir)})
         with tempfile.TemporaryDirectory(prefix="medseg-ckpt-") as tmp:
             for name in ("last.pt", "best.pt"):
                 if (run_dir / name).exists():
@@ -109,11 +109,13 @@ class MlflowTrialCallback(_tune_callback_base()):
     re-created after a restore, and runs of restored trials are found again by their ``trial_id`` tag.
     """
 
-    def __init__(self, *, uri: str, experiment_id: str, parent_run_id: str, study: str, space_dict: dict[str, Any], artifacts_root: str):
+    def __init__(self, *, uri: str, experiment_id: str, parent_run_id: str, study: str, space_dict: dict[str, Any], artifacts_root: str,
+                 echo: bool = True):
         self.uri, self.experiment_id, self.parent_run_id, self.study = uri, experiment_id, parent_run_id, study
         self.space_dict, self.artifacts_root = space_dict, artifacts_root
         self.runs: dict[str, str] = {}
         self._client = None
+        self.echo = echo
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -161,12 +163,22 @@ class MlflowTrialCallback(_tune_callback_base()):
         retries = int(self.client.get_run(run_id).data.tags.get("retries", "0")) + 1
         self.client.set_tag(run_id, "retries", str(retries))
         self.client.set_tag(run_id, f"retry_{retries}_error", _trial_error(trial)[:5000])
+        self._say(trial, f"failed, retrying from its last checkpoint (retry {retries}): {_trial_error(trial)[:300]}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from medseg.tracking import log_metrics
 
         metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_PREFIXES) or k in LOGGED_KEYS}
         log_metrics(self.client, self._run_for(trial), metrics, step=int(result.get("epoch", result.get("training_iteration", 0))))
+        if "val/dice" in result:
+            self._say(trial, f"epoch {result.get('epoch', '?')}/{result.get('epochs', '?')}  val/dice {result['val/dice']:.4f}  "
+                             f"val/loss {result.get('val/loss', float('nan')):.4f}")
+
+    def _say(self, trial, text: str) -> None:
+        """One progress line per event on the driver's stdout (Tune's own table is off: verbose=0)."""
+        if self.echo:
+            params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+            print(f"[{self.study}] trial {trial.trial_id} ({params})  {text}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         """Normal end or a scheduler stop. A trial whose last report was not the trainer's final epoch was
@@ -186,6 +198,8 @@ class MlflowTrialCallback(_tune_callback_base()):
         self.client.set_tag(run_id, "tune_status", "stopped_early" if stopped_early else "completed")
         log_run_artifacts(self.client, run_id, run_dir)
         self.client.set_terminated(run_id, "FINISHED")
+        self._say(trial, f"{'stopped early by ASHA' if stopped_early else 'completed'} after {last.get('epoch', 0)} epochs, "
+                         f"best {self.space_dict.get('metric', 'val/dice')} {last.get(OBJECTIVE, float('nan')):.4f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
@@ -194,6 +208,7 @@ class MlflowTrialCallback(_tune_callback_base()):
         self.client.set_tag(run_id, "error", message[:5000])
         self.client.set_tag(run_id, "epochs_used", str((trial.last_result or {}).get("epoch", 0)))
         self.client.set_terminated(run_id, "FAILED")
+        self._say(trial, f"FAILED: {message[:300]}")
 
 
 def _trial_error(trial) -> str:

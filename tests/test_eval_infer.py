@@ -124,3 +124,20 @@ def test_infer_keeps_nifti_geometry_and_image_size(trained, tmp_path):
     # same prediction as the evaluation path
     predicted = Predictor(result.best_checkpoint, device="cpu").predict(case.image)
     assert np.array_equal(np.asarray(out.dataobj), predicted)
+
+
+def test_eval_output_never_lands_inside_a_registered_version(tmp_path, monkeypatch):
+    from medseg.evaluation import default_eval_dir
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "r1"
+    version = tmp_path / "models" / "versions" / "medseg-v3"
+    for folder in (run, version):
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.pt").write_bytes(b"x")
+    (version / "MODEL_CARD.md").write_text("card")
+    (tmp_path / "models" / "champion").symlink_to(version)
+    assert default_eval_dir(run / "checkpoint.pt", "val", False) == run / "eval-val"
+    # through the champion link or directly, a registered version stays as registered
+    for ckpt in (tmp_path / "models" / "champion" / "checkpoint.pt", version / "checkpoint.pt"):
+        assert default_eval_dir(ckpt, "val", True) == tmp_path / "eval" / "medseg-v3-val-tta"
