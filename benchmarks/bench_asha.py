@@ -3,6 +3,8 @@
 
 For each study: total epochs consumed, wall time, and the best trial's Dice re-evaluated by the eval code on
 the full validation split. Target: ASHA uses at most half the epochs for at least 0.98 of the best Dice.
+The full curves of the study without early stopping are then replayed under ASHA's stopping rule for several
+(grace_period, reduction_factor) settings and many arrival orders (no training: ``asha_replay``).
 Then: wall time for the best configuration found to reach a validation Dice of 0.85 (trained alone, with
 every core), or the best Dice it reached within --max-epochs.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -26,6 +29,51 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machine import machine_info  # noqa: E402  (benchmarks/machine.py)
+
+
+def asha_replay(curves: list[list[float]], *, max_t: int, grace: int, rf: int, orders: int = 2000, seed: int = 0,
+                order_list: list[list[int]] | None = None) -> dict:
+    """ASHA's stopping rule (Ray's AsyncHyperBand, one bracket) replayed on measured full curves, one trial at a time,
+    over random arrival orders: the share of orders that keep the best trial and the mean epoch and Dice ratios.
+
+    A trial reaching rung r (grace * rf**k <= max_t) with running best v stops if v < the (1 - 1/rf) quantile of the
+    values recorded at r before it, as ``ASHAScheduler``'s ``_Bracket.on_result`` does. Sequential arrival is the
+    max_concurrent=1 case; with more trials at once the orders only get more varied.
+    """
+    import numpy as np
+
+    grace, rf, max_t = int(grace), float(rf), int(max_t)  # spaces may give the factor as a float (2.0)
+    rungs = [int(round(grace * rf**k)) for k in range(int(math.log(max_t / grace) / math.log(rf) + 1))]  # _Bracket's milestones
+    best_final = [float(np.maximum.accumulate(c)[-1]) for c in curves]
+    winner = int(np.argmax(best_final))
+    rng = np.random.default_rng(seed)
+    order_list = order_list or [list(rng.permutation(len(curves))) for _ in range(orders)]
+    orders = len(order_list)
+    kept = epochs = dice = 0.0
+    for order in order_list:
+        recorded: dict[int, list[float]] = {rung: [] for rung in rungs}
+        used, reached = 0, []
+        for i in order:
+            running = np.maximum.accumulate(curves[i][:max_t])
+            stop_at = len(running)
+            for rung in rungs:
+                if rung > len(running):
+                    break
+                value = float(running[rung - 1])
+                stop = bool(recorded[rung]) and value < float(np.nanpercentile(recorded[rung], (1 - 1 / rf) * 100))
+                recorded[rung].append(value)
+                if stop:
+                    stop_at = rung
+                    break
+            used += stop_at
+            reached.append((float(running[stop_at - 1]), int(i)))
+        top_value, top_trial = max(reached)
+        kept += top_trial == winner
+        epochs += used / sum(min(len(c), max_t) for c in curves)
+        dice += top_value / best_final[winner]
+    return {"grace_period": grace, "reduction_factor": rf, "rungs": rungs, "orders": orders,
+            "p_keeps_best": round(kept / orders, 3), "mean_epoch_ratio": round(epochs / orders, 3),
+            "mean_dice_ratio": round(dice / orders, 3)}
 
 
 def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_dice: float) -> dict:
@@ -55,7 +103,8 @@ def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_di
         ev = evaluate_checkpoint(best["checkpoint"], cfg, split="val", progress=False)
         results[label] = {
             "seconds": round(seconds, 1), "epochs": sum(t["epochs_used"] for t in outcome.trials),
-            "trials": [{k: t[k] for k in ("trial_id", "params", "status", "epochs_used", "best_dice")} for t in outcome.trials],
+            "trials": [{**{k: t[k] for k in ("trial_id", "params", "status", "epochs_used", "best_dice")},
+                        "val_dice": [h["val/dice"] for h in t["history"]]} for t in outcome.trials],
             "best_trial": best["trial_id"], "best_params": best["params"], "best_train_time_dice": best["best_dice"],
             "best_eval_dice": ev.summary["dice"], "best_eval_iou": ev.summary["iou"],
         }
@@ -66,6 +115,11 @@ def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_di
         "dice_ratio": a["best_eval_dice"] / b["best_eval_dice"] if b["best_eval_dice"] else None,
     }
     summary["target_met"] = summary["epoch_ratio"] <= 0.5 and (summary["dice_ratio"] or 0) >= 0.98
+    # the full curves of the study without early stopping, replayed under ASHA's rule for other settings and orders
+    curves = [t["val_dice"] for t in b["trials"] if t["status"] == "completed"]
+    space = load_space(space_path, overrides=overrides)
+    settings = sorted({(space.asha.grace_period, space.asha.reduction_factor), (1, 2), (2, 2), (3, 2), (1, 3), (2, 3), (3, 3), (4, 2)})
+    summary["replay"] = [asha_replay(curves, max_t=space.asha.max_t, grace=g, rf=rf) for g, rf in settings]
 
     # time to a validation Dice of target_dice with the best configuration found by the ASHA study
     space = load_space(space_path, overrides=overrides)

@@ -1,0 +1,56 @@
+"""The ASHA replay of benchmarks/bench_asha.py follows Ray's stopping rule, checked on hand-made curves and against
+Ray's own ``_Bracket`` for the same arrival order."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_asha import asha_replay  # noqa: E402
+
+
+def test_clear_winner_is_always_kept_and_losers_stop_at_the_first_rung():
+    # the winner leads from epoch 1; two losers are flat and low, so whoever comes after the winner stops at rung 1
+    curves = [[0.5, 0.6, 0.7, 0.8], [0.1, 0.1, 0.1, 0.1], [0.05, 0.05, 0.05, 0.05]]
+    out = asha_replay(curves, max_t=4, grace=1, rf=2, orders=200)
+    assert out["rungs"] == [1, 2, 4]
+    assert out["p_keeps_best"] == 1.0 and out["mean_dice_ratio"] == 1.0
+    assert out["mean_epoch_ratio"] < 1.0
+
+
+def test_a_late_bloomer_is_lost_at_an_early_rung_but_kept_after_its_transient():
+    late = [0.01, 0.02, 0.9, 0.95]
+    steady = [0.3, 0.4, 0.5, 0.6]
+    early = asha_replay([late, steady], max_t=4, grace=1, rf=2, orders=200)
+    # the late bloomer survives only when it arrives first (an empty rung has no cutoff): about half the orders
+    assert 0.3 < early["p_keeps_best"] < 0.7
+    after = asha_replay([late, steady], max_t=4, grace=3, rf=2, orders=200)
+    assert after["p_keeps_best"] == 1.0
+
+
+@pytest.mark.parametrize("grace,rf", [(1, 2), (1, 3), (2, 2), (1, 2.0)])
+def test_matches_rays_bracket_for_one_order(grace, rf):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    rng = np.random.default_rng(1)
+    curves = rng.uniform(0, 1, size=(6, 6)).cumsum(axis=1).tolist()
+    bracket = _Bracket(grace, 6, rf, 0)
+
+    class T:  # _Bracket only reads trial_id
+        def __init__(self, i):
+            self.trial_id = str(i)
+
+    ray_epochs = 0
+    for i, curve in enumerate(curves):
+        running = np.maximum.accumulate(curve)
+        for epoch in range(1, 7):
+            ray_epochs += 1
+            if bracket.on_result(T(i), epoch, float(running[epoch - 1])) == TrialScheduler.STOP:
+                break
+    out = asha_replay(curves, max_t=6, grace=grace, rf=rf, order_list=[list(range(len(curves)))])
+    assert out["orders"] == 1
+    assert out["mean_epoch_ratio"] == pytest.approx(round(ray_epochs / 36, 3))
