@@ -160,10 +160,11 @@ class MlflowTrialCallback(_tune_callback_base()):
     def on_trial_recover(self, iteration, trials, trial, **info):
         """The trial failed and Tune retries it from its last checkpoint (``max_failures``): count and keep why."""
         run_id = self._run_for(trial)
-        retries = int(self.client.get_run(run_id).data.tags.get("retries", "0")) + 1
+        retries = int(self.client.get_run(run_id).data.tags.get("retries", "0")) + 1  # in MLflow: survives a driver restore
+        error = _trial_error(trial)
         self.client.set_tag(run_id, "retries", str(retries))
-        self.client.set_tag(run_id, f"retry_{retries}_error", _trial_error(trial)[:5000])
-        self._say(trial, f"failed, retrying from its last checkpoint (retry {retries}): {_trial_error(trial)[:300]}")
+        self.client.set_tag(run_id, f"retry_{retries}_error", error[:5000])
+        self._say(trial, f"failed, retrying from its last checkpoint (retry {retries}): {error[:300]}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from medseg.tracking import log_metrics
