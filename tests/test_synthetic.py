@@ -130,6 +130,20 @@ def test_lesion_free_fraction_and_tiny_lesions(task: Path) -> None:
     assert any(v >= synthetic.TINY_LESION_VOXELS for s in sizes for v in s)
 
 
+def test_largest_lesion_sizes_follow_the_real_task001_burden() -> None:
+    """The first lesion of each case is 20-80 mm (log-uniform, median 40 mm), after the real Task001 ground truths
+    (tumour volume per lesion case: median 37 mm equivalent sphere). Equivalent diameter = 2 x geometric mean of
+    the semi-axes, which are drawn within +-20% of the nominal radius."""
+    diameters = []
+    for index in range(24):
+        plan = synthetic.plan_case(np.random.default_rng([5, index]), f"{index:03d}", size=64, slices=(10, 12),
+                                   with_lesions=True, force_tiny=False)
+        diameters.append(2 * float(np.prod(plan.lesions[0].radii)) ** (1 / 3))
+    assert 20 * 0.8 <= min(diameters) and max(diameters) <= 80 * 1.2
+    assert 30 <= float(np.median(diameters)) <= 52
+    assert max(diameters) > 55  # the large end is really drawn (the previous twin stopped at 50 mm)
+
+
 @pytest.mark.parametrize("index", range(4))
 def test_lesions_inside_liver_one_segment_each(index: int) -> None:
     rng = np.random.default_rng([3, index])

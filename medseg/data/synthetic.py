@@ -45,7 +45,7 @@ from medseg.io_utils import atomic_path, atomic_write_text
 DEFAULT_TASK_NAME = "Task900_SynthLiverTumor"
 DEFAULT_METHODS = ("threshold", "perturbed")
 # Bump whenever the same arguments would give different bytes, so caches keyed on metadata notice.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 TINY_LESION_VOXELS = 50  # the checker's (and the brief's) definition of a tiny lesion: a component under 50 voxels
 LESION_FREE_FRACTION = 0.25  # as in the real Task001, about a quarter of the cases hold no tumour
 
@@ -395,16 +395,18 @@ def _liver_rho_at(liver: Sequence[Blob], x: float, y: float, f: float) -> tuple[
 def _draw_lesions(rng: np.random.Generator, plan: CasePlan, force_tiny: bool) -> tuple[Lesion, ...]:
     """1-6 lesions centred in the liver, apart from each other (so each is its own evalseg segment).
 
-    Diameters: the first lesion is 18-50 mm (log-uniform), so every lesion case has something a model can find;
-    each further one is small (4-9 mm: tiny at the default grid, where a voxel is ~27 mm^3) with probability 1/3,
-    else 9-45 mm. ``force_tiny`` adds a small one. Contrast 10-40 HU below the liver. Centres sit on voxel centres
-    inside the rendered liver mask, so every lesion, however small, labels at least one voxel.
+    Diameters: the first lesion is 20-80 mm (log-uniform, median 40 mm), so every lesion case has something a model
+    can find; the real Task001 ground truths in ../shared/data/evalseg give a total tumour volume per lesion case of
+    4-153 mm equivalent-sphere diameter, median 37 mm. Each further lesion is small (4-9 mm: tiny at the default grid,
+    where a voxel is ~27 mm^3) with probability 1/3, else 10-50 mm. ``force_tiny`` adds a small one. Contrast
+    10-40 HU below the liver. Centres sit on voxel centres inside the rendered liver mask, so every lesion, however
+    small, labels at least one voxel.
     """
     def log_uniform(low: float, high: float) -> float:
         return math.exp(_u(rng, math.log(low), math.log(high)))
 
     extra = min(4, int(rng.poisson(1.2)))
-    diameters = [log_uniform(18, 50)] + [_u(rng, 4, 9) if rng.random() < 1 / 3 else log_uniform(9, 45)
+    diameters = [log_uniform(20, 80)] + [_u(rng, 4, 9) if rng.random() < 1 / 3 else log_uniform(10, 50)
                                          for _ in range(extra)]
     if force_tiny:
         diameters.insert(0, _u(rng, 4, 8))  # placed first, while the liver is still empty enough to take it
