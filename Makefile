@@ -42,6 +42,7 @@ bench: venv data
 	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_asha.py
+	$(PY) benchmarks/bench_seed_spread.py
 
 # MLflow UI over the embedded sqlite store, loopback only, one worker.
 mlflow-ui: venv

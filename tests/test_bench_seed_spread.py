@@ -1,0 +1,26 @@
+"""The summary of benchmarks/bench_seed_spread.py: spread over seeds next to the spread over configurations."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_seed_spread import summarize  # noqa: E402
+
+
+def test_seed_spread_against_config_spread():
+    runs = [{"best_dice": v} for v in (0.50, 0.56, 0.42, 0.52)]
+    out = summarize(runs, [0.44, 0.50, 0.51, 0.51])
+    assert out["seeds"] == 4 and out["configs"] == 4
+    assert out["best_dice_range"] == pytest.approx(0.14)
+    assert out["best_dice_mean"] == pytest.approx(0.5)
+    assert out["best_dice_sd"] == pytest.approx(0.0589, abs=1e-4)
+    assert out["config_best_dice_range"] == pytest.approx(0.07)
+    assert out["seed_range_over_config_range"] == pytest.approx(2.0)
+
+
+def test_one_seed_and_no_config_study():
+    out = summarize([{"best_dice": 0.5}], None)
+    assert out["best_dice_range"] == 0 and out["best_dice_sd"] is None and "configs" not in out
