@@ -52,24 +52,28 @@ def test_ctrl_c_then_resume_does_not_rerun_finished_trials(tmp_path, synth_root,
     cmd = [sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "resumable", "--num-cpus", "2"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
-    # wait until one trial has finished both epochs and a second one has started training
+    # Wait until one trial has finished both epochs while another is between its epochs: with max_concurrent 1 the
+    # driver starts a trial only after it has processed the previous one's completion, so every 2-epoch trial seen
+    # then is finished for the driver too. (A trial whose last epoch is on disk when Ctrl-C lands can still be
+    # unfinished for the driver: the interrupt decides its status, not this test.)
     while time.time() < deadline:
         done = _histories(study_dir)
-        if sum(n == 2 for n in done.values()) >= 1 and len(done) >= 2:
+        if any(n == 2 for n in done.values()) and any(n == 1 for n in done.values()):
             break
         assert proc.poll() is None, proc.communicate()
-        time.sleep(0.5)
+        time.sleep(0.2)
     else:
         proc.kill()
         pytest.fail("study did not reach its second trial in time")
-    finished_before = {t for t, n in _histories(study_dir).items() if n == 2}
+    first_done = {t for t, n in done.items() if n == 2}
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
     assert "interrupted" in err and "--resume --name resumable" in err
     client = get_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = {r.data.tags.get("trial_id"): r for r in client.search_runs([client.get_experiment_by_name("cli-tests").experiment_id])}
-    assert {runs[t].info.status for t in finished_before} == {"FINISHED"}
+    finished_before = {t for t, r in runs.items() if t and r.info.status == "FINISHED"}
+    assert first_done and first_done <= finished_before
     assert runs[None].info.status == "KILLED"  # the study run
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs.values())
 
