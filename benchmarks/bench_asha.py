@@ -122,7 +122,6 @@ def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_di
     summary["replay"] = [asha_replay(curves, max_t=space.asha.max_t, grace=g, rf=rf) for g, rf in settings]
 
     # time to a validation Dice of target_dice with the best configuration found by the ASHA study
-    space = load_space(space_path, overrides=overrides)
     cfg = trial_config(a["best_params"], space)
     cfg.training.epochs = max_epochs
     cfg.training.threads = os.cpu_count() or 1  # trained alone: the whole machine
