@@ -151,6 +151,8 @@ class TrainingConfig(_Strict):
     poly_power: float = Field(0.9, gt=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="validate and checkpoint an exponential moving average of "
+                                    "the weights (per step, warmed up as min(decay, (1+n)/(10+n))); null: the raw weights")
     monitor: str = Field("val/dice", pattern=r"^val/", description="validation metric that picks the best checkpoint (and early stopping)")
     monitor_mode: Literal["max", "min"] = "max"
     patience: int | None = Field(None, ge=1, description="stop when the monitored metric has not improved for this many epochs")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import yaml
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from medseg import metrics as M
@@ -119,6 +120,28 @@ def lr_factor(epoch: int, cfg: Config) -> float:
     progress = (epoch - t.warmup_epochs) / max(1, t.epochs - t.warmup_epochs)
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.scheduler == "cosine" else (1 - progress) ** t.poly_power
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+
+def build_ema(model: torch.nn.Module, cfg: Config) -> AveragedModel | None:
+    """Exponential moving average of the weights and BatchNorm statistics, or None without training.ema_decay.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so the average follows the weights
+    closely in the first steps instead of holding on to the random initialisation.
+    """
+    decay = cfg.training.ema_decay
+    if not decay:
+        return None
+
+    @torch.no_grad()
+    def update(ema_params, params, n_averaged):
+        d = min(decay, (1.0 + float(n_averaged)) / (10.0 + float(n_averaged)))
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        else:  # BatchNorm's num_batches_tracked: follow the model
+            for e, p in zip(ema_params, params):
+                e.copy_(p)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -251,6 +274,8 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
     seed_everything(t.seed)
     model = build_model(cfg.model, in_channels=(2 * context + 1) * data.in_channels, classes=classes).to(device)
     optimizer = build_optimizer(model, cfg)
+    ema = build_ema(model, cfg)
+    eval_model = ema.module if ema is not None else model  # what is validated and checkpointed
     loss_fn = build_loss(cfg.loss, classes)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.amp and not torch.cuda.is_bf16_supported())
     transform = build_augmentation(cfg.augment, seed=t.seed)
@@ -272,7 +297,7 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
     best = {"value": -math.inf, "epoch": 0, "metrics": {}}
     start_epoch = 0
     if resume_state is not None:
-        start_epoch, history, best = _load_state(resume_state, model, optimizer, scaler)
+        start_epoch, history, best = _load_state(resume_state, model, optimizer, scaler, ema)
     stop_reason = "max_epochs"
     artifacts: list[Path] | None = None
     for epoch in range(start_epoch, t.epochs):
@@ -284,8 +309,8 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
         for group in optimizer.param_groups:
             group["lr"] = t.lr * lr_factor(epoch, cfg)
         started = time.perf_counter()
-        train = train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg, epoch=epoch + 1, progress=progress)
-        val, rows, _ = validate(model, data, data.split.val, cfg, device, loss_fn=loss_fn)
+        train = train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg, epoch=epoch + 1, progress=progress, ema=ema)
+        val, rows, _ = validate(eval_model, data, data.split.val, cfg, device, loss_fn=loss_fn)
         metrics = {f"train/{k}": v for k, v in train.items()}
         metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
         metrics["lr"] = optimizer.param_groups[0]["lr"]
@@ -296,10 +321,10 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
         is_best = not math.isnan(value) and value > best["value"]
         if is_best:
             best = {"value": value, "epoch": epoch + 1, "metrics": dict(metrics)}
-            save_checkpoint(run_dir / "best.pt", model, {**meta_base, "epoch": epoch + 1, "metrics": metrics})
+            save_checkpoint(run_dir / "best.pt", eval_model, {**meta_base, "epoch": epoch + 1, "metrics": metrics})
             _write_per_case(run_dir / "val_per_case.csv", rows)
         history.append({"epoch": epoch + 1, **metrics})
-        _save_state(run_dir / "last.pt", model, optimizer, scaler, epoch + 1, history, best)
+        _save_state(run_dir / "last.pt", model, optimizer, scaler, epoch + 1, history, best, ema)
         atomic_write_json(run_dir / "history.json", history)
         patience_hit = t.patience is not None and epoch + 1 - best["epoch"] >= t.patience
         final = epoch + 1 == t.epochs or patience_hit
@@ -321,8 +346,9 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
                      history=history, stop_reason=stop_reason, per_case_csv=run_dir / "val_per_case.csv", artifacts=artifacts)
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Config, *, epoch: int, progress: bool) -> dict[str, float]:
-    """One pass over the sampler's slices. Returns {"loss": mean loss, "images_per_s": throughput}."""
+def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Config, *, epoch: int, progress: bool,
+                    ema: AveragedModel | None = None) -> dict[str, float]:
+    """One pass over the sampler's slices (updating ``ema`` after each step). Returns {"loss", "images_per_s"}."""
     from tqdm import tqdm
 
     model.train()
@@ -343,6 +369,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Conf
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
         total += loss.item() * len(x)
         seen += len(x)
     return {"loss": total / max(seen, 1), "images_per_s": seen / max(time.perf_counter() - started, 1e-9)}
@@ -351,17 +379,23 @@ def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Conf
 # --------------------------------------------------------------------------------------- state & files
 
 
-def _save_state(path: Path, model, optimizer, scaler, epoch: int, history, best) -> None:
+def _save_state(path: Path, model, optimizer, scaler, epoch: int, history, best, ema=None) -> None:
     """Resumable training state (weights_only-loadable: tensors and plain containers only)."""
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "history": history, "best": best}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_state(path, model, optimizer, scaler) -> tuple[int, list, dict]:
+def _load_state(path, model, optimizer, scaler, ema=None) -> tuple[int, list, dict]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
+    if ema is not None:
+        if "ema" not in state:
+            raise MedsegError(f"{path}: no weight average in this state, but training.ema_decay is set; resume with the config it was saved with")
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     best = dict(state["best"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_seed_spread import summarize  # noqa: E402
+from bench_seed_spread import parse_sets, summarize  # noqa: E402
 
 
 def test_seed_spread_against_config_spread():
@@ -24,3 +24,10 @@ def test_seed_spread_against_config_spread():
 def test_one_seed_and_no_config_study():
     out = summarize([{"best_dice": 0.5}], None)
     assert out["best_dice_range"] == 0 and out["best_dice_sd"] is None and "configs" not in out
+
+
+def test_set_values_are_yaml_typed_and_malformed_ones_named():
+    assert parse_sets(["training.ema_decay=0.99", "loss.name=tversky", "dataset.context_slices=1"]) == {
+        "training.ema_decay": 0.99, "loss.name": "tversky", "dataset.context_slices": 1}
+    with pytest.raises(ValueError, match="--set training.lr: expected KEY=VALUE"):
+        parse_sets(["training.lr"])

@@ -67,6 +67,34 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_cfg, tmp_path):
     assert _scores(resumed.history) == _scores(full.history)
 
 
+def test_ema_weights_are_validated_checkpointed_and_resumed(tiny_cfg, tmp_path):
+    from medseg.config import config_from_dict
+
+    cfg = tiny_cfg(training={"epochs": 3, "ema_decay": 0.9})
+    full = fit(cfg, run_dir=tmp_path / "full", progress=False)
+    raw = fit(tiny_cfg(training={"epochs": 3}), run_dir=tmp_path / "raw", progress=False)
+    # the same training steps (same losses), but another model is validated
+    assert [h["train/loss"] for h in full.history] == [h["train/loss"] for h in raw.history]
+    assert [h["val/loss"] for h in full.history] != [h["val/loss"] for h in raw.history]
+    # best.pt holds the average, last.pt the raw weights and the average, both consistent with the history
+    state = torch.load(full.run_dir / "last.pt", map_location="cpu", weights_only=True)
+    averaged = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    assert int(state["ema"]["n_averaged"]) == 3 * cfg.training.samples_per_epoch // cfg.training.batch_size
+    weights = load_checkpoint(full.best_checkpoint)["state_dict"]
+    if full.best_epoch == 3:
+        assert all(torch.equal(weights[k], averaged[k]) for k in weights)
+    assert any(not torch.equal(averaged[k], state["model"][k]) for k in averaged if averaged[k].is_floating_point())
+    # interrupted after epoch 2 and resumed: identical to the uninterrupted run, average included
+    fit(cfg, run_dir=tmp_path / "part", progress=False, on_epoch=lambda r: r.epoch == 2)
+    resumed = fit(cfg, run_dir=tmp_path / "part", progress=False, resume_state=tmp_path / "part" / "last.pt")
+    assert _scores(resumed.history) == _scores(full.history)
+    # a raw-weights state cannot silently resume an averaged run
+    with pytest.raises(Exception, match=r"last\.pt: no weight average"):
+        fit(cfg, run_dir=tmp_path / "raw2", progress=False, resume_state=tmp_path / "raw" / "last.pt")
+    with pytest.raises(Exception, match="ema_decay"):
+        config_from_dict({**cfg.to_dict(), "training": {**cfg.to_dict()["training"], "ema_decay": 1.0}}, source="x.yaml")
+
+
 def test_nan_loss_stops_with_a_clear_error(tiny_cfg, tmp_path):
     cfg = tiny_cfg(training={"optimizer": "sgd", "lr": 1e12, "epochs": 2})
     with pytest.raises(NonFiniteLossError, match=r"epoch \d+ step \d+: training loss is (nan|inf)"):
