@@ -8,7 +8,7 @@ The full curves of the study without early stopping are then replayed under ASHA
 Then: wall time for the best configuration found to reach a validation Dice of 0.85 (trained alone, with
 every core), or the best Dice it reached within --max-epochs.
 
-  python benchmarks/bench_asha.py [--space search_spaces/default.yaml] [--quick]
+  python benchmarks/bench_asha.py [--space search_spaces/default.yaml] [--quick] [--set overrides.training.ema_decay=0.99]
 
 Studies run in a temporary work folder (own MLflow store, Ray storage, registry untouched); the embedded
 dataset and its cache are the project's own (data/synthetic, cache/).
@@ -76,7 +76,7 @@ def asha_replay(curves: list[list[float]], *, max_t: int, grace: int, rf: int, o
             "mean_dice_ratio": round(dice / orders, 3)}
 
 
-def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_dice: float) -> dict:
+def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_dice: float, sets: list[str] | None = None) -> dict:
     import torch
 
     from medseg.evaluation import evaluate_checkpoint
@@ -92,6 +92,7 @@ def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_di
     overrides = [f"storage_path={work / 'ray'}", f"tracking_uri=sqlite:///{work / 'mlflow.db'}", f"reports_dir={work / 'reports'}"]
     if quick:
         overrides += ["num_samples=4"]
+    overrides += list(sets or [])
     results = {}
     for label, asha in (("asha", True), ("no_early_stopping", False)):
         space = load_space(space_path, overrides=overrides + [f"asha.enabled={str(asha).lower()}", f"name=bench-{label}"])
@@ -146,14 +147,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="4 samples instead of the space's num_samples")
     parser.add_argument("--max-epochs", type=int, default=30, help="epoch cap of the time-to-target run")
     parser.add_argument("--target-dice", type=float, default=0.85)
+    parser.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="search-space keys for both studies, e.g. overrides.training.ema_decay=0.99 (a config key for every trial)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "asha_vs_full.json"))
     args = parser.parse_args()
     space_path = Path(args.space).resolve()
     load_before = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-asha-") as tmp:
-        report = run(space_path, quick=args.quick, work=Path(tmp), max_epochs=args.max_epochs, target_dice=args.target_dice)
-    report.update(space=str(space_path.relative_to(ROOT)) if space_path.is_relative_to(ROOT) else str(space_path), quick=args.quick,
+        report = run(space_path, quick=args.quick, work=Path(tmp), max_epochs=args.max_epochs, target_dice=args.target_dice, sets=args.sets)
+    report.update(space=str(space_path.relative_to(ROOT)) if space_path.is_relative_to(ROOT) else str(space_path), quick=args.quick, sets=args.sets,
                   machine=machine_info(("torch", "ray", "optuna", "segmentation-models-pytorch")),
                   load_average_before=load_before, load_average_after=os.getloadavg(), total_seconds=round(time.perf_counter() - started, 1),
                   date=time.strftime("%Y-%m-%d %H:%M:%S"))

@@ -169,7 +169,12 @@ def load_space(path: str | Path, *, overrides: list[str] | None = None) -> Searc
         from medseg.config import parse_override, set_dotted
 
         key, value = parse_override(text)
-        set_dotted(raw, key, value)
+        if key.startswith("overrides."):  # a config key applied to every trial: overrides.training.ema_decay=0.99
+            if not isinstance(raw.get("overrides") or {}, dict):
+                raise ConfigError(f"{path}: overrides: must be a mapping of dotted config keys")
+            raw["overrides"] = {**(raw.get("overrides") or {}), key.removeprefix("overrides."): value}
+        else:
+            set_dotted(raw, key, value)
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as err:

@@ -96,3 +96,8 @@ def test_search_space_errors_name_keys(tmp_path):
         load_space(space(asha={"max_t": 8}, params={"training.lr": {"type": "uniform", "low": 0.1, "high": 0.2}}))
     with pytest.raises(ConfigError, match=r"s\.yaml: num_sample: unknown key"):
         load_space(space(num_sample=3))
+    # --set overrides.<config key>: one more fixed config value for every trial, checked like the others
+    loaded = load_space(space(overrides={"training.epochs": 4}), overrides=["overrides.training.ema_decay=0.99", "num_samples=3"])
+    assert loaded.base["training"]["ema_decay"] == 0.99 and loaded.base["training"]["epochs"] == 4 and loaded.num_samples == 3
+    with pytest.raises(ConfigError, match=r"training\.ema_decay"):
+        load_space(space(), overrides=["overrides.training.ema_decay=2"])
