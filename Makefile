@@ -7,7 +7,7 @@ DATA := data/synthetic
 TASK := $(DATA)/Task900_SynthLiverTumor
 export PYTHONHASHSEED := 0
 
-.PHONY: demo experiments test test-slow test-all venv data mlflow-ui bench clean
+.PHONY: demo experiments test test-slow test-all venv data mlflow-ui bench bench-ema clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -43,6 +43,12 @@ bench: venv data
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_asha.py
 	$(PY) benchmarks/bench_seed_spread.py
+
+# The ASHA and seed-spread benchmarks with a moving average of the weights validated (training.ema_decay).
+bench-ema: venv data
+	$(PY) benchmarks/bench_asha.py --set overrides.training.ema_decay=0.99 --out benchmarks/results/asha_vs_full_ema.json
+	$(PY) benchmarks/bench_seed_spread.py --set training.ema_decay=0.99 --asha-results benchmarks/results/asha_vs_full_ema.json \
+		--out benchmarks/results/seed_spread_ema.json
 
 # MLflow UI over the embedded sqlite store, loopback only, one worker.
 mlflow-ui: venv

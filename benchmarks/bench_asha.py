@@ -76,6 +76,50 @@ def asha_replay(curves: list[list[float]], *, max_t: int, grace: int, rf: int, o
             "mean_dice_ratio": round(dice / orders, 3)}
 
 
+def early_rank_agreement(curves: list[list[float]]) -> list[dict]:
+    """How far ASHA can trust a rung at each epoch: per epoch, Spearman's rank correlation between the trials'
+    running best so far and their final best, and whether the eventual winner ranks in the top half.
+
+    Also the largest drop of a curve between two consecutive epochs from that epoch on (the noise a rung sees)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    n_epochs = min(len(c) for c in curves)
+    running = np.maximum.accumulate(np.asarray([c[:n_epochs] for c in curves], float), axis=1)
+    raw = np.asarray([c[:n_epochs] for c in curves], float)
+    final = running[:, -1]
+    winner = int(np.argmax(final))
+    out = []
+    for e in range(n_epochs):
+        rho = spearmanr(running[:, e], final).statistic if np.ptp(running[:, e]) > 0 else float("nan")
+        rank = int((running[:, e] > running[winner, e]).sum()) + 1  # 1 = first
+        drops = raw[:, e:-1] - raw[:, e + 1:] if e < n_epochs - 1 else np.zeros((len(curves), 0))
+        out.append({"epoch": e + 1, "spearman_with_final": round(float(rho), 3), "winner_rank": rank,
+                    "largest_drop_from_here": round(max(0.0, float(drops.max())), 3) if drops.size else 0.0})
+    return out
+
+
+def analyse_curves(curves: list[list[float]], *, max_t: int, default: tuple[int, float]) -> dict:
+    """What the full curves say about early stopping: rank agreement per epoch and ASHA replays for several settings."""
+    settings = sorted({default, (1, 2), (2, 2), (3, 2), (1, 3), (2, 3), (3, 3), (4, 2)})
+    return {"early_rank_agreement": early_rank_agreement(curves),
+            "replay": [asha_replay(curves, max_t=max_t, grace=g, rf=rf) for g, rf in settings]}
+
+
+def reanalyse(path: Path) -> dict:
+    """Recompute the curve analysis of a results file from the curves stored in it (no training)."""
+    from medseg.search_space import load_space
+
+    report = json.loads(path.read_text())
+    full = report["studies"]["no_early_stopping"]
+    curves = [t["val_dice"] for t in full["trials"] if t["status"] == "completed"]
+    space = load_space(ROOT / report["space"], overrides=list(report.get("sets") or []))
+    report["summary"].update(analyse_curves(curves, max_t=space.asha.max_t, default=(space.asha.grace_period, space.asha.reduction_factor)))
+    report["summary"]["reanalysed"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_dice: float, sets: list[str] | None = None) -> dict:
     import torch
 
@@ -119,8 +163,7 @@ def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_di
     # the full curves of the study without early stopping, replayed under ASHA's rule for other settings and orders
     curves = [t["val_dice"] for t in b["trials"] if t["status"] == "completed"]
     space = load_space(space_path, overrides=overrides)
-    settings = sorted({(space.asha.grace_period, space.asha.reduction_factor), (1, 2), (2, 2), (3, 2), (1, 3), (2, 3), (3, 3), (4, 2)})
-    summary["replay"] = [asha_replay(curves, max_t=space.asha.max_t, grace=g, rf=rf) for g, rf in settings]
+    summary.update(analyse_curves(curves, max_t=space.asha.max_t, default=(space.asha.grace_period, space.asha.reduction_factor)))
 
     # time to a validation Dice of target_dice with the best configuration found by the ASHA study
     cfg = trial_config(a["best_params"], space)
@@ -150,7 +193,13 @@ def main() -> int:
     parser.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
                         help="search-space keys for both studies, e.g. overrides.training.ema_decay=0.99 (a config key for every trial)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "asha_vs_full.json"))
+    parser.add_argument("--reanalyse", metavar="RESULTS_JSON",
+                        help="only recompute the rank agreement and replays from the curves stored in a results file")
     args = parser.parse_args()
+    if args.reanalyse:
+        summary = reanalyse(Path(args.reanalyse))["summary"]
+        print(json.dumps({k: summary[k] for k in ("early_rank_agreement", "replay")}, indent=2))
+        return 0
     space_path = Path(args.space).resolve()
     load_before = os.getloadavg()
     started = time.perf_counter()

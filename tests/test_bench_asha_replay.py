@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_asha import asha_replay  # noqa: E402
+from bench_asha import asha_replay, early_rank_agreement  # noqa: E402
 
 
 def test_clear_winner_is_always_kept_and_losers_stop_at_the_first_rung():
@@ -54,3 +54,31 @@ def test_matches_rays_bracket_for_one_order(grace, rf):
     out = asha_replay(curves, max_t=6, grace=grace, rf=rf, order_list=[list(range(len(curves)))])
     assert out["orders"] == 1
     assert out["mean_epoch_ratio"] == pytest.approx(round(ray_epochs / 36, 3))
+
+
+def test_early_rank_agreement_sees_a_late_bloomer_and_a_drop():
+    curves = [[0.01, 0.02, 0.9, 0.95], [0.3, 0.4, 0.5, 0.6], [0.2, 0.5, 0.1, 0.55]]
+    out = early_rank_agreement(curves)
+    assert [r["epoch"] for r in out] == [1, 2, 3, 4]
+    assert [r["winner_rank"] for r in out] == [3, 3, 1, 1]  # the late bloomer is last until epoch 3
+    assert out[0]["spearman_with_final"] == pytest.approx(-0.5)  # running best at epoch 1: 0.01 < 0.2 < 0.3
+    assert out[-1]["spearman_with_final"] == pytest.approx(1.0)
+    assert out[0]["largest_drop_from_here"] == pytest.approx(0.4)  # 0.5 -> 0.1 between epochs 2 and 3
+    assert out[2]["largest_drop_from_here"] == 0.0 and out[3]["largest_drop_from_here"] == 0.0
+
+
+def test_reanalyse_recomputes_the_curve_analysis_from_a_results_file(tmp_path):
+    import json
+
+    from bench_asha import reanalyse
+
+    curves = [[0.1, 0.3, 0.5, 0.52, 0.55, 0.56], [0.3, 0.35, 0.4, 0.42, 0.43, 0.44], [0.05, 0.2, 0.45, 0.5, 0.6, 0.61]]
+    path = tmp_path / "asha.json"
+    path.write_text(json.dumps({"space": "search_spaces/default.yaml", "sets": ["overrides.training.ema_decay=0.99"],
+                                "summary": {"epoch_ratio": 0.5},
+                                "studies": {"no_early_stopping": {"trials": [{"status": "completed", "val_dice": c} for c in curves]}}}))
+    summary = json.loads(json.dumps(reanalyse(path)["summary"]))
+    assert summary == json.loads(path.read_text())["summary"] and summary["epoch_ratio"] == 0.5
+    assert [r["winner_rank"] for r in summary["early_rank_agreement"]] == [3, 3, 2, 2, 1, 1]
+    default = next(r for r in summary["replay"] if (r["grace_period"], r["reduction_factor"]) == (1, 3))
+    assert default == asha_replay(curves, max_t=6, grace=1, rf=3)
