@@ -29,7 +29,8 @@ def main() -> int:
 
     template = load_space(args.space, overrides=args.overrides) if args.space else None
     space = space_for_configs(args.configs, name=args.name or "experiments", template=template) if args.configs else template
-    run_and_promote(space, resume=args.resume, name=args.name if not args.configs else None, address=args.address,
+    # --configs: --name names the fixed-config "space" (studies are <name>-<timestamp>); with --resume, the study itself
+    run_and_promote(space, resume=args.resume, name=args.name if args.resume or not args.configs else None, address=args.address,
                     num_cpus=args.num_cpus, promote=not args.no_promote)
     return 0
 

@@ -126,6 +126,8 @@ class SearchSpace(_Strict):
     source: str = ""
     base: dict[str, Any] = Field(default_factory=dict)
     fixed_configs: dict[str, dict[str, Any]] = Field(default_factory=dict, description="tune.py --configs: file -> config")
+    cli_overrides: list[str] = Field(default_factory=list, description="the --set values it was loaded with")
+    settings_file: str = Field("", description="tune.py --configs: the --space file that supplied the study settings")
 
     def base_cfg(self) -> Config:
         return config_from_dict(self.base, source=self.source, resolve=False)
@@ -181,7 +183,7 @@ def load_space(path: str | Path, *, overrides: list[str] | None = None) -> Searc
         raise _format_error(err, str(path)) from None
     base_path = (path.parent / space.base_config).resolve()
     base_cfg = config_from_dict(load_yaml(base_path), source=str(base_path), overrides=dict(space.overrides))
-    space.source, space.base = str(path), base_cfg.to_dict()
+    space.source, space.base, space.cli_overrides = str(path), base_cfg.to_dict(), list(overrides or [])
     for i, point in enumerate(space.points_to_evaluate):
         if set(point) != set(space.params):
             raise ConfigError(f"{path}: points_to_evaluate.{i}: keys {sorted(point)} must be the searched keys {sorted(space.params)}")
@@ -209,11 +211,13 @@ def space_for_configs(config_paths: list[str], *, name: str, template: SearchSpa
     from medseg.config import load_config
 
     bases = [load_config(p).to_dict() for p in config_paths]
-    settings = template.model_dump(exclude={"params", "base", "source", "overrides", "base_config", "name", "fixed_configs"}) if template else {}
+    settings = template.model_dump(exclude={"params", "base", "source", "overrides", "base_config", "name", "fixed_configs",
+                                            "settings_file"}) if template else {}
     space = SearchSpace.model_validate({**settings, "name": name, "base_config": config_paths[0]})
     space.asha.enabled = False
     space.num_samples = len(config_paths)
     space.source = ", ".join(config_paths)
+    space.settings_file = template.source if template else ""
     space.base = bases[0]
     space.fixed_configs = {str(Path(p).resolve()): b for p, b in zip(config_paths, bases)}
     cwd = Path.cwd()

@@ -238,8 +238,41 @@ class StudyOutcome:
 
 
 def resume_command(space: SearchSpace, name: str) -> str:
-    what = f"--configs {' '.join(space.fixed_configs)}" if space.fixed_configs else f"--space {space.source}"
-    return f"python tune.py {what} --resume --name {name}"
+    """The command that continues this study: the same files and the same --set values."""
+    import shlex
+
+    parts = ["python", "tune.py"]
+    if space.fixed_configs:
+        parts += (["--space", space.settings_file] if space.settings_file else []) + ["--configs", *space.fixed_configs]
+    else:
+        parts += ["--space", space.source]
+    for item in space.cli_overrides:
+        parts += ["--set", item]
+    return " ".join(shlex.quote(p) for p in parts + ["--resume", "--name", name])
+
+
+# What a resumed study must share with the one it continues: what trials train and how they are scored.
+RESUME_KEYS = ("base", "fixed_configs", "params", "overrides", "metric", "mode", "resources")
+
+
+def resume_mismatch(started: dict[str, Any], space: SearchSpace) -> list[str]:
+    """Dotted keys (with both values) where ``space`` differs from the stored space a study started with."""
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(tree, dict):  # an empty mapping adds no key: {} and absent are the same
+            out: dict[str, Any] = {}
+            for k, v in tree.items():
+                out.update(flat(v, f"{prefix}.{k}"))
+            return out
+        return {prefix: tree}
+
+    now = json.loads(json.dumps(space.model_dump(), default=str))
+    diffs = []
+    for key in RESUME_KEYS:
+        a, b = flat(started.get(key), key), flat(now.get(key), key)
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                diffs.append(f"{k}: {a.get(k, '(absent)')!r} when started, {b.get(k, '(absent)')!r} now")
+    return diffs
 
 
 def new_study_name(space: SearchSpace) -> str:
@@ -339,6 +372,11 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
         if not state_path.exists() or not tune.Tuner.can_restore(str(study_dir)):
             raise MedsegError(f"--resume: {study_dir} holds no resumable study")
         state = json.loads(state_path.read_text())
+        diffs = resume_mismatch(state.get("space", {}), space)
+        if diffs:  # restored trials would train another config than the finished ones did
+            more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+            raise MedsegError(f"--resume: {name}: the space differs from the one the study started with: {diffs[0]}{more}; "
+                              f"continue it with: {state.get('resume_command') or 'the same --space/--configs and --set values'}")
         parent_run_id = state["parent_run_id"]
         client.update_run(parent_run_id, status="RUNNING")
     else:
@@ -351,7 +389,7 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
                                      "space.asha": json.dumps(space.asha.model_dump()), "space.max_concurrent": str(space.max_concurrent)},
                                   tags=tags_of(base_cfg, kind="study", study=name, space_file=space.source))
         state = {"name": name, "parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
-                 "space": space.model_dump(), "status": "running"}
+                 "space": space.model_dump(), "resume_command": resume_command(space, name), "status": "running"}
         study_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(state_path, state)
     _prepare_all(space)

@@ -149,3 +149,40 @@ def test_promotion_rule_margin_and_bootstrap():
         lucky["per_case_dice"][i] -= 0.05
     promoted, reason, boot = compare(champion, lucky, rule)
     assert not promoted and "P(better)" in reason and boot["prob_better"] < 0.95 and boot["delta"] > 0.01
+
+
+def test_resume_refuses_a_changed_space_and_names_the_command(tmp_path, synth_root, shared_cache, monkeypatch):
+    import shlex
+
+    from medseg.errors import MedsegError
+    from medseg.tuning import resume_command, resume_mismatch, run_study
+
+    monkeypatch.chdir(tmp_path)
+    base = _write_base(tmp_path, synth_root, shared_cache)
+    path = _space(tmp_path, base, params={"training.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}})
+    sets = ["overrides.training.ema_decay=0.99", "num_samples=3"]
+    started = load_space(path, overrides=sets)
+    stored = json.loads(json.dumps(started.model_dump()))
+    assert resume_mismatch(stored, load_space(path, overrides=sets)) == []
+    # the same file without --set: trials would train without the moving average
+    diffs = resume_mismatch(stored, load_space(path))
+    assert diffs == ["base.training.ema_decay: 0.99 when started, None now", "overrides.training.ema_decay: 0.99 when started, '(absent)' now"]
+    assert resume_mismatch(stored, load_space(path, overrides=sets + ["metric=val/iou"])) == ["metric: 'val/loss' when started, 'val/iou' now"]
+    assert resume_mismatch(stored, load_space(path, overrides=sets + ["max_concurrent=2"])) == []  # scheduling only
+    # the printed command repeats the files and every --set, so it resumes the same study
+    command = resume_command(started, "s1")
+    assert shlex.split(command) == ["python", "tune.py", "--space", str(path), "--set", sets[0], "--set", sets[1], "--resume", "--name", "s1"]
+    exps = space_for_configs([str(base)], name="experiments", template=started)
+    assert shlex.split(resume_command(exps, "e1"))[2:6] == ["--space", str(path), "--configs", str(base.resolve())]
+    # run_study checks before restoring anything: a resumable folder, then the stored space
+    study = tmp_path / "ray" / "s1"
+    with pytest.raises(MedsegError, match="holds no resumable study"):
+        run_study(load_space(path), resume=True, name="s1")
+    from ray import tune
+
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: True))  # the Tune state is not what is tested
+    study.mkdir(parents=True)
+    (study / "medseg_study.json").write_text(json.dumps({"space": stored, "parent_run_id": "x", "resume_command": command}))
+    with pytest.raises(MedsegError, match=r"--resume: s1: the space differs .*base\.training\.ema_decay: 0\.99 when started, None now "
+                                          r"\(and 1 more\); continue it with: python tune\.py --space .* --set overrides\.training\.ema_decay=0\.99"):
+        run_study(load_space(path), resume=True, name="s1")

@@ -90,6 +90,21 @@ def test_ctrl_c_then_resume_does_not_rerun_finished_trials(tmp_path, synth_root,
 
 
 @pytest.mark.slow
+def test_resume_of_a_configs_study_looks_for_the_named_study(tmp_path, synth_root, shared_cache):
+    space = _study_files(tmp_path, synth_root, shared_cache)
+    base = str(tmp_path / "base.yaml")
+
+    def resume(*extra):
+        cmd = [sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--configs", base, "--resume", *extra]
+        return subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+
+    # the name printed by an interrupted `--configs` study is the study's own (experiments-<timestamp>)
+    named = resume("--name", "experiments-20260101-000000")
+    assert named.returncode == 2 and f"{tmp_path / 'ray' / 'experiments-20260101-000000'} holds no resumable study" in named.stderr
+    latest = resume()  # no name: the latest study of `experiments`
+    assert latest.returncode == 2 and "no study of space 'experiments'" in latest.stderr
+
+
 def test_study_on_a_two_node_cluster(tmp_path, synth_root, shared_cache):
     """`ray start --head` + `ray start --address` on loopback (two raylets, one CPU each); trials land on both."""
     port = 6400 + os.getpid() % 1000  # below the worker port range (10002-19999)
