@@ -78,15 +78,14 @@ def asha_replay(curves: list[list[float]], *, max_t: int, grace: int, rf: int, o
 
 def early_rank_agreement(curves: list[list[float]]) -> list[dict]:
     """How far ASHA can trust a rung at each epoch: per epoch, Spearman's rank correlation between the trials'
-    running best so far and their final best, and whether the eventual winner ranks in the top half.
-
-    Also the largest drop of a curve between two consecutive epochs from that epoch on (the noise a rung sees)."""
+    running best so far and their final best, the eventual winner's place (1 = first), and the largest drop of a
+    curve between two consecutive epochs from that epoch on (the noise a rung sees)."""
     import numpy as np
     from scipy.stats import spearmanr
 
     n_epochs = min(len(c) for c in curves)
-    running = np.maximum.accumulate(np.asarray([c[:n_epochs] for c in curves], float), axis=1)
     raw = np.asarray([c[:n_epochs] for c in curves], float)
+    running = np.maximum.accumulate(raw, axis=1)
     final = running[:, -1]
     winner = int(np.argmax(final))
     out = []

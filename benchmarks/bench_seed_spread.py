@@ -27,8 +27,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -54,14 +52,11 @@ def train_seed(space_path: str, seed: int, run_dir: str, params: dict | None = N
 
 
 def parse_sets(items: list[str]) -> dict:
-    """["training.ema_decay=0.99", "loss.name=tversky"] -> {"training.ema_decay": 0.99, "loss.name": "tversky"} (YAML values)."""
-    params = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item}: expected KEY=VALUE")
-        params[key.strip()] = yaml.safe_load(value)
-    return params
+    """["training.ema_decay=0.99", "loss.name=tversky"] -> {"training.ema_decay": 0.99, "loss.name": "tversky"},
+    parsed as train.py parses its --set values."""
+    from medseg.config import parse_override
+
+    return dict(parse_override(item) for item in items)
 
 
 def summarize(runs: list[dict], config_best: list[float] | None) -> dict:
@@ -88,9 +83,11 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "seed_spread.json"))
     args = parser.parse_args()
     space_path = Path(args.space).resolve()
+    from medseg.errors import ConfigError
+
     try:
         params = parse_sets(args.set)
-    except ValueError as err:
+    except ConfigError as err:
         parser.error(str(err))
     os.chdir(ROOT)
     from medseg.search_space import load_space

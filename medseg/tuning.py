@@ -257,18 +257,12 @@ RESUME_KEYS = ("base", "fixed_configs", "params", "overrides", "metric", "mode",
 
 def resume_mismatch(started: dict[str, Any], space: SearchSpace) -> list[str]:
     """Dotted keys (with both values) where ``space`` differs from the stored space a study started with."""
-    def flat(tree: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(tree, dict):  # an empty mapping adds no key: {} and absent are the same
-            out: dict[str, Any] = {}
-            for k, v in tree.items():
-                out.update(flat(v, f"{prefix}.{k}"))
-            return out
-        return {prefix: tree}
+    from medseg.config import flatten  # an empty mapping adds no key: {} and absent are the same
 
     now = json.loads(json.dumps(space.model_dump(), default=str))
     diffs = []
     for key in RESUME_KEYS:
-        a, b = flat(started.get(key), key), flat(now.get(key), key)
+        a, b = flatten({key: started.get(key)}), flatten({key: now.get(key)})
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
                 diffs.append(f"{k}: {a.get(k, '(absent)')!r} when started, {b.get(k, '(absent)')!r} now")

@@ -29,5 +29,7 @@ def test_one_seed_and_no_config_study():
 def test_set_values_are_yaml_typed_and_malformed_ones_named():
     assert parse_sets(["training.ema_decay=0.99", "loss.name=tversky", "dataset.context_slices=1"]) == {
         "training.ema_decay": 0.99, "loss.name": "tversky", "dataset.context_slices": 1}
-    with pytest.raises(ValueError, match="--set training.lr: expected KEY=VALUE"):
+    from medseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--set 'training.lr': expected dotted.key=value"):
         parse_sets(["training.lr"])
