@@ -9,6 +9,7 @@ import numpy as np
 
 from medseg.io_utils import atomic_write_json, atomic_write_text
 from medseg.plots import _pyplot, save_figure
+from medseg.tracking import ui_command
 from medseg.tuning import resume_command
 
 STATUS_STYLE = {"completed": "-", "stopped_early": "--", "failed": ":"}
@@ -185,7 +186,7 @@ def _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, s
                      f"{t['epochs_used']} | {_delta(t['best_dice'], base_dice)} | {_delta(t['best_dice'], champion_dice)} |")
     lines += ["", "## Plots", ""] + [f"![{k}]({Path(p).name})" for k, p in paths.items()] + [
         "", "## Reproduce and inspect", "",
-        f"- MLflow: `make mlflow-ui` (tracking URI `{summary['tracking_uri']}`), study run `{summary['parent_run_id']}`; "
+        f"- MLflow: `{ui_command(summary['tracking_uri'])}` (tracking URI `{summary['tracking_uri']}`), study run `{summary['parent_run_id']}`; "
         "compare the child runs with the parallel-coordinates chart.",
         f"- Study folder: `{summary['study_dir']}`; an interrupted study continues with `{resume_command(space, summary['study'])}`.", ""]
     return "\n".join(lines)

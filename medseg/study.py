@@ -11,7 +11,7 @@ def run_and_promote(space, *, resume: bool = False, name: str | None = None, add
     """Returns (StudyOutcome, Decision | None, report paths)."""
     from medseg.registry import decide_and_register
     from medseg.report import write_study_report
-    from medseg.tracking import get_client
+    from medseg.tracking import get_client, ui_command
     from medseg.tuning import run_study, trial_config
 
     outcome = run_study(space, resume=resume, name=name, address=address, num_cpus=num_cpus)
@@ -34,5 +34,5 @@ def run_and_promote(space, *, resume: bool = False, name: str | None = None, add
         raise
     client.set_terminated(outcome.parent_run_id, "FINISHED")
     print(Path(paths["markdown"]).read_text())
-    print(f"report: {paths['markdown']}\nMLflow: make mlflow-ui   (or: mlflow ui --backend-store-uri {outcome.tracking_uri})")
+    print(f"report: {paths['markdown']}\nMLflow: {ui_command(outcome.tracking_uri)}")
     return outcome, decision, paths

@@ -37,6 +37,18 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
+def ui_command(uri: str, cwd: Path | None = None) -> str:
+    """The command that opens the MLflow UI on ``uri``: ``make mlflow-ui`` only for the repository's own store
+    (``<cwd>/mlflow.db`` with the Makefile beside it), else ``mlflow ui`` with the store and its artifact root."""
+    here = Path(cwd or os.getcwd()).resolve()
+    if uri == f"sqlite:///{here / 'mlflow.db'}" and (here / "Makefile").is_file():
+        return "make mlflow-ui"
+    if uri.startswith("sqlite:///"):
+        root = Path(artifact_root_for(uri).removeprefix("file://"))
+        return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {root} --host 127.0.0.1 --port 5000"
+    return f"open {uri} in a browser"
+
+
 def get_client(uri: str):
     from mlflow import MlflowClient
 

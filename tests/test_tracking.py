@@ -72,3 +72,15 @@ def test_eval_run_is_linked_to_its_training_run(tiny_cfg, tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["training_run_id"] == run_id and run.data.tags["kind"] == "eval"
     assert run.data.metrics["eval/dice"] == pytest.approx(ev.summary["dice"])
     assert {a.path for a in client.list_artifacts(eval_run_id, "eval")} == {"eval/per_case.csv", "eval/per_case.json", "eval/summary.json"}
+
+
+def test_ui_command_names_the_store_it_was_given(tmp_path):
+    from medseg.tracking import ui_command
+
+    (tmp_path / "Makefile").write_text("mlflow-ui:\n")
+    assert ui_command(f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path) == "make mlflow-ui"
+    other = tmp_path / "elsewhere" / "mlflow.db"
+    cmd = ui_command(f"sqlite:///{other}", cwd=tmp_path)   # `make mlflow-ui` would open the repository's store
+    assert cmd.startswith(f"mlflow ui --backend-store-uri sqlite:///{other} ")
+    assert f"--default-artifact-root {other.parent / 'mlartifacts'}" in cmd
+    assert "open http://mlflow:5000" in ui_command("http://mlflow:5000", cwd=tmp_path)
