@@ -12,7 +12,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from medseg.config import load_config
-    from medseg.tracking import train_tracked, tracking_uri
+    from medseg.tracking import train_tracked, tracking_uri, ui_command
 
     cfg = load_config(args.config, args.overrides)
     result, run_id = train_tracked(cfg, progress=not args.quiet)
@@ -20,7 +20,7 @@ def main() -> int:
     print(f"run {run_id}: best epoch {result.best_epoch}/{len(result.history)} ({result.stop_reason}), "
           f"val/dice {best['val/dice']:.4f}, val/iou {best['val/iou']:.4f}")
     print(f"checkpoint: {result.best_checkpoint}")
-    print(f"tracking:   {tracking_uri(cfg)}  (make mlflow-ui)")
+    print(f"tracking:   {tracking_uri(cfg)}  ({ui_command(tracking_uri(cfg))})")
     return 0
 
 
