@@ -24,6 +24,7 @@ from medseg import metrics as M
 from medseg.io_utils import atomic_write_json, atomic_write_text, publish_mode
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # what MLflow answers for a missing model / alias
 
 
 @dataclass
@@ -49,8 +50,10 @@ def current_champion(client, name: str):
 
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code in NOT_FOUND:  # no such registered model, or no version holds the alias
+            return None
+        raise  # a locked store or an unreachable server is not "no champion": never promote unchecked
 
 
 def download_checkpoint(version, uri: str, dest: Path) -> Path:
@@ -94,10 +97,24 @@ def decide_and_register(*, checkpoint: str | Path, run_id: str, cfg, rule, uri: 
     from medseg.tracking import get_client
     from medseg.training import prepare_data
 
+    from filelock import FileLock
+
     client = get_client(uri)
     data = data or prepare_data(cfg, progress=progress)
     candidate_eval = evaluate_checkpoint(checkpoint, cfg, split="val", data=data, progress=progress)
     candidate = _eval_record(candidate_eval, run_id, str(checkpoint))
+    models_dir = Path(rule.models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # One decision at a time per models folder: two studies finishing together would otherwise both judge against
+    # the old champion, and their alias switches and mirrors could interleave (alias on one, folder on the other).
+    with FileLock(str(models_dir / ".champion.lock")):
+        return _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, progress)
+
+
+def _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, progress) -> Decision:
+    from medseg.checkpoint import load_checkpoint
+    from medseg.evaluation import evaluate_checkpoint
+
     champion_version = current_champion(client, rule.registry_name)
     champion_before, boot = None, None
     if champion_version is None:
@@ -117,11 +134,16 @@ def decide_and_register(*, checkpoint: str | Path, run_id: str, cfg, rule, uri: 
                 promoted, reason, boot = compare(champion_before, candidate, rule)
     version = register_version(client, rule.registry_name, run_id, candidate, promoted, reason)
     alias = CHAMPION if promoted else CHALLENGER
-    client.set_registered_model_alias(rule.registry_name, alias, version)
     decision = Decision(promoted=promoted, alias=alias, reason=reason, registry_name=rule.registry_name, version=version,
                         candidate=candidate, champion_before=champion_before, bootstrap=boot, rule=rule.model_dump())
-    if promoted:
-        decision.mirror = str(mirror_champion(Path(rule.models_dir), checkpoint, cfg, decision))
+    if promoted:  # mirror first: if it fails, the alias still names the champion that models/champion holds
+        try:
+            decision.mirror = str(mirror_champion(Path(rule.models_dir), checkpoint, cfg, decision))
+        except BaseException as e:
+            client.set_model_version_tag(rule.registry_name, version, "promoted", "false")
+            client.set_model_version_tag(rule.registry_name, version, "mirror_error", f"{type(e).__name__}: {e}"[:500])
+            raise
+    client.set_registered_model_alias(rule.registry_name, alias, version)
     return decision
 
 
@@ -131,7 +153,9 @@ def register_version(client, name: str, run_id: str, candidate: dict[str, Any], 
 
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code not in NOT_FOUND:
+            raise
         client.create_registered_model(name, description="medseg segmentation models; alias 'champion' is the one to use")
     mv = client.create_model_version(name, source=f"runs:/{run_id}/checkpoint", run_id=run_id, description=reason[:500],
                                      tags={"val_dice": f"{candidate['dice']:.6f}", "val_iou": f"{candidate['iou']:.6f}",
@@ -181,8 +205,10 @@ def mirror_champion(models_dir: Path, checkpoint: str | Path, cfg, decision: Dec
         atomic_write_text(staging / "MODEL_CARD.md", model_card(decision, cfg))
         final.parent.mkdir(parents=True, exist_ok=True)
         publish_mode(staging, directory=True)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a version number seen before: another (or a reset) tracking store; never delete it
+            final = final.with_name(f"{final.name}-{decision.candidate.get('run_id') or 'run'}")
+            if final.exists():
+                raise FileExistsError(f"{final} already exists; move it away (it may hold an earlier champion)")
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

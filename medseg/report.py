@@ -12,7 +12,8 @@ from medseg.plots import _pyplot, save_figure
 from medseg.tracking import ui_command
 from medseg.tuning import resume_command
 
-STATUS_STYLE = {"completed": "-", "stopped_early": "--", "failed": ":"}
+STATUSES = ("completed", "stopped_early", "stopped_by_budget", "failed")
+STATUS_STYLE = {"completed": "-", "stopped_early": "--", "stopped_by_budget": "-.", "failed": ":"}
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -100,7 +101,7 @@ def budget_png(trials: list[dict[str, Any]], max_t: int, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ids = [t["trial_id"] for t in trials]
     used = [t["epochs_used"] for t in trials]
-    colours = {"completed": "tab:green", "stopped_early": "tab:orange", "failed": "tab:red"}
+    colours = {"completed": "tab:green", "stopped_early": "tab:orange", "stopped_by_budget": "tab:purple", "failed": "tab:red"}
     ax.bar(range(len(ids)), used, color=[colours.get(t["status"], "grey") for t in trials])
     ax.axhline(max_t, color="black", linestyle="--", linewidth=1, label=f"max_t = {max_t}")
     ax.set_xticks(range(len(ids)), ids, rotation=60, fontsize=7)
@@ -130,7 +131,7 @@ def write_study_report(outcome, space, decision=None, *, out_dir: str | Path | N
     summary = {
         "study": name, "space": space.source, "metric": metric, "mode": space.mode, "seconds": round(outcome.seconds, 1),
         "parent_run_id": outcome.parent_run_id, "tracking_uri": outcome.tracking_uri, "study_dir": str(outcome.study_dir),
-        "n_trials": len(trials), "status_counts": {s: sum(t["status"] == s for t in trials) for s in ("completed", "stopped_early", "failed")},
+        "n_trials": len(trials), "status_counts": {s: sum(t["status"] == s for t in trials) for s in STATUSES},
         "epochs_used": sum(t["epochs_used"] for t in trials), "epochs_without_early_stopping": len(trials) * max_t,
         "best_trial": outcome.best["trial_id"] if outcome.best else None,
         "baseline_trial": baseline["trial_id"] if baseline else None,
@@ -161,7 +162,8 @@ def _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, s
              f"Space `{summary['space']}`: {summary['n_trials']} trials in {summary['seconds']:.0f} s, "
              f"metric `{summary['metric']}` ({summary['mode']}); "
              f"{summary['status_counts']['completed']} completed, {summary['status_counts']['stopped_early']} stopped early by ASHA, "
-             f"{summary['status_counts']['failed']} failed. Epochs used: {summary['epochs_used']} of "
+             + (f"{summary['status_counts']['stopped_by_budget']} stopped by the time budget, " if summary['status_counts']['stopped_by_budget'] else "")
+             + f"{summary['status_counts']['failed']} failed. Epochs used: {summary['epochs_used']} of "
              f"{summary['epochs_without_early_stopping']} without early stopping.", ""]
     if decision:
         c = decision.candidate

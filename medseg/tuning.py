@@ -184,22 +184,9 @@ class MlflowTrialCallback(_tune_callback_base()):
     def on_trial_complete(self, iteration, trials, trial, **info):
         """Normal end or a scheduler stop. A trial whose last report was not the trainer's final epoch was
         stopped early by ASHA: FINISHED, tagged ``stopped_early``, its curve drawn from history.json."""
-        from medseg.plots import learning_curve_png
-        from medseg.tracking import log_run_artifacts
-
-        run_id = self._run_for(trial)
         last = trial.last_result or {}
-        stopped_early = not last.get("final", 0)
-        run_dir = Path(self.artifacts_root) / trial.trial_id
-        history_file = run_dir / "history.json"
-        if stopped_early and history_file.exists():
-            learning_curve_png(json.loads(history_file.read_text()), run_dir / "learning_curve.png")
-        self.client.set_tag(run_id, "stopped_early", str(bool(stopped_early)).lower())
-        self.client.set_tag(run_id, "epochs_used", str(last.get("epoch", 0)))
-        self.client.set_tag(run_id, "tune_status", "stopped_early" if stopped_early else "completed")
-        log_run_artifacts(self.client, run_id, run_dir)
-        self.client.set_terminated(run_id, "FINISHED")
-        self._say(trial, f"{'stopped early by ASHA' if stopped_early else 'completed'} after {last.get('epoch', 0)} epochs, "
+        status = close_trial_run(self.client, self._run_for(trial), Path(self.artifacts_root) / trial.trial_id, last)
+        self._say(trial, f"{'stopped early by ASHA' if status == 'stopped_early' else 'completed'} after {last.get('epoch', 0)} epochs, "
                          f"best {self.space_dict.get('metric', 'val/dice')} {last.get(OBJECTIVE, float('nan')):.4f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -210,6 +197,26 @@ class MlflowTrialCallback(_tune_callback_base()):
         self.client.set_tag(run_id, "epochs_used", str((trial.last_result or {}).get("epoch", 0)))
         self.client.set_terminated(run_id, "FAILED")
         self._say(trial, f"FAILED: {message[:300]}")
+
+
+def close_trial_run(client, run_id: str, run_dir: Path, last: dict[str, Any], stopped_by: str = "asha") -> str:
+    """End a trial's run FINISHED with its artifacts and status tags; returns the status. A trial whose last report
+    was not the trainer's final epoch stopped early: by ASHA (``stopped_early``) or by the study's time budget
+    (``stopped_by_budget``: Tune stops those without calling the callback, so the driver closes them)."""
+    from medseg.plots import learning_curve_png
+    from medseg.tracking import log_run_artifacts
+
+    stopped_early = not last.get("final", 0)
+    status = "completed" if not stopped_early else ("stopped_by_budget" if stopped_by == "budget" else "stopped_early")
+    history_file = Path(run_dir) / "history.json"
+    if stopped_early and history_file.exists():
+        learning_curve_png(json.loads(history_file.read_text()), Path(run_dir) / "learning_curve.png")
+    client.set_tag(run_id, "stopped_early", str(bool(stopped_early)).lower())
+    client.set_tag(run_id, "epochs_used", str(last.get("epoch", 0)))
+    client.set_tag(run_id, "tune_status", status)
+    log_run_artifacts(client, run_id, Path(run_dir))
+    client.set_terminated(run_id, "FINISHED")
+    return status
 
 
 def _trial_error(trial) -> str:
@@ -274,10 +281,18 @@ def new_study_name(space: SearchSpace) -> str:
 
 
 def latest_study(space: SearchSpace) -> str | None:
-    """Name of the most recent study of this space under its storage path (for --resume)."""
+    """Name of the most recent unfinished study of this space under its storage path (for --resume)."""
     root = Path(space.storage_path)
     candidates = sorted(root.glob(f"{space.name}-*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1].parent.name if candidates else None
+    unfinished = [p for p in candidates if _study_status(p) != "finished"]
+    return unfinished[-1].parent.name if unfinished else None
+
+
+def _study_status(state_path: Path) -> str | None:
+    try:
+        return json.loads(state_path.read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -357,7 +372,7 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
     if resume:
         name = name or latest_study(space)
         if not name:
-            raise MedsegError(f"--resume: no study of space '{space.name}' under {space.storage_path}")
+            raise MedsegError(f"--resume: no unfinished study of space '{space.name}' under {space.storage_path}")
     name = name or new_study_name(space)
     study_dir = Path(space.storage_path) / name
     state_path = study_dir / STATE_FILE
@@ -366,6 +381,9 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
         if not state_path.exists() or not tune.Tuner.can_restore(str(study_dir)):
             raise MedsegError(f"--resume: {study_dir} holds no resumable study")
         state = json.loads(state_path.read_text())
+        if state.get("status") == "finished":
+            raise MedsegError(f"--resume: study {name} already finished (best trial {state.get('best_trial')}); "
+                              "start a new study instead of resuming it")
         diffs = resume_mismatch(state.get("space", {}), space)
         if diffs:  # restored trials would train another config than the finished ones did
             more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
@@ -386,20 +404,24 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
                  "space": space.model_dump(), "resume_command": resume_command(space, name), "status": "running"}
         study_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(state_path, state)
-    _prepare_all(space)
-    _init_ray(address, num_cpus)
-    callback = MlflowTrialCallback(uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id, study=name,
-                                   space_dict=space.model_dump(), artifacts_root=str(artifacts_root))
-    trainable = _trainable(space, artifacts_root)
-    if resume:
-        tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        tuner = _build_tuner(space, trainable, callback, name)
     try:
+        _prepare_all(space)
+        _init_ray(address, num_cpus)
+        callback = MlflowTrialCallback(uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id, study=name,
+                                       space_dict=space.model_dump(), artifacts_root=str(artifacts_root))
+        trainable = _trainable(space, artifacts_root)
+        if resume:
+            tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = _build_tuner(space, trainable, callback, name)
+        fit_started = time.monotonic()
         grid = tuner.fit()
-    except KeyboardInterrupt:  # a second Ctrl-C: Tune did not get to save its state cleanly
+    except BaseException:  # a second Ctrl-C (Tune did not get to save its state cleanly), a data error, a bad
+        # --address, an error in the callback: no run stays RUNNING, and --resume can continue the study
         _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
         raise
+    if space.time_budget_s is not None and time.monotonic() - fit_started >= space.time_budget_s:
+        _close_budget_stopped(client, experiment_id, name, grid, artifacts_root)
     # After a first Ctrl-C, Tune saves its state and returns normally: trials it stopped never reached the
     # callback (their runs are still RUNNING), and trials not yet started are missing from the results.
     running = _study_runs(client, experiment_id, name, status="RUNNING")
@@ -419,6 +441,17 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
     state.update(status="finished", best_trial=outcome.best["trial_id"] if outcome.best else None)
     atomic_write_json(state_path, state)
     return outcome
+
+
+def _close_budget_stopped(client, experiment_id: str, study: str, grid, artifacts_root: Path) -> None:
+    """The time budget ran out: Tune stopped the running trials without calling the callback. Their runs end
+    FINISHED with their artifacts, as trials stopped by the budget (not interrupted: --resume has nothing to add)."""
+    running = {r.data.tags.get("trial_id"): r.info.run_id for r in _study_runs(client, experiment_id, study, status="RUNNING")}
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        if trial_id in running and result.error is None:
+            close_trial_run(client, running[trial_id], artifacts_root / trial_id, metrics, stopped_by="budget")
 
 
 def _mark_interrupted(client, experiment_id: str, study: str, parent_run_id: str, state: dict, state_path: Path) -> None:
@@ -455,6 +488,8 @@ def _trial_records(grid, space: SearchSpace, artifacts_root: Path, client, exper
             status = "failed"
         elif metrics.get("final"):
             status = "completed"
+        elif run is not None and run.data.tags.get("tune_status") == "stopped_by_budget":
+            status = "stopped_by_budget"
         else:
             status = "stopped_early"
         best_value = metrics.get(OBJECTIVE)

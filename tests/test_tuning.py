@@ -90,7 +90,7 @@ def test_study_asha_champion_and_report(ray_local, tmp_path, synth_root, shared_
     assert metrics["candidate"]["dice"] == pytest.approx(decision.candidate["dice"])
     # report: markdown + json + three plots, every trial listed with its status
     report = json.loads(paths["json"].read_text())
-    assert report["status_counts"] == {"completed": 1, "stopped_early": 1, "failed": 0}
+    assert report["status_counts"] == {"completed": 1, "stopped_early": 1, "stopped_by_budget": 0, "failed": 0}
     assert report["epochs_used"] == 3 and report["epochs_without_early_stopping"] == 4
     text = paths["markdown"].read_text()
     assert good["trial_id"] in text and stopped["trial_id"] in text and "CHAMPION" in text
@@ -186,3 +186,36 @@ def test_resume_refuses_a_changed_space_and_names_the_command(tmp_path, synth_ro
     with pytest.raises(MedsegError, match=r"--resume: s1: the space differs .*base\.training\.ema_decay: 0\.99 when started, None now "
                                           r"\(and 1 more\); continue it with: python tune\.py --space .* --set overrides\.training\.ema_decay=0\.99"):
         run_study(load_space(path), resume=True, name="s1")
+    # a finished study is not resumed (its promotion would run again): --resume alone picks the latest unfinished one
+    from medseg.tuning import latest_study
+
+    space = load_space(path)
+    for name, status in (("t-20260101-000000", "interrupted"), ("t-20260102-000000", "finished")):
+        (tmp_path / "ray" / name).mkdir(parents=True)
+        (tmp_path / "ray" / name / "medseg_study.json").write_text(json.dumps({"space": stored, "status": status, "best_trial": "abc"}))
+    assert latest_study(space) == "t-20260101-000000"
+    with pytest.raises(MedsegError, match="study t-20260102-000000 already finished"):
+        run_study(space, resume=True, name="t-20260102-000000")
+
+
+def test_time_budget_ends_running_trials_as_stopped_by_budget(ray_local, tmp_path, synth_root, shared_cache, monkeypatch):
+    """Tune stops the running trials when time_budget_s runs out without calling the callback: the driver closes
+    their runs (FINISHED, artifacts logged) and the study still ends with a champion and a report."""
+    from medseg.study import run_and_promote
+
+    monkeypatch.chdir(tmp_path)
+    base = _write_base(tmp_path, synth_root, shared_cache, training={"epochs": 40, "samples_per_epoch": 32})
+    space = load_space(_space(tmp_path, base, params={"training.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+                              asha={"enabled": False, "max_t": 40}, num_samples=2, max_concurrent=2, time_budget_s=25))
+    outcome, decision, paths = run_and_promote(space, progress=False)
+    assert [t["status"] for t in outcome.trials] == ["stopped_by_budget"] * 2
+    client = get_client(outcome.tracking_uri)
+    for trial in outcome.trials:
+        assert 1 <= trial["epochs_used"] < 40
+        run = client.get_run(trial["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["tune_status"] == "stopped_by_budget"
+        assert "checkpoint/best.pt" in {a.path for a in client.list_artifacts(trial["run_id"], "checkpoint")}
+    assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
+    assert decision.promoted  # the registered version's source (runs:/<id>/checkpoint) holds the checkpoint
+    report = json.loads(paths["json"].read_text())
+    assert report["status_counts"]["stopped_by_budget"] == 2
