@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,11 @@ class SplitConfig(_Strict):
             raise ValueError(f"fold {self.fold} out of range for n_folds={self.n_folds}")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be < 1")
+        if self.group_regex is not None:
+            try:
+                re.compile(self.group_regex)
+            except re.error as err:
+                raise ValueError(f"group_regex {self.group_regex!r} is not a valid regular expression: {err}") from None
         return self
 
 
@@ -65,6 +71,13 @@ class DatasetConfig(_Strict):
     mask_dir: str = "masks"
     image_suffix: str = ""
     mask_suffix: str = ""
+
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered_percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 100:
+            raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {list(v)}")
+        return v
 
     @field_validator("image_size")
     @classmethod
@@ -125,14 +138,23 @@ class AugmentConfig(_Strict):
 
 def build_transform(name: str, params: dict[str, Any]):
     """Instantiate ``albumentations.<name>(**params)``; errors name the transform and the bad argument."""
+    import warnings
+
     import albumentations as A
 
     cls = getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
         dual = sorted(n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.DualTransform))
         raise ValueError(f"unknown albumentations transform '{name}'; spatial ones include: {', '.join(dual[:40])}, ...")
+    transform_3d = getattr(A, "Transform3D", None)
+    if not issubclass(cls, (A.DualTransform, A.ImageOnlyTransform)) or (transform_3d and issubclass(cls, transform_3d)):
+        raise ValueError(f"albumentations.{name} is not a 2D image or image+mask transform; the pipeline converts to tensors itself")
     try:
-        return cls(**params)
+        with warnings.catch_warnings():
+            # albumentations only warns about an unknown argument and runs on its defaults: a typo ('limt: 15')
+            # would silently train with the default range
+            warnings.filterwarnings("error", message=r".*Argument\(s\) .* are not valid")
+            return cls(**params)
     except Exception as err:  # albumentations validates arguments with pydantic / TypeError
         msg = " ".join(str(err).split())
         raise ValueError(f"albumentations.{name}({params}): {msg[:300]}") from None

@@ -48,6 +48,15 @@ def test_bad_values_name_the_key_and_allowed_values():
         config_from_dict({"augment": [{"name": "Flipp"}]})
     with pytest.raises(ConfigError, match=r"augment\.0: albumentations\.HorizontalFlip\(\{'p': 3\}\)"):
         config_from_dict({"augment": [{"name": "HorizontalFlip", "p": 3}]})
+    # albumentations itself only warns about an unknown argument and runs on its defaults
+    with pytest.raises(ConfigError, match=r"augment\.0: albumentations\.Rotate\(.*Argument\(s\) 'limt' are not valid"):
+        config_from_dict({"augment": [{"name": "Rotate", "limt": 15}]})
+    with pytest.raises(ConfigError, match=r"augment\.0: albumentations\.ToTensorV2 is not a 2D image or image\+mask transform"):
+        config_from_dict({"augment": [{"name": "ToTensorV2"}]})
+    with pytest.raises(ConfigError, match=r"dataset\.split: .*group_regex '\(' is not a valid regular expression"):
+        config_from_dict({"dataset": {"split": {"group_regex": "("}}})
+    with pytest.raises(ConfigError, match=r"dataset\.percentiles: .*0 <= low < high <= 100, got \[99\.5, 0\.5\]"):
+        config_from_dict({"dataset": {"percentiles": [99.5, 0.5]}})
     with pytest.raises(ConfigError, match=r"dataset\.image_size: .*multiple of 32"):
         config_from_dict({"dataset": {"image_size": 100}})
     with pytest.raises(ConfigError, match=r"dataset\.split: .*fold 3 out of range"):
