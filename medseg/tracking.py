@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,8 +102,12 @@ def start_run(client, experiment_id: str, *, run_name: str, params: dict[str, st
         tags = {**tags, PARENT_TAG: parent_run_id}
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    try:
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(run.info.run_id, params=items[i:i + 100])
+    except BaseException:
+        client.set_terminated(run.info.run_id, "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
+        raise
     return run.info.run_id
 
 
@@ -139,8 +144,10 @@ def tracked_run(client, run_id: str) -> Iterator[str]:
         client.set_terminated(run_id, "KILLED")
         raise
     except BaseException as err:
-        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, "FAILED")
+        try:
+            client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+        finally:  # a failing tag write (a locked store) must not leave the run RUNNING
+            client.set_terminated(run_id, "FAILED")
         raise
     else:
         client.set_terminated(run_id, "FINISHED")

@@ -84,3 +84,31 @@ def test_ui_command_names_the_store_it_was_given(tmp_path):
     assert cmd.startswith(f"mlflow ui --backend-store-uri sqlite:///{other} ")
     assert f"--default-artifact-root {other.parent / 'mlartifacts'}" in cmd
     assert "open http://mlflow:5000" in ui_command("http://mlflow:5000", cwd=tmp_path)
+
+
+def test_sigterm_ends_the_run_killed(tiny_cfg, tmp_path):
+    """`kill`, `timeout` or a scheduler's preemption send SIGTERM: the run must not stay RUNNING."""
+    import signal
+    import time
+
+    cfg = tiny_cfg(training={"epochs": 50})
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(path), "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = get_client(tracking_uri(cfg))
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training reports its first epoch
+        exp = client.get_experiment_by_name("tests")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "val/dice"):
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("training did not report an epoch in time")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated"
+    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
