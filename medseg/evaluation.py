@@ -266,7 +266,9 @@ def run_eval_cli(cfg, args) -> str:
         case_ids = results[0].per_case_dice().keys() if results else None
         result = evaluate_predictions(source, args.predictions, labels=cfg.dataset.labels, case_ids=list(case_ids) if case_ids else None,
                                       missing_as_empty=args.missing_as_empty)
-        files = result.write(Path(args.out or f"eval-{Path(args.predictions).name}"))
+        pred_dir = f"eval-{Path(args.predictions).name}"
+        # with --ckpt too, --out already holds the checkpoint's tables: the predictions' go to a subfolder
+        files = result.write(Path(args.out) / pred_dir if args.out and args.ckpt else Path(args.out or pred_dir))
         out_lines.append(f"{result.name}: {dump_summary(result)}\nper-case table: {files['per_case_csv']}")
         results.append(result)
     if args.leaderboard:

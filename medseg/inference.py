@@ -159,6 +159,9 @@ def write_mask(item: InputItem, mask: np.ndarray, out_dir: Path, *, binary_255: 
         image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
         img = image_class(data.astype(np.uint8), ref.affine, header)
         img.header.set_slope_inter(1, 0)
+        img.header.set_intent(0)  # a label map, not whatever the input declared
+        img.header["cal_min"], img.header["cal_max"] = 0, 0  # the input's display range (e.g. 300 HU) would hide 0/1
+        img.header["descrip"] = b"medseg mask"
         path = out_dir / f"{item.name}.nii.gz"
         with atomic_path(path, suffix=".nii.gz") as tmp:
             nib.save(img, str(tmp))

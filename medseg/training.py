@@ -155,11 +155,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 # ----------------------------------------------------------------------------------------- prediction
 
 
+def native_bf16() -> bool:
+    """bf16 in hardware (Ampere and later). ``is_bf16_supported()`` alone also says yes for emulated bf16 on
+    T4/V100, where fp16 with a GradScaler is the fast path."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def autocast(device: torch.device, enabled: bool):
     if device.type != "cuda" or not enabled:
         return torch.autocast(device_type="cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if native_bf16() else torch.float16)
 
 
 @torch.no_grad()
@@ -277,7 +282,7 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
     ema = build_ema(model, cfg)
     eval_model = ema.module if ema is not None else model  # what is validated and checkpointed
     loss_fn = build_loss(cfg.loss, classes)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.amp and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.amp and not native_bf16())  # fp16 needs it
     transform = build_augmentation(cfg.augment, seed=t.seed)
     train_set = SliceDataset(data.cache, data.split.train, labels=data.labels, context_slices=context, transform=transform)
     sampler = EpochSampler(train_set.has_foreground(), n=t.samples_per_epoch, fg_fraction=t.fg_oversample, seed=t.seed)

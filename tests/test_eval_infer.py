@@ -83,9 +83,15 @@ def test_leaderboard_ranks_checkpoint_among_reference_methods(trained, tmp_path)
     cfg, result = trained
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    data = prepare_data(cfg, progress=False)
+    perturbed = Path(data.source.root) / "Predictions" / "perturbed"
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--config", str(cfg_path), "--ckpt", str(result.best_checkpoint),
-                           "--leaderboard"], capture_output=True, text=True, cwd=tmp_path)
+                           "--predictions", str(perturbed), "--leaderboard", "--out", str(tmp_path / "ev")],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    # --ckpt and --predictions with one --out: each keeps its own tables
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["name"] == str(result.best_checkpoint)
+    assert json.loads((tmp_path / "ev" / "eval-perturbed" / "summary.json").read_text())["name"] == "perturbed"
     table = proc.stdout.split("leaderboard on", 1)[1].splitlines()[2:]
     methods = {line.split()[1] for line in table}
     assert {"threshold", "perturbed", str(result.best_checkpoint)} <= methods
@@ -93,7 +99,6 @@ def test_leaderboard_ranks_checkpoint_among_reference_methods(trained, tmp_path)
     dices = [float(line.split()[2]) for line in table]
     assert dices == sorted(dices, reverse=True)
     # and the scores are the ones evaluate_predictions gives on the same validation cases
-    data = prepare_data(cfg, progress=False)
     ref = evaluate_predictions(data.source, Path(data.source.root) / "Predictions" / "perturbed", case_ids=data.split.val, progress=False)
     row = leaderboard([ref])[0]
     assert any(line.split()[1] == "perturbed" and float(line.split()[2]) == pytest.approx(row["dice"], abs=1e-4) for line in table)
@@ -106,12 +111,15 @@ def test_infer_keeps_nifti_geometry_and_image_size(trained, tmp_path):
     # a NIfTI with a non-trivial affine and a different in-plane size than the model's input (64 px)
     affine = np.array([[0.7, 0, 0, -10], [0, 0.7, 0, 5], [0, 0, 2.5, 30], [0, 0, 0, 1]])
     image = np.repeat(np.repeat(case.image, 2, axis=0), 2, axis=1)[:100, :90]
-    nib.save(nib.Nifti1Image(image.astype(np.int16), affine), tmp_path / "vol.nii.gz")
+    ct = nib.Nifti1Image(image.astype(np.int16), affine)
+    ct.header["cal_min"], ct.header["cal_max"] = -100, 300  # the CT's display range must not reach the mask
+    nib.save(ct, tmp_path / "vol.nii.gz")
     Image.fromarray(np.clip(case.image[:, :, 0] + 1000, 0, 255).astype(np.uint8)).save(tmp_path / "slice.png")
     records = run_inference(result.best_checkpoint, tmp_path / "vol.nii.gz", tmp_path / "out", device="cpu")
     mask = nib.load(records[0]["mask"])
     assert mask.shape == (100, 90, image.shape[2]) and np.allclose(mask.affine, affine)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    assert mask.get_data_dtype() == np.uint8 and (mask.header["cal_min"], mask.header["cal_max"]) == (0, 0)
     assert Path(records[0]["overlay"]).exists()
     records = run_inference(result.best_checkpoint, tmp_path / "slice.png", tmp_path / "out", device="cpu")
     assert Image.open(records[0]["mask"]).size == (64, 64)
