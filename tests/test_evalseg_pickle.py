@@ -207,3 +207,26 @@ def test_truncated_pickle_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="not a readable evalseg pickle") as err:
         read_label_pickle(path)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("shape", None, r"shape None is not three non-negative integers"),
+    ("shape", (6, 6), r"shape \(6, 6\) is not three"),
+    ("shape", (6, -6, 6), r"shape \(6, -6, 6\) is not three"),
+    ("shape", (100000, 100000, 1000), r"more than 2,147,483,648 voxels"),  # a few hundred bytes asking for 9 TiB
+    ("voxelsize", "abc", r"voxelsize 'abc' is not three positive numbers"),
+    ("voxelsize", (1.0, 1.0), r"voxelsize \(1\.0, 1\.0\) is not three"),
+    ("segments", None, r"segments is NoneType, expected a list"),
+    ("roi", (slice(0, 2), slice(0, 2), slice(0, 2), slice(0, 2)), r"segment 0 roi .* is not a tuple of three slices"),
+])
+def test_malformed_segment_array_is_a_one_line_data_error(tmp_path, field, value, message):
+    """Every structural fault names the file instead of surfacing as TypeError, IndexError or MemoryError."""
+    sa = load_segment_array(data=dumps_label_pickle(np.pad(np.ones((2, 2, 2), np.uint8), 2), (1, 1, 1)))
+    (sa.segments[0] if field == "roi" else sa).__dict__[field] = value
+    with _evalseg_modules():
+        raw = pickle.dumps(sa, protocol=4)
+    path = tmp_path / "002.pkl"
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match=message) as err:
+        read_label_pickle(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)

@@ -114,12 +114,44 @@ def load_segment_array(path: str | os.PathLike | None = None, *, data: bytes | N
     for key in ("shape", "segments"):
         if not hasattr(obj, key):
             raise DataError(f"{src}: SegmentArray has no '{key}' attribute")
+    shape = _int_triple(obj.shape)
+    if shape is None:
+        raise DataError(f"{src}: SegmentArray.shape {obj.shape!r} is not three non-negative integers")
+    if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+        raise DataError(f"{src}: SegmentArray.shape {shape} has more than {MAX_VOXELS:,} voxels")
+    if hasattr(obj, "voxelsize"):
+        try:
+            vs = np.asarray(obj.voxelsize, dtype=float).ravel()
+        except (TypeError, ValueError):
+            vs = np.array([])
+        if vs.size != 3 or not np.all(np.isfinite(vs)) or not np.all(vs > 0):
+            raise DataError(f"{src}: SegmentArray.voxelsize {obj.voxelsize!r} is not three positive numbers")
+    if not isinstance(obj.segments, (list, tuple)):
+        raise DataError(f"{src}: SegmentArray.segments is {type(obj.segments).__name__}, expected a list")
     for i, seg in enumerate(obj.segments):
         if not isinstance(seg, SingleSegment) or not hasattr(seg, "data") or not hasattr(seg, "roi"):
             raise DataError(f"{src}: segment {i} is not an evalseg SingleSegment with data and roi")
         if np.asarray(seg.data).dtype == object:
             raise DataError(f"{src}: segment {i} holds an object array")
+        roi = seg.roi
+        if not (isinstance(roi, (tuple, list)) and len(roi) == 3 and all(isinstance(r, slice) for r in roi)):
+            raise DataError(f"{src}: segment {i} roi {roi!r} is not a tuple of three slices")
+        if np.asarray(seg.data).ndim != 3:
+            raise DataError(f"{src}: segment {i} data has {np.asarray(seg.data).ndim} dimensions, expected 3")
     return obj
+
+
+MAX_VOXELS = 2**31  # 2 GiB of uint8 labels: far above a 512 x 512 x 1000 CT, far below what a forged shape could ask
+
+
+def _int_triple(value) -> tuple[int, int, int] | None:
+    try:
+        items = tuple(value)
+    except TypeError:
+        return None
+    if len(items) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in items):
+        return None
+    return tuple(int(v) for v in items)
 
 
 def dense(sa: SegmentArray, *, source: str = "<pickle>") -> np.ndarray:
@@ -133,7 +165,10 @@ def dense(sa: SegmentArray, *, source: str = "<pickle>") -> np.ndarray:
         values = data[mask]
         if values.size and (values.min() < 0 or values.max() > 255 or not np.all(np.mod(values, 1) == 0)):
             raise DataError(f"{source}: segment {i} has non-integer or out-of-range label values")
-        region = vol[tuple(seg.roi)]
+        try:
+            region = vol[tuple(seg.roi)]
+        except (TypeError, IndexError, ValueError) as err:
+            raise DataError(f"{source}: segment {i} roi {seg.roi!r} does not index a volume of shape {shape} ({err})") from None
         if region.shape != data.shape:
             raise DataError(f"{source}: segment {i} roi {region.shape} does not match its data {data.shape}")
         region[mask] = values.astype(np.uint8)
