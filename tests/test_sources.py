@@ -405,3 +405,20 @@ def test_open_source_from_config_passes_every_field(tmp_path, cases):
     src = open_source_from_config(cfg)
     assert src.labels == {0: "background", 2: "label 2"}
     assert np.array_equal(src.load("x").label[..., 0], mask)
+
+
+def test_scaled_nifti_is_read_in_float32_with_nibabels_values(tmp_path):
+    """CT stored as uint16 + intercept -1024 (common): the values nibabel gives, without a float64 copy."""
+    import nibabel as nib
+
+    from medseg.data.sources.common import load_nifti
+
+    raw = np.random.default_rng(0).integers(0, 3000, (8, 7, 5)).astype(np.uint16)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_slope_inter(1.0, -1024.0)
+    nib.save(img, tmp_path / "ct.nii.gz")
+    vol = load_nifti(tmp_path / "ct.nii.gz", source="ct")
+    assert vol.array.dtype == np.float32
+    assert np.array_equal(vol.array, np.asanyarray(nib.load(tmp_path / "ct.nii.gz").dataobj))  # nibabel: float64
+    nib.save(nib.Nifti1Image(raw.astype(np.int16), np.eye(4)), tmp_path / "plain.nii.gz")
+    assert load_nifti(tmp_path / "plain.nii.gz", source="plain").array.dtype == np.int16  # no scaling: the stored dtype
