@@ -355,3 +355,36 @@ def test_empty_task_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no cases to cache"):
         build_cache(cfg, source, progress=False)
     assert [p for p in dataset_dir_for(cfg, source).iterdir() if not p.name.endswith(".lock")] == []
+
+
+
+def test_a_2d_folder_dataset_larger_than_the_file_limit_reads_every_case(tmp_path):
+    """One case per image: 600 cases would hold 1200 memory maps (one file descriptor each) if every map stayed
+    open. Under a soft limit of 512 descriptors (half the usual default), reading every case must still work."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(600):
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(tmp_path / "images" / f"{i:04d}.png")
+        Image.fromarray((rng.random((32, 32)) > 0.9).astype(np.uint8) * 255).save(tmp_path / "masks" / f"{i:04d}.png")
+    dataset = {"format": "folders2d", "path": str(tmp_path), "cache_dir": str(tmp_path / "cache"), "window": None, "image_size": 32}
+    assert len(build_cache(config_from_dict({"dataset": dataset}, resolve=True).dataset, progress=False).case_ids) == 600
+    script = f"""
+import resource
+import numpy as np
+from medseg.config import config_from_dict
+from medseg.data.cache import MAX_OPEN_MAPS, build_cache
+resource.setrlimit(resource.RLIMIT_NOFILE, (512, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+cache = build_cache(config_from_dict({{"dataset": {dataset!r}}}, resolve=True).dataset, progress=False)
+read = [float(np.asarray(cache.image(c), dtype=np.float32).sum()) + int(cache.label(c).sum()) for c in cache.case_ids]
+assert len(cache._maps) <= MAX_OPEN_MAPS
+print(len(read))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "600"

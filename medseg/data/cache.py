@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -109,6 +110,9 @@ class CaseEntry:
     fg_per_slice: list[int]  # foreground pixels per cached slice (resized)
 
 
+MAX_OPEN_MAPS = 256  # 128 cases (image + label) stay mapped: every 3D task's working set, a window of a 2D one
+
+
 class SliceCache:
     """Read side of a complete cache: memory-mapped per-case volumes, safe for many readers at once."""
 
@@ -117,7 +121,7 @@ class SliceCache:
         self.manifest = manifest
         self.settings: dict[str, Any] = manifest["settings"]
         self.cases: dict[str, dict[str, Any]] = {c["case_id"]: c for c in manifest["cases"]}
-        self._maps: dict[tuple[str, str], np.ndarray] = {}
+        self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
 
     @property
     def case_ids(self) -> list[str]:
@@ -128,11 +132,17 @@ class SliceCache:
         return self.root.parent
 
     def _open(self, case_id: str, kind: str) -> np.ndarray:
+        """The case's memory map, kept among the ``MAX_OPEN_MAPS`` most recently used: each map holds a file
+        descriptor, and a 2D-folder dataset (one case per image) would otherwise exhaust them (1024 by default)."""
         key = (case_id, kind)
         arr = self._maps.get(key)
         if arr is None:
             arr = np.load(self.root / self.cases[case_id][kind], mmap_mode="r")
             self._maps[key] = arr
+            while len(self._maps) > MAX_OPEN_MAPS:
+                self._maps.popitem(last=False)  # closed when no batch references it any more
+        else:
+            self._maps.move_to_end(key)
         return arr
 
     def image(self, case_id: str) -> np.ndarray:
@@ -151,7 +161,7 @@ class SliceCache:
 
     def __getstate__(self):  # memmaps are reopened in each DataLoader worker / Ray process
         state = dict(self.__dict__)
-        state["_maps"] = {}
+        state["_maps"] = OrderedDict()
         return state
 
 
