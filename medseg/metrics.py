@@ -503,51 +503,63 @@ def summarize(per_case: Sequence[Mapping[str, object]]) -> dict[str, float | int
 # ----------------------------------------------------------------------------------------------- comparison
 
 
-def paired_bootstrap(a: Sequence[float | None], b: Sequence[float | None], *, n_resamples: int = 10000,
-                     seed: int = 0) -> dict[str, float | int]:
+def paired_bootstrap(a, b, *, n_resamples: int = 10000, seed: int = 0) -> dict[str, float | int]:
     """Paired bootstrap of the difference in mean per-case score between model B and model A.
 
     Args:
-        a, b: per-case scores (e.g. Dice) of two models on the same cases in the same order, shape (n_cases,);
-            NaN or None = case left out of that model's mean, as in ``mean_per_case_dice``.
+        a, b: per-case scores (e.g. Dice) of two models on the same cases in the same order, shape (n_cases,),
+            or (n_cases, n_labels) for several labels; NaN or None = left out of that mean, as in
+            ``mean_per_case_dice``. With labels, the statistic is the one ``summarize`` reports: per label the
+            mean over cases, then the mean over labels (not the mean of each case's label average, which
+            differs when a case has no Dice for some label).
         n_resamples: bootstrap resamples; each draws n_cases case indices with replacement, the same indices
             for both models (that pairing is what makes it a paired test).
         seed: seeds ``np.random.default_rng``; the same inputs and seed give the same result.
 
     Returns:
-        ``delta``: observed nanmean(b) - nanmean(a); ``prob_better``: fraction of resamples whose delta > 0
-        (among resamples where both means are defined); ``ci_low``, ``ci_high``: 2.5 / 97.5 percentiles of the
+        ``delta``: observed statistic(b) - statistic(a); ``prob_better``: fraction of resamples whose delta > 0
+        (among resamples where both are defined); ``ci_low``, ``ci_high``: 2.5 / 97.5 percentiles of the
         resampled deltas; ``n_cases``; ``n_resamples``.
     """
-    scores_a = np.array([np.nan if v is None else v for v in a], dtype=float)
-    scores_b = np.array([np.nan if v is None else v for v in b], dtype=float)
+    def as_matrix(values) -> np.ndarray:
+        rows = [[np.nan if v is None else v for v in (row if isinstance(row, (list, tuple, np.ndarray)) else [row])] for row in values]
+        return np.array(rows, dtype=float).reshape(len(rows), -1) if rows else np.zeros((0, 1))
+
+    scores_a, scores_b = as_matrix(a), as_matrix(b)
     if scores_a.shape != scores_b.shape:
-        raise ValueError(f"a has {scores_a.size} cases but b has {scores_b.size}: they must score the same cases")
-    if scores_a.size == 0:
+        raise ValueError(f"a has {scores_a.shape[0]} cases but b has {scores_b.shape[0]}: they must score the same cases"
+                         if scores_a.shape[0] != scores_b.shape[0] else f"a has shape {scores_a.shape}, b {scores_b.shape}")
+    if scores_a.shape[0] == 0:
         raise ValueError("paired_bootstrap needs at least one case")
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    n_cases = scores_a.size
-    observed = _nanmean(scores_b)[0] - _nanmean(scores_a)[0]
+    n_cases, n_labels = scores_a.shape
 
-    # nanmean over each resample as (sum of scored values) / (number scored), gathered through one index matrix.
+    def statistic(filled: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """(..., n_cases, n_labels) -> (...): per label the mean over scored cases, then the mean over labels."""
+        with np.errstate(invalid="ignore", divide="ignore"):  # nothing scored -> NaN, left out or dropped
+            per_label = filled.sum(axis=-2) / valid.sum(axis=-2)
+        counted = ~np.isnan(per_label)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counted, per_label, 0.0).sum(axis=-1) / counted.sum(axis=-1)
+
     valid_a, valid_b = ~np.isnan(scores_a), ~np.isnan(scores_b)
     filled_a, filled_b = np.where(valid_a, scores_a, 0.0), np.where(valid_b, scores_b, 0.0)
+    observed = float(statistic(filled_b, valid_b) - statistic(filled_a, valid_a))
+
+    # every resample through one index matrix, in blocks bounded to ~32 MB for large test sets
     rng = np.random.default_rng(seed)
-    rows_per_block = max(1, (1 << 22) // n_cases)  # bound the index matrix to ~32 MB for large test sets
+    rows_per_block = max(1, (1 << 22) // (n_cases * n_labels))
     deltas = np.empty(n_resamples)
     for start in range(0, n_resamples, rows_per_block):
         stop = min(start + rows_per_block, n_resamples)
         index = rng.integers(0, n_cases, size=(stop - start, n_cases))
-        with np.errstate(invalid="ignore", divide="ignore"):  # a resample with no scored case -> NaN, dropped
-            mean_a = filled_a[index].sum(axis=1) / valid_a[index].sum(axis=1)
-            mean_b = filled_b[index].sum(axis=1) / valid_b[index].sum(axis=1)
-        deltas[start:stop] = mean_b - mean_a
+        deltas[start:stop] = statistic(filled_b[index], valid_b[index]) - statistic(filled_a[index], valid_a[index])
     deltas = deltas[~np.isnan(deltas)]
     if deltas.size == 0:
         prob_better = ci_low = ci_high = float("nan")
     else:
         prob_better = float(np.mean(deltas > 0))
         ci_low, ci_high = (float(q) for q in np.percentile(deltas, [2.5, 97.5]))
-    return {"delta": float(observed), "prob_better": prob_better, "ci_low": ci_low, "ci_high": ci_high,
+    return {"delta": observed, "prob_better": prob_better, "ci_low": ci_low, "ci_high": ci_high,
             "n_cases": int(n_cases), "n_resamples": int(n_resamples)}

@@ -68,7 +68,10 @@ def _eval_record(result, run_id: str | None, checkpoint: str) -> dict[str, Any]:
     s = result.summary
     return {"run_id": run_id, "checkpoint": checkpoint, "dice": s["dice"], "iou": s["iou"], "dice_micro": s["dice_micro"],
             "lesion_recall": s.get("lesion_recall"), "lesion_precision": s.get("lesion_precision"), "n_cases": s["n_cases"],
-            "n_scored": s["n_scored"], "split_hash": result.info.get("split_hash"), "per_case_dice": result.per_case_dice()}
+            "n_scored": s["n_scored"], "split_hash": result.info.get("split_hash"), "per_case_dice": result.per_case_dice(),
+            "labels": list(result.labels),
+            # per case and label: what the reported Dice averages (per label over cases, then over labels)
+            "per_case_label_dice": {r["case_id"]: [float(r[f"dice/{label}"]) for label in result.labels] for r in result.rows}}
 
 
 def compare(champion: dict[str, Any], candidate: dict[str, Any], rule) -> tuple[bool, str, dict[str, Any]]:
@@ -76,7 +79,12 @@ def compare(champion: dict[str, Any], candidate: dict[str, Any], rule) -> tuple[
     ids = sorted(candidate["per_case_dice"])
     if sorted(champion["per_case_dice"]) != ids:
         return False, "champion and candidate were scored on different cases", {}
-    boot = M.paired_bootstrap([champion["per_case_dice"][i] for i in ids], [candidate["per_case_dice"][i] for i in ids],
+    key = "per_case_dice"
+    if len(candidate.get("labels") or []) > 1:
+        if champion.get("labels") != candidate["labels"] or "per_case_label_dice" not in champion:
+            return False, f"champion and candidate were scored on different labels ({champion.get('labels')} vs {candidate['labels']})", {}
+        key = "per_case_label_dice"  # several labels: bootstrap the reported statistic, not each case's label average
+    boot = M.paired_bootstrap([champion[key][i] for i in ids], [candidate[key][i] for i in ids],
                               n_resamples=rule.bootstrap_resamples, seed=rule.seed)
     delta, prob = boot["delta"], boot["prob_better"]
     failed = []

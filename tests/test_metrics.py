@@ -365,6 +365,26 @@ def test_paired_bootstrap_nan_handling_and_errors():
         paired_bootstrap([0.1, 0.2, 0.3], [0.1, 0.2])
 
 
+
+def test_paired_bootstrap_with_labels_bootstraps_the_reported_dice():
+    """Two labels; case 0 has no label 2 in truth or prediction (Dice NaN). The reported Dice averages per label
+    over cases, then over labels: the bootstrap's delta is the difference of exactly that."""
+    target = [np.array([1, 1, 0, 0]), np.array([1, 0, 2, 2]), np.array([0, 1, 2, 0])]
+    pred_a = [np.array([1, 0, 0, 0]), np.array([1, 0, 2, 0]), np.array([0, 1, 2, 2])]
+    pred_b = [np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0]), np.array([0, 1, 2, 0])]
+    rows_a = [case_metrics(p.astype(np.uint8), t.astype(np.uint8), [1, 2]) for p, t in zip(pred_a, target)]
+    rows_b = [case_metrics(p.astype(np.uint8), t.astype(np.uint8), [1, 2]) for p, t in zip(pred_b, target)]
+    matrix = lambda rows: [[r["dice/1"], r["dice/2"]] for r in rows]  # noqa: E731
+    result = paired_bootstrap(matrix(rows_a), matrix(rows_b), n_resamples=500)
+    assert result["delta"] == pytest.approx(summarize(rows_b)["dice"] - summarize(rows_a)["dice"])
+    assert result["delta"] == pytest.approx(0.75 - 7 / 9)  # B is worse on the reported Dice ...
+    # ... but better on the mean of each case's label average (case 0 has one label, case 1 two): +0.056
+    case_mean = paired_bootstrap([r["dice"] for r in rows_a], [r["dice"] for r in rows_b], n_resamples=10)["delta"]
+    assert case_mean == pytest.approx(5 / 6 - 7 / 9)
+    # one label as a column is the plain per-case bootstrap, resample for resample
+    flat = paired_bootstrap([r["dice/1"] for r in rows_a], [r["dice/1"] for r in rows_b], n_resamples=300, seed=3)
+    assert paired_bootstrap([[r["dice/1"]] for r in rows_a], [[r["dice/1"]] for r in rows_b], n_resamples=300, seed=3) == flat
+
 # ----------------------------------------------------------------------------------------------- real data
 
 

@@ -149,6 +149,16 @@ def test_promotion_rule_margin_and_bootstrap():
         lucky["per_case_dice"][i] -= 0.05
     promoted, reason, boot = compare(champion, lucky, rule)
     assert not promoted and "P(better)" in reason and boot["prob_better"] < 0.95 and boot["delta"] > 0.01
+    # several labels: the rule judges the reported Dice (per label over cases, then over labels). Here the
+    # challenger's case averages rise (+0.10: half the cases score one label only), but the reported Dice falls
+    two = {"dice": 0.55, "labels": [1, 2], "per_case_dice": {i: 0.55 for i in ids},
+           "per_case_label_dice": {i: [0.6, 0.5] for i in ids}}
+    skewed = {"dice": 0.5, "labels": [1, 2], "per_case_dice": {i: (0.9 if k < 10 else 0.4) for k, i in enumerate(ids)},
+              "per_case_label_dice": {i: ([0.9, None] if k < 10 else [0.7, 0.1]) for k, i in enumerate(ids)}}
+    promoted, reason, boot = compare(two, skewed, rule)
+    assert not promoted and boot["delta"] == pytest.approx((0.8 + 0.1) / 2 - 0.55) and "gain -0.1000" in reason
+    promoted, reason, _ = compare({**two, "labels": [1, 3]}, skewed, rule)
+    assert not promoted and "different labels" in reason
 
 
 def test_resume_refuses_a_changed_space_and_names_the_command(tmp_path, synth_root, shared_cache, monkeypatch):
