@@ -424,11 +424,16 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
         _close_budget_stopped(client, experiment_id, name, grid, artifacts_root)
     # After a first Ctrl-C, Tune saves its state and returns normally: trials it stopped never reached the
     # callback (their runs are still RUNNING), and trials not yet started are missing from the results.
-    running = _study_runs(client, experiment_id, name, status="RUNNING")
+    runs = _study_runs(client, experiment_id, name)
+    running = [r for r in runs if r.info.status == "RUNNING"]
+    # a trial is done when the driver gave its run a final status tag; one created just before the Ctrl-C whose
+    # worker never started has no run at all, yet counts among the results
+    done = {r.data.tags.get("trial_id") for r in runs if r.data.tags.get("tune_status")}
+    not_done = [t for t in _grid_trial_ids(grid) if t not in done]
     expected = len(space.fixed_configs) or space.num_samples
-    if running or (space.time_budget_s is None and len(grid) < expected):
+    if running or not_done or (space.time_budget_s is None and len(grid) < expected):
         _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
-        raise MedsegError(f"study {name} interrupted ({len(grid)} of {expected} trials started, {len(running)} unfinished); "
+        raise MedsegError(f"study {name} interrupted ({len(grid)} of {expected} trials started, {len(not_done)} unfinished); "
                           f"continue it with: {resume_command(space, name)}")
     outcome = StudyOutcome(name=name, study_dir=study_dir, parent_run_id=parent_run_id, experiment_id=experiment_id, tracking_uri=uri)
     outcome.trials = _trial_records(grid, space, artifacts_root, client, experiment_id, name)
@@ -441,6 +446,10 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
     state.update(status="finished", best_trial=outcome.best["trial_id"] if outcome.best else None)
     atomic_write_json(state_path, state)
     return outcome
+
+
+def _grid_trial_ids(grid) -> list[str]:
+    return [(result.metrics or {}).get("trial_id") or Path(result.path).name for result in grid]
 
 
 def _close_budget_stopped(client, experiment_id: str, study: str, grid, artifacts_root: Path) -> None:

@@ -10,8 +10,11 @@ millimetre coordinates (anatomy keeps its size whatever the grid), blurred (part
 noise and streamed into the zip slice by slice. Memory stays at a few volumes' worth (see ``build_task``).
 Same seed -> byte-identical files.
 
-Axes: volumes are (X, Y, Z) in NIfTI (i, j, k) order with a RAS affine: +i is the patient's left, +j anterior,
-+k superior. So the liver sits at low i, the spine at low j, and axial slices are ``volume[:, :, k]``.
+Axes: volumes are (X, Y, Z) in NIfTI (i, j, k) order with a positive diagonal affine (axis codes R, A, S), as the
+real Task001 files in ../shared/data/evalseg have. Like their tumours (mean position at 0.2-0.4 of the i axis),
+the liver sits at low i; read literally, both headers put it on the patient's left, so a viewer that honours the
+affine shows the anatomy mirrored. Nothing here reorients: training, evaluation and written masks all stay in
+the files' own (i, j, k) order. The spine sits at low j; axial slices are ``volume[:, :, k]``.
 
 CLI: ``python -m medseg.data.synthetic --out data/synthetic [--cases 40] [--size 128] [--slices 24 48]
 [--seed 0] [--task-name Task900_SynthLiverTumor] [--methods threshold,perturbed] [--force]``
