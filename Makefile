@@ -7,7 +7,7 @@ DATA := data/synthetic
 TASK := $(DATA)/Task900_SynthLiverTumor
 export PYTHONHASHSEED := 0
 
-.PHONY: demo experiments test test-slow test-all venv data mlflow-ui bench bench-ema clean
+.PHONY: demo experiments holdout test test-slow test-all venv data mlflow-ui bench bench-ema clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -28,6 +28,15 @@ demo: venv data
 experiments: venv data
 	$(PY) tune.py --configs configs/exp_000_baseline.yaml configs/exp_001_aug_sched.yaml configs/exp_002_context_2p5d.yaml \
 		--space search_spaces/default.yaml --name experiments
+
+# The champion on 40 cases of a twin drawn with another seed, which no run, trial or decision has seen:
+# its masks (infer.py) scored and ranked among the twin's reference methods (eval.py --leaderboard).
+holdout: venv
+	test -e models/champion/checkpoint.pt || { echo "no champion yet: run make demo first" >&2; exit 2; }
+	test -f data/holdout/Task900_SynthLiverTumor/metadata.json || $(PY) -m medseg.data.synthetic --out data/holdout --seed 1
+	rm -rf runs/holdout && $(PY) infer.py --ckpt models/champion/checkpoint.pt --input data/holdout/Task900_SynthLiverTumor \
+		--out runs/holdout/champion > /dev/null
+	$(PY) eval.py --config configs/holdout_synthetic.yaml --predictions runs/holdout/champion --out runs/holdout/eval --leaderboard
 
 test: venv
 	$(PY) -m pytest -q -m "not slow"
