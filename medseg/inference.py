@@ -16,7 +16,7 @@ import torch
 from medseg.checkpoint import model_from_checkpoint
 from medseg.data.cache import make_normaliser, resize_slice
 from medseg.data.dataset import stack_context
-from medseg.errors import DataError
+from medseg.errors import DataError, MedsegError
 from medseg.training import _tta_logits, autocast
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -27,6 +27,8 @@ class Predictor:
     """A loaded checkpoint that turns (X, Y, Z) float32 volumes into (X, Y, Z) uint8 label volumes."""
 
     def __init__(self, ckpt: str | Path, *, device: str | None = None, batch_size: int = 16, flip_tta: bool = False):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise MedsegError("--device cuda: no CUDA device is available (leave --device out to use the CPU)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.meta, self.cfg = model_from_checkpoint(ckpt, device=self.device)
         self.ckpt = Path(ckpt)

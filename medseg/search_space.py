@@ -93,7 +93,7 @@ class ChampionRule(_Strict):
     """When a challenger replaces the champion: better by ``margin`` AND paired-bootstrap P(better) >= min_probability."""
 
     registry_name: str = "medseg"
-    margin: float = Field(0.0, ge=0, description="minimum gain in mean per-case validation Dice")
+    margin: float = Field(0.01, ge=0, description="minimum gain in mean per-case validation Dice (the shipped spaces use 0.01 too)")
     min_probability: float = Field(0.95, gt=0, le=1)
     bootstrap_resamples: int = Field(10000, ge=100)
     seed: int = 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -131,6 +132,9 @@ def test_infer_keeps_nifti_geometry_and_image_size(trained, tmp_path):
     assert out.shape == case.image.shape and np.allclose(out.affine, case.affine)
     # same prediction as the evaluation path
     predicted = Predictor(result.best_checkpoint, device="cpu").predict(case.image)
+    if not torch.cuda.is_available():  # asking for a GPU that is not there: one line, not a torch traceback
+        with pytest.raises(MedsegError, match="--device cuda: no CUDA device is available"):
+            Predictor(result.best_checkpoint, device="cuda")
     assert np.array_equal(np.asarray(out.dataobj), predicted)
 
 
