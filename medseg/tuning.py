@@ -404,6 +404,7 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
                  "space": space.model_dump(), "resume_command": resume_command(space, name), "status": "running"}
         study_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(state_path, state)
+    fit_started = None
     try:
         _prepare_all(space)
         _init_ray(address, num_cpus)
@@ -418,9 +419,13 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
         grid = tuner.fit()
     except BaseException:  # a second Ctrl-C (Tune did not get to save its state cleanly), a data error, a bad
         # --address, an error in the callback: no run stays RUNNING, and --resume can continue the study
+        if fit_started is not None:
+            state["fit_seconds"] = float(state.get("fit_seconds", 0.0)) + time.monotonic() - fit_started
         _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
         raise
-    if space.time_budget_s is not None and time.monotonic() - fit_started >= space.time_budget_s:
+    # Tune's time budget spans resumes (its stopper keeps the remaining budget), so the study's does too
+    state["fit_seconds"] = float(state.get("fit_seconds", 0.0)) + time.monotonic() - fit_started
+    if space.time_budget_s is not None and state["fit_seconds"] >= space.time_budget_s:
         _close_budget_stopped(client, experiment_id, name, grid, artifacts_root)
     # After a first Ctrl-C, Tune saves its state and returns normally: trials it stopped never reached the
     # callback (their runs are still RUNNING), and trials not yet started are missing from the results.
