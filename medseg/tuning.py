@@ -425,7 +425,8 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
         raise
     # Tune's time budget spans resumes (its stopper keeps the remaining budget), so the study's does too
     state["fit_seconds"] = float(state.get("fit_seconds", 0.0)) + time.monotonic() - fit_started
-    if space.time_budget_s is not None and state["fit_seconds"] >= space.time_budget_s:
+    budget_spent = space.time_budget_s is not None and state["fit_seconds"] >= space.time_budget_s
+    if budget_spent:
         _close_budget_stopped(client, experiment_id, name, grid, artifacts_root)
     # After a first Ctrl-C, Tune saves its state and returns normally: trials it stopped never reached the
     # callback (their runs are still RUNNING), and trials not yet started are missing from the results.
@@ -434,14 +435,16 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
     # a trial is done when the driver gave its run a final status tag; one created just before the Ctrl-C whose
     # worker never started has no run at all, yet counts among the results
     done = {r.data.tags.get("trial_id") for r in runs if r.data.tags.get("tune_status")}
-    not_done = [t for t in _grid_trial_ids(grid) if t not in done]
+    # ... except when the budget ran out: a trial created but not yet started then never will be
+    never_started = {t for t in _grid_trial_ids(grid) if t not in {r.data.tags.get("trial_id") for r in runs}} if budget_spent else set()
+    not_done = [t for t in _grid_trial_ids(grid) if t not in done and t not in never_started]
     expected = len(space.fixed_configs) or space.num_samples
     if running or not_done or (space.time_budget_s is None and len(grid) < expected):
         _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
         raise MedsegError(f"study {name} interrupted ({len(grid)} of {expected} trials started, {len(not_done)} unfinished); "
                           f"continue it with: {resume_command(space, name)}")
     outcome = StudyOutcome(name=name, study_dir=study_dir, parent_run_id=parent_run_id, experiment_id=experiment_id, tracking_uri=uri)
-    outcome.trials = _trial_records(grid, space, artifacts_root, client, experiment_id, name)
+    outcome.trials = [t for t in _trial_records(grid, space, artifacts_root, client, experiment_id, name) if t["trial_id"] not in never_started]
     _close_leftover_runs(client, experiment_id, name)
     finished = [t for t in outcome.trials if t["status"] != "failed" and t["best_value"] is not None and math.isfinite(t["best_value"])]
     if finished:

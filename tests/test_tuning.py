@@ -210,13 +210,14 @@ def test_resume_refuses_a_changed_space_and_names_the_command(tmp_path, synth_ro
 
 def test_time_budget_ends_running_trials_as_stopped_by_budget(ray_local, tmp_path, synth_root, shared_cache, monkeypatch):
     """Tune stops the running trials when time_budget_s runs out without calling the callback: the driver closes
-    their runs (FINISHED, artifacts logged) and the study still ends with a champion and a report."""
+    their runs (FINISHED, artifacts logged) and the study still ends with a champion and a report. A third trial,
+    created but waiting for a CPU (2 CPUs, 1 per trial), never starts: it is not a trial of the study."""
     from medseg.study import run_and_promote
 
     monkeypatch.chdir(tmp_path)
     base = _write_base(tmp_path, synth_root, shared_cache, training={"epochs": 40, "samples_per_epoch": 32})
     space = load_space(_space(tmp_path, base, params={"training.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
-                              asha={"enabled": False, "max_t": 40}, num_samples=2, max_concurrent=2, time_budget_s=25))
+                              asha={"enabled": False, "max_t": 40}, num_samples=3, max_concurrent=3, time_budget_s=25))
     outcome, decision, paths = run_and_promote(space, progress=False)
     assert [t["status"] for t in outcome.trials] == ["stopped_by_budget"] * 2
     client = get_client(outcome.tracking_uri)
