@@ -539,8 +539,7 @@ def paired_bootstrap(a, b, *, n_resamples: int = 10000, seed: int = 0) -> dict[s
         """(..., n_cases, n_labels) -> (...): per label the mean over scored cases, then the mean over labels."""
         with np.errstate(invalid="ignore", divide="ignore"):  # nothing scored -> NaN, left out or dropped
             per_label = filled.sum(axis=-2) / valid.sum(axis=-2)
-        counted = ~np.isnan(per_label)
-        with np.errstate(invalid="ignore", divide="ignore"):
+            counted = ~np.isnan(per_label)
             return np.where(counted, per_label, 0.0).sum(axis=-1) / counted.sum(axis=-1)
 
     valid_a, valid_b = ~np.isnan(scores_a), ~np.isnan(scores_b)

@@ -100,22 +100,20 @@ def compare(champion: dict[str, Any], candidate: dict[str, Any], rule) -> tuple[
 
 def decide_and_register(*, checkpoint: str | Path, run_id: str, cfg, rule, uri: str, data=None, progress: bool = True) -> Decision:
     """Re-evaluate the candidate (and the current champion) on the validation split, decide, register, mirror."""
-    from medseg.checkpoint import load_checkpoint
+    from filelock import FileLock
+
     from medseg.evaluation import evaluate_checkpoint
     from medseg.tracking import get_client
     from medseg.training import prepare_data
-
-    from filelock import FileLock
 
     client = get_client(uri)
     data = data or prepare_data(cfg, progress=progress)
     candidate_eval = evaluate_checkpoint(checkpoint, cfg, split="val", data=data, progress=progress)
     candidate = _eval_record(candidate_eval, run_id, str(checkpoint))
-    models_dir = Path(rule.models_dir)
-    models_dir.mkdir(parents=True, exist_ok=True)
+    Path(rule.models_dir).mkdir(parents=True, exist_ok=True)
     # One decision at a time per models folder: two studies finishing together would otherwise both judge against
     # the old champion, and their alias switches and mirrors could interleave (alias on one, folder on the other).
-    with FileLock(str(models_dir / ".champion.lock")):
+    with FileLock(str(Path(rule.models_dir) / ".champion.lock")):
         return _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, progress)
 
 

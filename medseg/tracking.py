@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,8 +104,8 @@ def start_run(client, experiment_id: str, *, run_name: str, params: dict[str, st
     try:
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             client.log_batch(run.info.run_id, params=items[i:i + 100])
-    except BaseException:
-        client.set_terminated(run.info.run_id, "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
+    except BaseException as err:
+        client.set_terminated(run.info.run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     return run.info.run_id
 

@@ -436,8 +436,9 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
     # worker never started has no run at all, yet counts among the results
     done = {r.data.tags.get("trial_id") for r in runs if r.data.tags.get("tune_status")}
     # ... except when the budget ran out: a trial created but not yet started then never will be
-    never_started = {t for t in _grid_trial_ids(grid) if t not in {r.data.tags.get("trial_id") for r in runs}} if budget_spent else set()
-    not_done = [t for t in _grid_trial_ids(grid) if t not in done and t not in never_started]
+    with_run = {r.data.tags.get("trial_id") for r in runs}
+    never_started = {t for t in map(_trial_id, grid) if t not in with_run} if budget_spent else set()
+    not_done = [t for t in map(_trial_id, grid) if t not in done and t not in never_started]
     expected = len(space.fixed_configs) or space.num_samples
     if running or not_done or (space.time_budget_s is None and len(grid) < expected):
         _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
@@ -456,8 +457,9 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
     return outcome
 
 
-def _grid_trial_ids(grid) -> list[str]:
-    return [(result.metrics or {}).get("trial_id") or Path(result.path).name for result in grid]
+def _trial_id(result) -> str:
+    """A Tune result's trial id: reported with every result, else its folder's name (trial_dirname_creator)."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
 
 
 def _close_budget_stopped(client, experiment_id: str, study: str, grid, artifacts_root: Path) -> None:
@@ -465,10 +467,9 @@ def _close_budget_stopped(client, experiment_id: str, study: str, grid, artifact
     FINISHED with their artifacts, as trials stopped by the budget (not interrupted: --resume has nothing to add)."""
     running = {r.data.tags.get("trial_id"): r.info.run_id for r in _study_runs(client, experiment_id, study, status="RUNNING")}
     for result in grid:
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trial_id = _trial_id(result)
         if trial_id in running and result.error is None:
-            close_trial_run(client, running[trial_id], artifacts_root / trial_id, metrics, stopped_by="budget")
+            close_trial_run(client, running[trial_id], artifacts_root / trial_id, result.metrics or {}, stopped_by="budget")
 
 
 def _mark_interrupted(client, experiment_id: str, study: str, parent_run_id: str, state: dict, state_path: Path) -> None:
@@ -497,7 +498,7 @@ def _trial_records(grid, space: SearchSpace, artifacts_root: Path, client, exper
     records = []
     for result in grid:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trial_id = _trial_id(result)
         run_dir = artifacts_root / trial_id
         history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
         run = runs.get(trial_id)

@@ -1,10 +1,14 @@
-"""Builders of tiny on-disk datasets for tests (Kaggle evalseg, MSD / nnU-Net, 2D folders) and real-data paths."""
+"""Builders of tiny on-disk datasets for tests (Kaggle evalseg, MSD / nnU-Net, 2D folders), real-data paths, and a
+wait on a running command."""
 from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import time
 import zipfile
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -166,3 +170,19 @@ def write_image(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
+
+
+def wait_while_running(proc: subprocess.Popen, ready: Callable[[], Any], *, timeout: float, what: str) -> Any:
+    """Poll ``ready()`` until it returns something truthy (returned) while ``proc`` keeps running; a process that
+    exits first fails the test with its output, a timeout kills it and fails the test naming ``what``."""
+    import pytest
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = ready()
+        if value:
+            return value
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"{what} did not happen within {timeout:.0f} s")

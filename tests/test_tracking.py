@@ -11,6 +11,7 @@ import yaml
 from medseg.config import flatten
 from medseg.errors import NonFiniteLossError
 from medseg.tracking import get_client, tracking_uri, train_tracked
+from tests.fixtures import wait_while_running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,6 @@ def test_ui_command_names_the_store_it_was_given(tmp_path):
 def test_sigterm_ends_the_run_killed(tiny_cfg, tmp_path):
     """`kill`, `timeout` or a scheduler's preemption send SIGTERM: the run must not stay RUNNING."""
     import signal
-    import time
 
     cfg = tiny_cfg(training={"epochs": 50})
     path = tmp_path / "long.yaml"
@@ -97,18 +97,14 @@ def test_sigterm_ends_the_run_killed(tiny_cfg, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(path), "--quiet"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = get_client(tracking_uri(cfg))
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until training reports its first epoch
+
+    def run_with_an_epoch():
         exp = client.get_experiment_by_name("tests")
         runs = client.search_runs([exp.experiment_id]) if exp else []
-        if runs and client.get_metric_history(runs[0].info.run_id, "val/dice"):
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("training did not report an epoch in time")
+        return runs[0] if runs and client.get_metric_history(runs[0].info.run_id, "val/dice") else None
+
+    run = wait_while_running(proc, run_with_an_epoch, timeout=120, what="training's first epoch")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated"
-    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
+    assert client.get_run(run.info.run_id).info.status == "KILLED"

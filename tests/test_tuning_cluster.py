@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import yaml
 
 from medseg.tracking import get_client
 from tests.conftest import tiny_config_dict
+from tests.fixtures import wait_while_running
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -51,20 +51,16 @@ def test_ctrl_c_then_resume_does_not_rerun_finished_trials(tmp_path, synth_root,
     study_dir = tmp_path / "ray" / "resumable"
     cmd = [sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "resumable", "--num-cpus", "2"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
     # Wait until one trial has finished both epochs while another is between its epochs: with max_concurrent 1 the
     # driver starts a trial only after it has processed the previous one's completion, so every 2-epoch trial seen
     # then is finished for the driver too. (A trial whose last epoch is on disk when Ctrl-C lands can still be
     # unfinished for the driver: the interrupt decides its status, not this test.)
-    while time.time() < deadline:
+
+    def one_done_one_between_epochs():
         done = _histories(study_dir)
-        if any(n == 2 for n in done.values()) and any(n == 1 for n in done.values()):
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("study did not reach its second trial in time")
+        return done if any(n == 2 for n in done.values()) and any(n == 1 for n in done.values()) else None
+
+    done = wait_while_running(proc, one_done_one_between_epochs, timeout=600, what="the study's second trial")
     first_done = {t for t, n in done.items() if n == 2}
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
@@ -144,10 +140,7 @@ def test_killed_trial_process_retries_from_its_last_checkpoint(tmp_path, synth_r
         runs = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'") if exp else []
         return [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/dice")] if runs else []
 
-    deadline = time.time() + 600
-    while time.time() < deadline and not logged_epochs():  # epoch 1 reported, so its checkpoint is persisted
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+    wait_while_running(proc, logged_epochs, timeout=600, what="the trial's first epoch")  # so its checkpoint is persisted
     workers = [p for p in psutil.process_iter(["cmdline"]) if any("ImplicitFunc" in part for part in (p.info["cmdline"] or []))]
     assert workers, "no trial worker process found"
     for worker in workers:
