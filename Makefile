@@ -7,7 +7,7 @@ DATA := data/synthetic
 TASK := $(DATA)/Task900_SynthLiverTumor
 export PYTHONHASHSEED := 0
 
-.PHONY: demo experiments holdout test test-slow test-all venv data mlflow-ui bench bench-ema clean
+.PHONY: demo experiments holdout test test-slow test-all venv data mlflow-ui bench bench-ema bench-asha-long clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -58,6 +58,11 @@ bench-ema: venv data
 	$(PY) benchmarks/bench_asha.py --set overrides.training.ema_decay=0.99 --out benchmarks/results/asha_vs_full_ema.json
 	$(PY) benchmarks/bench_seed_spread.py --set training.ema_decay=0.99 --asha-results benchmarks/results/asha_vs_full_ema.json \
 		--out benchmarks/results/seed_spread_ema.json
+
+# ASHA against no early stopping with the learning rate fixed and 12-epoch trials (rungs at epochs 2 and 6).
+bench-asha-long: venv data
+	$(PY) benchmarks/bench_asha.py --space search_spaces/fixed_lr.yaml --max-epochs 1 \
+		--set overrides.training.epochs=12 asha.max_t=12 asha.grace_period=2 --out benchmarks/results/asha_vs_full_fixed_lr_12ep.json
 
 # MLflow UI over the embedded sqlite store, loopback only, one worker.
 mlflow-ui: venv
