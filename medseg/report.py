@@ -96,7 +96,7 @@ def curves_png(trials: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def budget_png(trials: list[dict[str, Any]], max_t: int, path: Path) -> Path:
+def budget_png(trials: list[dict[str, Any]], max_t: int, path: Path, planned: int | None = None) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ids = [t["trial_id"] for t in trials]
@@ -105,7 +105,8 @@ def budget_png(trials: list[dict[str, Any]], max_t: int, path: Path) -> Path:
     ax.bar(range(len(ids)), used, color=[colours.get(t["status"], "grey") for t in trials])
     ax.axhline(max_t, color="black", linestyle="--", linewidth=1, label=f"max_t = {max_t}")
     ax.set_xticks(range(len(ids)), ids, rotation=60, fontsize=7)
-    ax.set(ylabel="epochs", title=f"budget: {sum(used)} of {len(trials) * max_t} epochs without early stopping")
+    planned = len(trials) * max_t if planned is None else planned
+    ax.set(ylabel="epochs", title=f"budget: {sum(used)} of {planned} epochs without early stopping")
     ax.legend()
     return save_figure(fig, path)
 
@@ -120,19 +121,21 @@ def write_study_report(outcome, space, decision=None, *, out_dir: str | Path | N
     for t in trials:
         t["metric"] = t.get("best_value")
     keys = list(space.params) or ([] if not space.fixed_configs else ["config_file"])
-    max_t = space.asha.max_t if space.asha.enabled else max([t["epochs_used"] for t in trials] + [1])
+    # per trial: the epochs it trains without ASHA or a time budget (its config's, capped at max_t under ASHA)
+    planned = [t.get("epochs_planned") or (space.asha.max_t if space.asha.enabled else t["epochs_used"]) for t in trials]
+    max_t = max(planned + [1])
     baseline = baseline_trial(trials, space)
     champion_dice = (decision.champion_before or {}).get("dice") if decision else None
     paths = {
         "parallel": parallel_coordinates_png(trials, keys, "metric", out_dir / f"{name}_parallel.png"),
         "curves": curves_png(trials, out_dir / f"{name}_curves.png"),
-        "budget": budget_png(trials, max_t, out_dir / f"{name}_budget.png"),
+        "budget": budget_png(trials, max_t, out_dir / f"{name}_budget.png", planned=sum(planned)),
     }
     summary = {
         "study": name, "space": space.source, "metric": metric, "mode": space.mode, "seconds": round(outcome.seconds, 1),
         "parent_run_id": outcome.parent_run_id, "tracking_uri": outcome.tracking_uri, "study_dir": str(outcome.study_dir),
         "n_trials": len(trials), "status_counts": {s: sum(t["status"] == s for t in trials) for s in STATUSES},
-        "epochs_used": sum(t["epochs_used"] for t in trials), "epochs_without_early_stopping": len(trials) * max_t,
+        "epochs_used": sum(t["epochs_used"] for t in trials), "epochs_without_early_stopping": sum(planned),
         "best_trial": outcome.best["trial_id"] if outcome.best else None,
         "baseline_trial": baseline["trial_id"] if baseline else None,
         "decision": decision.to_dict() if decision else None,

@@ -511,6 +511,9 @@ def _trial_records(grid, space: SearchSpace, artifacts_root: Path, client, exper
         else:
             status = "stopped_early"
         best_value = metrics.get(OBJECTIVE)
+        planned = trial_config(result.config or {}, space).training.epochs  # what the trial would train left alone
+        if space.asha.enabled:
+            planned = min(planned, space.asha.max_t)
         best_row = max(history, key=lambda h: (1 if space.mode == "max" else -1) * h.get(space.metric, -math.inf)) if history else {}
         records.append({
             "trial_id": trial_id,
@@ -523,6 +526,7 @@ def _trial_records(grid, space: SearchSpace, artifacts_root: Path, client, exper
             "best_iou": best_row.get("val/iou"),
             "best_epoch": best_row.get("epoch"),
             "epochs_used": len(history),
+            "epochs_planned": planned,
             "node_id": metrics.get("node_id"),
             "checkpoint": str(run_dir / "best.pt") if (run_dir / "best.pt").exists() else None,
             "history": [{k: h.get(k) for k in ("epoch", "train/loss", "val/loss", "val/dice", "val/iou")} for h in history],

@@ -230,5 +230,6 @@ def test_time_budget_ends_running_trials_as_stopped_by_budget(ray_local, tmp_pat
     assert decision.promoted  # the registered version's source (runs:/<id>/checkpoint) holds the checkpoint
     report = json.loads(paths["json"].read_text())
     assert report["status_counts"]["stopped_by_budget"] == 2
+    assert report["epochs_without_early_stopping"] == 80  # two trials of 40 epochs, not twice the longer one's stop
     state = json.loads((outcome.study_dir / "medseg_study.json").read_text())
     assert state["status"] == "finished" and state["fit_seconds"] >= 25  # kept for a resume: Tune's budget spans it
