@@ -96,17 +96,19 @@ def curves_png(trials: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def budget_png(trials: list[dict[str, Any]], max_t: int, path: Path, planned: int | None = None) -> Path:
+def budget_png(trials: list[dict[str, Any]], path: Path) -> Path:
+    """Epochs each trial used, against what it trains without ASHA or a time budget (``epochs_planned``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ids = [t["trial_id"] for t in trials]
     used = [t["epochs_used"] for t in trials]
     colours = {"completed": "tab:green", "stopped_early": "tab:orange", "stopped_by_budget": "tab:purple", "failed": "tab:red"}
     ax.bar(range(len(ids)), used, color=[colours.get(t["status"], "grey") for t in trials])
+    planned = [t["epochs_planned"] for t in trials]
+    max_t = max(planned + [1])
     ax.axhline(max_t, color="black", linestyle="--", linewidth=1, label=f"max_t = {max_t}")
     ax.set_xticks(range(len(ids)), ids, rotation=60, fontsize=7)
-    planned = len(trials) * max_t if planned is None else planned
-    ax.set(ylabel="epochs", title=f"budget: {sum(used)} of {planned} epochs without early stopping")
+    ax.set(ylabel="epochs", title=f"budget: {sum(used)} of {sum(planned)} epochs without early stopping")
     ax.legend()
     return save_figure(fig, path)
 
@@ -121,21 +123,18 @@ def write_study_report(outcome, space, decision=None, *, out_dir: str | Path | N
     for t in trials:
         t["metric"] = t.get("best_value")
     keys = list(space.params) or ([] if not space.fixed_configs else ["config_file"])
-    # per trial: the epochs it trains without ASHA or a time budget (its config's, capped at max_t under ASHA)
-    planned = [t.get("epochs_planned") or (space.asha.max_t if space.asha.enabled else t["epochs_used"]) for t in trials]
-    max_t = max(planned + [1])
     baseline = baseline_trial(trials, space)
     champion_dice = (decision.champion_before or {}).get("dice") if decision else None
     paths = {
         "parallel": parallel_coordinates_png(trials, keys, "metric", out_dir / f"{name}_parallel.png"),
         "curves": curves_png(trials, out_dir / f"{name}_curves.png"),
-        "budget": budget_png(trials, max_t, out_dir / f"{name}_budget.png", planned=sum(planned)),
+        "budget": budget_png(trials, out_dir / f"{name}_budget.png"),
     }
     summary = {
         "study": name, "space": space.source, "metric": metric, "mode": space.mode, "seconds": round(outcome.seconds, 1),
         "parent_run_id": outcome.parent_run_id, "tracking_uri": outcome.tracking_uri, "study_dir": str(outcome.study_dir),
         "n_trials": len(trials), "status_counts": {s: sum(t["status"] == s for t in trials) for s in STATUSES},
-        "epochs_used": sum(t["epochs_used"] for t in trials), "epochs_without_early_stopping": sum(planned),
+        "epochs_used": sum(t["epochs_used"] for t in trials), "epochs_without_early_stopping": sum(t["epochs_planned"] for t in trials),
         "best_trial": outcome.best["trial_id"] if outcome.best else None,
         "baseline_trial": baseline["trial_id"] if baseline else None,
         "decision": decision.to_dict() if decision else None,

@@ -404,7 +404,6 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
                  "space": space.model_dump(), "resume_command": resume_command(space, name), "status": "running"}
         study_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(state_path, state)
-    fit_started = None
     try:
         _prepare_all(space)
         _init_ray(address, num_cpus)
@@ -416,15 +415,14 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
         else:
             tuner = _build_tuner(space, trainable, callback, name)
         fit_started = time.monotonic()
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:  # Tune's time budget spans resumes (its stopper keeps the remaining budget), so the study's does too
+            state["fit_seconds"] = float(state.get("fit_seconds", 0.0)) + time.monotonic() - fit_started
     except BaseException:  # a second Ctrl-C (Tune did not get to save its state cleanly), a data error, a bad
         # --address, an error in the callback: no run stays RUNNING, and --resume can continue the study
-        if fit_started is not None:
-            state["fit_seconds"] = float(state.get("fit_seconds", 0.0)) + time.monotonic() - fit_started
         _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
         raise
-    # Tune's time budget spans resumes (its stopper keeps the remaining budget), so the study's does too
-    state["fit_seconds"] = float(state.get("fit_seconds", 0.0)) + time.monotonic() - fit_started
     budget_spent = space.time_budget_s is not None and state["fit_seconds"] >= space.time_budget_s
     if budget_spent:
         _close_budget_stopped(client, experiment_id, name, grid, artifacts_root)
@@ -437,8 +435,9 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
     done = {r.data.tags.get("trial_id") for r in runs if r.data.tags.get("tune_status")}
     # ... except when the budget ran out: a trial created but not yet started then never will be
     with_run = {r.data.tags.get("trial_id") for r in runs}
-    never_started = {t for t in map(_trial_id, grid) if t not in with_run} if budget_spent else set()
-    not_done = [t for t in map(_trial_id, grid) if t not in done and t not in never_started]
+    trial_ids = [_trial_id(result) for result in grid]
+    never_started = {t for t in trial_ids if t not in with_run} if budget_spent else set()
+    not_done = [t for t in trial_ids if t not in done and t not in never_started]
     expected = len(space.fixed_configs) or space.num_samples
     if running or not_done or (space.time_budget_s is None and len(grid) < expected):
         _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
