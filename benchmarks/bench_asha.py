@@ -32,13 +32,17 @@ from machine import machine_info  # noqa: E402  (benchmarks/machine.py)
 
 
 def asha_replay(curves: list[list[float]], *, max_t: int, grace: int, rf: int, orders: int = 2000, seed: int = 0,
-                order_list: list[list[int]] | None = None) -> dict:
+                order_list: list[list[int]] | None = None, epoch_target: float = 0.5, dice_target: float = 0.98) -> dict:
     """ASHA's stopping rule (Ray's AsyncHyperBand, one bracket) replayed on measured full curves, one trial at a time,
-    over random arrival orders: the share of orders that keep the best trial and the mean epoch and Dice ratios.
+    over random arrival orders: the share of orders that keep the best trial, the share that meet the benchmark's
+    target (epoch ratio <= epoch_target and Dice ratio >= dice_target), and the mean epoch and Dice ratios.
 
     A trial reaching rung r (grace * rf**k <= max_t) with running best v stops if v < the (1 - 1/rf) quantile of the
-    values recorded at r before it, as ``ASHAScheduler``'s ``_Bracket.on_result`` does. Sequential arrival is the
-    max_concurrent=1 case; with more trials at once the orders only get more varied.
+    values recorded at r before it, as ``ASHAScheduler``'s ``_Bracket.on_result`` does. Replaying one trial at a
+    time is exact for a study with several trials at once as long as epochs take equal time: a trial that started
+    earlier reaches every rung earlier, so the values recorded at a rung before a trial are those of the trials that
+    started before it, as here. With one given order (``order_list=[order]``), ``stopped_at`` lists each trial's
+    last epoch, which is what the study run in that order should use (``bench_asha`` checks it on its own studies).
     """
     import numpy as np
 
@@ -49,7 +53,8 @@ def asha_replay(curves: list[list[float]], *, max_t: int, grace: int, rf: int, o
     rng = np.random.default_rng(seed)
     order_list = order_list or [list(rng.permutation(len(curves))) for _ in range(orders)]
     orders = len(order_list)
-    kept = epochs = dice = 0.0
+    kept = epochs = dice = met = 0.0
+    stopped_at = [0] * len(curves)
     for order in order_list:
         recorded: dict[int, list[float]] = {rung: [] for rung in rungs}
         used, reached = 0, []
@@ -66,14 +71,20 @@ def asha_replay(curves: list[list[float]], *, max_t: int, grace: int, rf: int, o
                     stop_at = rung
                     break
             used += stop_at
+            stopped_at[i] = stop_at
             reached.append((float(running[stop_at - 1]), int(i)))
         top_value, top_trial = max(reached)
         kept += top_trial == winner
-        epochs += used / sum(min(len(c), max_t) for c in curves)
-        dice += top_value / best_final[winner]
-    return {"grace_period": grace, "reduction_factor": rf, "rungs": rungs, "orders": orders,
-            "p_keeps_best": round(kept / orders, 3), "mean_epoch_ratio": round(epochs / orders, 3),
-            "mean_dice_ratio": round(dice / orders, 3)}
+        epoch_ratio, dice_ratio = used / sum(min(len(c), max_t) for c in curves), top_value / best_final[winner]
+        met += epoch_ratio <= epoch_target and dice_ratio >= dice_target
+        epochs += epoch_ratio
+        dice += dice_ratio
+    out = {"grace_period": grace, "reduction_factor": rf, "rungs": rungs, "orders": orders,
+           "p_keeps_best": round(kept / orders, 3), "p_meets_target": round(met / orders, 3),
+           "mean_epoch_ratio": round(epochs / orders, 3), "mean_dice_ratio": round(dice / orders, 3)}
+    if orders == 1:
+        out["stopped_at"] = stopped_at
+    return out
 
 
 def early_rank_agreement(curves: list[list[float]]) -> list[dict]:
@@ -99,10 +110,35 @@ def early_rank_agreement(curves: list[list[float]]) -> list[dict]:
 
 
 def analyse_curves(curves: list[list[float]], *, max_t: int, default: tuple[int, float]) -> dict:
-    """What the full curves say about early stopping: rank agreement per epoch and ASHA replays for several settings."""
-    settings = sorted({default, (1, 2), (2, 2), (3, 2), (1, 3), (2, 3), (3, 3), (4, 2)})
+    """What the full curves say about early stopping: rank agreement per epoch and ASHA replays for several settings,
+    over random arrival orders (``replay``) and in the order the study suggested its trials, the order an ASHA study
+    with the same Optuna seed runs them in (``replay_in_study_order``; ``curves`` are listed in that order)."""
+    settings = sorted({default, (1, 2), (2, 2), (3, 2), (1, 3), (2, 3), (3, 3), (1, 4), (2, 4), (4, 2)})
+    in_order = [list(range(len(curves)))]
     return {"early_rank_agreement": early_rank_agreement(curves),
-            "replay": [asha_replay(curves, max_t=max_t, grace=g, rf=rf) for g, rf in settings]}
+            "replay": [asha_replay(curves, max_t=max_t, grace=g, rf=rf) for g, rf in settings],
+            "replay_in_study_order": [asha_replay(curves, max_t=max_t, grace=g, rf=rf, order_list=in_order) for g, rf in settings]}
+
+
+def replay_check(studies: dict, *, max_t: int, grace: int, rf: float, together: int = 1) -> dict | None:
+    """The ASHA study's own setting replayed on the other study's full curves in the study order, against what the
+    ASHA study measured, trial by trial. The first ``together`` trials (max_concurrent) start at the same moment and
+    race to their first rung, so every order of those is tried: ``matching_order`` is the one that reproduces the
+    measured epochs, or None. Returns None when the two studies did not draw the same configurations in the same
+    order (e.g. more samples than Optuna's seeded start-up draws)."""
+    from itertools import permutations
+
+    a, b = studies["asha"]["trials"], studies["no_early_stopping"]["trials"]
+    if [t["params"] for t in a] != [t["params"] for t in b] or any(t["status"] != "completed" for t in b):
+        return None
+    curves, measured = [t["val_dice"] for t in b], [t["epochs_used"] for t in a]
+    k = max(1, min(together, len(b)))
+    orders = [list(first) + list(range(k, len(b))) for first in permutations(range(k))]
+    replays = [asha_replay(curves, max_t=max_t, grace=grace, rf=rf, order_list=[o]) for o in orders]
+    matching = next((o for o, r in zip(orders, replays) if r["stopped_at"] == measured), None)
+    return {"measured_epochs_per_trial": measured, "replayed_epochs_per_trial": replays[0]["stopped_at"],
+            "replayed_epoch_ratio": replays[0]["mean_epoch_ratio"], "replayed_dice_ratio": replays[0]["mean_dice_ratio"],
+            "matching_order": matching}
 
 
 def reanalyse(path: Path) -> dict:
@@ -114,6 +150,9 @@ def reanalyse(path: Path) -> dict:
     curves = [t["val_dice"] for t in full["trials"] if t["status"] == "completed"]
     space = load_space(ROOT / report["space"], overrides=list(report.get("sets") or []))
     report["summary"].update(analyse_curves(curves, max_t=space.asha.max_t, default=(space.asha.grace_period, space.asha.reduction_factor)))
+    if "asha" in report["studies"]:
+        report["summary"]["asha_replay_check"] = replay_check(report["studies"], max_t=space.asha.max_t, grace=space.asha.grace_period,
+                                                              rf=space.asha.reduction_factor, together=space.max_concurrent)
     report["summary"]["reanalysed"] = time.strftime("%Y-%m-%d %H:%M:%S")
     path.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -163,6 +202,8 @@ def run(space_path: Path, *, quick: bool, work: Path, max_epochs: int, target_di
     curves = [t["val_dice"] for t in b["trials"] if t["status"] == "completed"]
     space = load_space(space_path, overrides=overrides)
     summary.update(analyse_curves(curves, max_t=space.asha.max_t, default=(space.asha.grace_period, space.asha.reduction_factor)))
+    summary["asha_replay_check"] = replay_check(results, max_t=space.asha.max_t, grace=space.asha.grace_period,
+                                                rf=space.asha.reduction_factor, together=space.max_concurrent)
 
     # time to a validation Dice of target_dice with the best configuration found by the ASHA study
     cfg = trial_config(a["best_params"], space)
@@ -197,7 +238,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.reanalyse:
         summary = reanalyse(Path(args.reanalyse))["summary"]
-        print(json.dumps({k: summary[k] for k in ("early_rank_agreement", "replay")}, indent=2))
+        print(json.dumps({k: summary.get(k) for k in ("early_rank_agreement", "replay", "replay_in_study_order", "asha_replay_check")}, indent=2))
         return 0
     space_path = Path(args.space).resolve()
     load_before = os.getloadavg()

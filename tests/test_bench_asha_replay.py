@@ -82,3 +82,60 @@ def test_reanalyse_recomputes_the_curve_analysis_from_a_results_file(tmp_path):
     assert [r["winner_rank"] for r in summary["early_rank_agreement"]] == [3, 3, 2, 2, 1, 1]
     default = next(r for r in summary["replay"] if (r["grace_period"], r["reduction_factor"]) == (1, 3))
     assert default == asha_replay(curves, max_t=6, grace=1, rf=3)
+
+
+def test_one_given_order_reports_where_each_trial_stopped_and_whether_the_target_is_met():
+    # rungs 1 and 2 (grace 1, rf 2, max_t 4): trial 0 passes every empty rung, trial 1 is below it at rung 1,
+    # trial 2 is above the median of [0.5, 0.1] at rung 1 and below the (only) value 0.6 at rung 2
+    curves = [[0.5, 0.6, 0.7, 0.8], [0.1, 0.1, 0.1, 0.1], [0.4, 0.45, 0.9, 0.95]]
+    out = asha_replay(curves, max_t=4, grace=1, rf=2, order_list=[[0, 1, 2]])
+    assert out["stopped_at"] == [4, 1, 2]
+    assert out["mean_epoch_ratio"] == pytest.approx(round(7 / 12, 3)) and out["mean_dice_ratio"] == pytest.approx(round(0.8 / 0.95, 3))
+    assert out["p_meets_target"] == 0.0  # 0.58 of the epochs, 0.84 of the Dice
+    assert asha_replay(curves, max_t=4, grace=1, rf=2, order_list=[[0, 1, 2]], epoch_target=0.6, dice_target=0.8)["p_meets_target"] == 1.0
+    assert "stopped_at" not in asha_replay(curves, max_t=4, grace=1, rf=2, orders=20)
+
+
+def _bracket_epochs(curves, order, grace, rf, max_t):
+    """Epochs each trial trains under Ray's own _Bracket when trials arrive one after another in ``order``."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    bracket = _Bracket(grace, max_t, rf, 0)
+
+    class T:
+        def __init__(self, i):
+            self.trial_id = str(i)
+
+    used = [0] * len(curves)
+    for i in order:
+        running = np.maximum.accumulate(curves[i])
+        for epoch in range(1, max_t + 1):
+            used[i] = epoch
+            if bracket.on_result(T(i), epoch, float(running[epoch - 1])) == TrialScheduler.STOP:
+                break
+    return used
+
+
+def test_replay_check_finds_the_start_order_of_trials_that_started_together():
+    from bench_asha import replay_check
+
+    rng = np.random.default_rng(3)
+    curves = rng.uniform(0, 1, size=(6, 6)).cumsum(axis=1).tolist()
+    params = [{"loss.name": f"l{i}"} for i in range(6)]
+
+    def studies(measured):
+        return {"asha": {"trials": [{"params": p, "epochs_used": e} for p, e in zip(params, measured)]},
+                "no_early_stopping": {"trials": [{"params": p, "status": "completed", "val_dice": c} for p, c in zip(params, curves)]}}
+
+    in_order = _bracket_epochs(curves, [0, 1, 2, 3, 4, 5], 1, 2, 6)
+    swapped = _bracket_epochs(curves, [1, 0, 2, 3, 4, 5], 1, 2, 6)
+    assert in_order != swapped  # the race of the first two trials matters for these curves
+    check = replay_check(studies(in_order), max_t=6, grace=1, rf=2, together=2)
+    assert check["matching_order"] == [0, 1, 2, 3, 4, 5] and check["measured_epochs_per_trial"] == in_order
+    check = replay_check(studies(swapped), max_t=6, grace=1, rf=2, together=2)
+    assert check["matching_order"] == [1, 0, 2, 3, 4, 5] and check["replayed_epochs_per_trial"] == in_order
+    assert replay_check(studies(swapped), max_t=6, grace=1, rf=2, together=1)["matching_order"] is None
+    other = studies(in_order)
+    other["asha"]["trials"][0]["params"] = {"loss.name": "other"}  # the studies drew different configurations
+    assert replay_check(other, max_t=6, grace=1, rf=2, together=2) is None
