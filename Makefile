@@ -66,9 +66,11 @@ bench-asha-long: venv data
 	$(PY) benchmarks/bench_asha.py --space search_spaces/fixed_lr.yaml --max-epochs 1 \
 		--set overrides.training.epochs=12 asha.max_t=12 --out benchmarks/results/asha_vs_full_fixed_lr_12ep_g1.json
 
-# MLflow UI over the embedded sqlite store, loopback only, one worker.
+# MLflow UI over the embedded sqlite store, loopback only, one worker. MLflow 3.17 opens experiments on its GenAI
+# overview: the URL below (or a click on "Model training") shows the runs table.
 mlflow-ui: venv
+	@echo "runs table: http://127.0.0.1:5000/#/experiments/<id>?workflowType=machine_learning (ids: Experiments page)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000 --workers 1
 
 clean:
-	rm -rf cache runs reports/*.png .pytest_cache
+	rm -rf cache runs .pytest_cache

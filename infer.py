@@ -17,7 +17,9 @@ def main() -> int:
     parser.add_argument("--case", action="append", help="case id of a Kaggle task (repeatable; default: every case)")
     parser.add_argument("--out", required=True, help="output folder for masks and overlays/")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
-    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--tta", action="store_true", help="test-time mirroring along the axes the training augmentation flipped "
+                        "(the checkpoint's tta_axes; trained without flips: a warning, no TTA)")
+    parser.add_argument("--no-postprocessing", action="store_true", help="without the post-processing the checkpoint carries")
     parser.add_argument("--no-overlays", action="store_true")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     args = parser.parse_args()
@@ -25,7 +27,8 @@ def main() -> int:
     from medseg.inference import run_inference
 
     records = run_inference(args.ckpt, args.input, args.out, case_ids=args.case, batch_size=args.batch_size,
-                            flip_tta=args.tta, overlays=not args.no_overlays, device=args.device)
+                            flip_tta=args.tta, overlays=not args.no_overlays, device=args.device,
+                            postprocess=not args.no_postprocessing)
     for record in records:
         print(json.dumps(record))
     return 0

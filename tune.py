@@ -4,6 +4,7 @@
   python tune.py --space search_spaces/default.yaml            # Optuna + ASHA study, champion, report
   python tune.py --space search_spaces/default.yaml --resume   # continue the latest interrupted study
   python tune.py --configs configs/exp_*.yaml                  # run a fixed list of configs the same way
+  python tune.py --space search_spaces/default.yaml --cold     # do not warm-start from earlier studies' trials
 """
 import argparse
 
@@ -19,6 +20,7 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study without re-running finished trials")
     parser.add_argument("--address", help="existing Ray cluster (ray start --head ...), e.g. 10.0.0.5:6379")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    parser.add_argument("--cold", action="store_true", help="start the searcher fresh: do not tell it the trials of earlier studies")
     parser.add_argument("--no-promote", action="store_true", help="skip the champion decision")
     args = parser.parse_args()
     if not args.space and not args.configs:
@@ -31,7 +33,7 @@ def main() -> int:
     space = space_for_configs(args.configs, name=args.name or "experiments", template=template) if args.configs else template
     # --configs: --name names the fixed-config "space" (studies are <name>-<timestamp>); with --resume, the study itself
     run_and_promote(space, resume=args.resume, name=args.name if args.resume or not args.configs else None, address=args.address,
-                    num_cpus=args.num_cpus, promote=not args.no_promote)
+                    num_cpus=args.num_cpus, promote=not args.no_promote, cold=args.cold)
     return 0
 
 

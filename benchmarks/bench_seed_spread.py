@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py)
+from machine import machine_info, write_results  # noqa: E402  (benchmarks/machine.py)
 
 
 def train_seed(space_path: str, seed: int, run_dir: str, params: dict | None = None) -> dict:
@@ -120,10 +120,7 @@ def main() -> int:
               "machine": machine_info(("torch", "segmentation-models-pytorch")), "parallel": args.parallel,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "total_seconds": round(time.perf_counter() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["summary"], indent=2))
-    print(f"written: {args.out}")
+    write_results(args.out, report)
     return 0
 
 

@@ -38,7 +38,13 @@ kept in the raw data. The load average and the cores other processes used (from 
 every run: read the figures with them. On a busy machine even adjacent epochs can land 5x apart; the load-robust
 ratio then compares each loop's fastest step (warm epochs of all runs pooled), as timeit takes the minimum.
 
-Targets: trainer / bare >= 0.9 (both ratios); loader images/s >= 10 x trainer images/s.
+On a GPU: ``--set training.device=cuda`` (the default override is cpu) moves both loops there, with the
+config's ``training.amp`` in both (autocast as fit's, GradScaler only for fp16); ``--set dataset.image_size=512``
+changes the slice size (the cache is built at that size). The peak GPU memory each loop allocated
+(torch.cuda.max_memory_allocated, reset between loops) is recorded as ``cuda_peak_memory_bytes``; each peak also
+holds the other loop's resident weights and optimizer state. benchmarks/gpu_check.sh runs it this way.
+
+Targets: trainer / bare >= 0.95 (both ratios); loader images/s >= 10 x trainer images/s.
 Writes benchmarks/results/train_throughput.json (train_throughput_quick.json with --quick; --out to choose).
 """
 from __future__ import annotations
@@ -59,7 +65,7 @@ from machine import cpu_model as _cpu_model, versions  # benchmarks/machine.py
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "exp_000_baseline.yaml"
-RATIO_TARGET = 0.9  # trainer images/s over bare-loop images/s
+RATIO_TARGET = 0.95  # trainer images/s over bare-loop images/s
 LOADER_TARGET = 10.0  # loader images/s over trainer images/s
 BUSY_CORES = 0.25  # other processes using more than this many cores (median over runs): the figures are marked busy
 TASK_ARGS = {"cases": 12, "size": 128, "slices": (24, 32), "seed": 0}
@@ -92,14 +98,14 @@ def _config(args: argparse.Namespace):
 class BareLoop:
     """The bare PyTorch loop over the trainer's slices, one epoch per ``run_epoch`` call."""
 
-    def __init__(self, cfg, data):
+    def __init__(self, cfg, data, device=None):
         import numpy as np
         import torch
 
         from medseg.data.dataset import EpochSampler, label_lut, stack_context
         from medseg.losses import build_loss
         from medseg.models import build_model, n_classes
-        from medseg.training import seed_everything
+        from medseg.training import autocast, native_bf16, seed_everything
 
         t = cfg.training
         # Every cached training slice in SliceDataset's order (case by case, slice by slice), float32 / int64.
@@ -116,8 +122,12 @@ class BareLoop:
                                     fg_fraction=t.fg_oversample, seed=t.seed)
         seed_everything(t.seed)  # as fit() does right before building its model: the same initial weights
         classes = n_classes(data.labels)
-        self.model = build_model(cfg.model, in_channels=2 * k + 1, classes=classes)
+        self.device = torch.device(device or "cpu")
+        self.model = build_model(cfg.model, in_channels=2 * k + 1, classes=classes).to(self.device)
         self.loss_fn = build_loss(cfg.loss, classes)
+        # AMP as fit() does it (a no-op on CPU): autocast, and a GradScaler only for fp16 (disabled: a pass-through)
+        self.autocast = lambda: autocast(self.device, t.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and t.amp and not native_bf16())
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.batch = t.batch_size
         self.n_batches = len(self.sampler) // self.batch if len(self.sampler) > self.batch else 1  # fit's drop_last
@@ -128,18 +138,20 @@ class BareLoop:
 
         self.sampler.set_epoch(epoch)
         order = torch.as_tensor(list(self.sampler))
-        model, optimizer, batch = self.model, self.optimizer, self.batch
+        model, optimizer, batch, scaler, device = self.model, self.optimizer, self.batch, self.scaler, self.device
         model.train()
         total, seen, marks = 0.0, 0, []
         started = time.perf_counter()
         for b in range(self.n_batches):
             marks.append(time.perf_counter())
             idx = order[b * batch:(b + 1) * batch]
-            x, y = self.x_all[idx], self.y_all[idx]
-            loss = self.loss_fn(model(x), y)
+            x, y = self.x_all[idx].to(device), self.y_all[idx].to(device)
+            with self.autocast():
+                loss = self.loss_fn(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             total += loss.item() * len(idx)
             seen += len(idx)
         ended = time.perf_counter()
@@ -182,9 +194,9 @@ def _child_run(args: argparse.Namespace) -> dict:
 
     cfg = _config(args)
     t = cfg.training
-    T.configure_torch(cfg)  # threads and determinism already for a bare epoch run before fit (fit repeats it)
+    device = T.configure_torch(cfg)  # threads and determinism already for a bare epoch run before fit (fit repeats it)
     data = T.prepare_data(cfg, progress=False)  # the cache exists: this opens it and loads the saved split
-    bare = None if args.profile else BareLoop(cfg, data)
+    bare = None if args.profile else BareLoop(cfg, data, device)
 
     # Benchmark-side instrumentation of the module's globals (medseg itself is untouched): data wait and step
     # times per epoch, seconds writing checkpoints and in the final plots, to split the wall time of fit.
@@ -205,8 +217,24 @@ def _child_run(args: argparse.Namespace) -> dict:
     T._save_state = timed(T._save_state, "checkpoints")
     T.finish_run = timed(T.finish_run, "finish_run")
 
+    # Peak GPU memory per loop: the peak counter is read and reset around every bare epoch, so what lies between
+    # (a trainer epoch with its validation) counts for the trainer.
+    cuda = device.type == "cuda"
+    peak = {"trainer": 0, "bare": 0}
+
+    def cuda_peak(owner):
+        if cuda:
+            torch.cuda.synchronize()
+            peak[owner] = max(peak[owner], torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
+    def bare_epoch_with_peak(epoch):
+        cuda_peak("trainer")
+        bare.run_epoch(epoch)
+        cuda_peak("bare")
+
     bare_first = args.order == "BT"
-    run_bare_epoch = timed(bare.run_epoch, "bare_epochs") if bare else None
+    run_bare_epoch = timed(bare_epoch_with_peak, "bare_epochs") if bare else None
 
     def on_epoch(report) -> None:
         following = report.epoch if bare_first else report.epoch - 1  # 0-based epoch of the bare loop to run now
@@ -214,7 +242,7 @@ def _child_run(args: argparse.Namespace) -> dict:
             run_bare_epoch(following)
 
     if bare and bare_first:
-        bare.run_epoch(0)
+        bare_epoch_with_peak(0)
     run_dir = Path(tempfile.mkdtemp(prefix="fit-", dir=Path(args.cache_dir).parent))
     try:
         cpu0, started = time.process_time(), time.perf_counter()
@@ -232,6 +260,7 @@ def _child_run(args: argparse.Namespace) -> dict:
             result = T.fit(cfg, on_epoch=on_epoch, run_dir=run_dir, data=data, progress=False)
         wall_s = time.perf_counter() - started
         cpu_s = time.process_time() - cpu0
+        cuda_peak("trainer")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     if len(loader_log) != t.epochs:
@@ -257,7 +286,9 @@ def _child_run(args: argparse.Namespace) -> dict:
                        "fit_breakdown_s": {"train_loop": sum(train_s), "validation": sum(val_s),
                                            "checkpoints": spent["checkpoints"], "finish_run": spent["finish_run"],
                                            "other": other_s}},
-           "config": cfg.to_dict()}
+           "config": cfg.to_dict(), "device": str(device)}
+    if cuda:
+        out["cuda_peak_memory_bytes"] = peak if bare else {"trainer": peak["trainer"]}
     if bare:
         out["bare"] = {"per_epoch_images_per_s": bare.per_epoch, "train_loss": bare.losses, "step_s": bare.step_s}
     return out
@@ -530,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
         "loader_with_config_augment": {"images_per_s": round(loader_augment_ips, 1), "augment": config_augment,
                                        "runs": loader_augment} if loader_augment else None,
         "same_work": {"max_abs_epoch_loss_difference": loss_gap, "losses_match": loss_gap <= 1e-4},
+        "device": runs[0].get("device", "cpu"),
+        "cuda_peak_memory_bytes": {k: max(r["cuda_peak_memory_bytes"][k] for r in runs) for k in ("trainer", "bare")}
+        if "cuda_peak_memory_bytes" in runs[0] else None,
         "ratios": {"trainer_over_bare": round(ratio, 3), "trainer_over_bare_per_pair": [round(p, 3) for p in pair_ratios],
                    "trainer_over_bare_of_medians": round(ratio_of_medians, 3),
                    "trainer_over_bare_fastest_step": round(robust_ratio, 3),

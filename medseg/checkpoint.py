@@ -59,6 +59,18 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[
     return path
 
 
+def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any]) -> dict[str, Any]:
+    """Add or replace metadata keys of a verified checkpoint, weights untouched; re-digested and written atomically.
+    Returns the new metadata."""
+    ckpt = load_checkpoint(path)
+    meta = json.loads(json.dumps({**ckpt["meta"], **updates}, default=str))
+    state = ckpt["state_dict"]
+    payload = {"format": FORMAT, "version": VERSION, "meta": meta, "state_dict": state, "sha256": _digest(state, meta)}
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+    return meta
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load and verify a medseg checkpoint; returns {"meta": ..., "state_dict": ...}."""
     path = Path(path)
@@ -71,7 +83,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: refused: not a medseg checkpoint (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint version {payload.get('version')} (expected {VERSION})")
+        raise CheckpointError(f"{path}: unsupported checkpoint format version {payload.get('version')!r} (this medseg reads "
+                              f"version {VERSION}{_written_by(payload.get('meta'))}); re-train it, or use the medseg that wrote it")
     state, meta = payload.get("state_dict"), payload.get("meta")
     if not isinstance(state, dict) or not isinstance(meta, dict):
         raise CheckpointError(f"{path}: refused: malformed checkpoint (missing weights or metadata)")
@@ -80,14 +93,43 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return {"meta": meta, "state_dict": state}
 
 
+def _written_by(meta: Any) -> str:
+    """", written by medseg X" from a checkpoint's stored library versions, or "" when it does not say."""
+    versions = meta.get("versions") if isinstance(meta, dict) else None
+    return f", written by medseg {versions['medseg']}" if isinstance(versions, dict) and versions.get("medseg") else ""
+
+
+def checkpoint_config(path: str | os.PathLike, meta: dict[str, Any] | None = None):
+    """The resolved Config stored in a checkpoint (``meta["config"]``), validated against this code's config schema.
+
+    ``meta`` is the checkpoint's already loaded metadata (loaded from ``path`` when None). A stored config that no
+    longer validates (a key renamed or removed since it was saved) is a one-line ``CheckpointError`` naming the file,
+    its format version against the one this medseg reads, and the first offending key.
+    """
+    from medseg.config import config_from_dict
+    from medseg.errors import ConfigError
+
+    meta = load_checkpoint(path)["meta"] if meta is None else meta
+    version = f"checkpoint format version {VERSION}, this medseg reads version {VERSION}{_written_by(meta)}"
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}: no stored config (meta['config']) ({version}); re-train it with this medseg")
+    try:
+        return config_from_dict(meta["config"], source="config", resolve=False)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its stored config no longer validates against this medseg ({version}; re-train it, "
+                              f"or use the medseg that wrote it): {err}") from None
+
+
 def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model in eval mode, meta, Config) from a checkpoint alone."""
-    from medseg.config import config_from_dict
     from medseg.models import build_model
 
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
-    cfg = config_from_dict(meta["config"], source=f"{path}:config", resolve=False)
+    cfg = checkpoint_config(path, meta)
+    missing = [key for key in ("in_channels", "classes") if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)} (checkpoint format version {VERSION}{_written_by(meta)})")
     model = build_model(cfg.model, in_channels=meta["in_channels"], classes=meta["classes"])
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from medseg.errors import ConfigError
 from medseg.io_utils import stable_hash
@@ -30,13 +30,28 @@ class Window(_Strict):
     width: float = Field(400.0, gt=0)
 
 
-class SplitConfig(_Strict):
+class _OmitUnset(_Strict):
+    """Keys added after configs were first hashed (``_omit_unset``) are left out of every dump while None, so the
+    config hash, the split settings and their hashes of existing configs stay the same."""
+
+    _omit_unset: tuple[str, ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in self._omit_unset and v is None)} if isinstance(data, dict) else data
+
+
+class SplitConfig(_OmitUnset):
     seed: int = 0
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.0, ge=0, lt=1)
     n_folds: int = Field(0, ge=0, description="0: one hold-out split; k >= 2: k-fold cross-validation")
     fold: int = Field(0, ge=0)
     group_regex: str | None = Field(None, description="regex on the case file name; group(1) (or the match) is the patient key")
+    groups_file: str | None = Field(None, description="CSV 'case_id,group' giving every case its patient group; relative to "
+                                    "the config file's folder")
+    _omit_unset = ("groups_file",)
 
     @model_validator(mode="after")
     def _check(self) -> "SplitConfig":
@@ -51,10 +66,14 @@ class SplitConfig(_Strict):
                 re.compile(self.group_regex)
             except re.error as err:
                 raise ValueError(f"group_regex {self.group_regex!r} is not a valid regular expression: {err}") from None
+        if self.group_regex is not None and self.groups_file is not None:
+            raise ValueError("set group_regex or groups_file, not both (both decide the patient groups)")
+        if self.groups_file is not None and not self.groups_file.strip():
+            raise ValueError("groups_file is empty; null (no groups file) or the path of a CSV 'case_id,group'")
         return self
 
 
-class DatasetConfig(_Strict):
+class DatasetConfig(_OmitUnset):
     format: Literal["kaggle", "msd", "folders2d", "auto"] = "kaggle"
     path: str = "data/synthetic"
     task: str | None = None
@@ -71,6 +90,21 @@ class DatasetConfig(_Strict):
     mask_dir: str = "masks"
     image_suffix: str = ""
     mask_suffix: str = ""
+    mask_threshold: float | None = Field(None, gt=0, description="binarise greyscale masks: value >= threshold -> label 1 "
+                                         "(JPEG masks: 128); null: mask values are label values")
+    _omit_unset = ("mask_threshold",)
+
+    @model_validator(mode="after")
+    def _check_mask_threshold(self) -> "DatasetConfig":
+        if self.mask_threshold is None:
+            return self
+        if self.format in ("kaggle", "msd"):
+            raise ValueError(f"mask_threshold binarises 2D mask images; format {self.format!r} reads label volumes "
+                             "(use format folders2d, or auto on an images/ + masks/ folder)")
+        if self.labels not in (None, [1]):
+            raise ValueError(f"mask_threshold binarises masks to labels {{0, 1}}: labels must be [1] or null, "
+                             f"got {self.labels}")
+        return self
 
     @field_validator("percentiles")
     @classmethod
@@ -255,22 +289,26 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
-    """Make every path in the config absolute (relative ones are taken from ``base``, default the CWD)."""
+def resolve_paths(cfg: Config, base: Path | None = None, config_dir: Path | None = None) -> Config:
+    """Make every path in the config absolute (relative ones are taken from ``base``, default the CWD), except
+    ``dataset.split.groups_file``, which ships beside its config: relative to ``config_dir`` (default ``base``)."""
     base = Path(base or os.getcwd())
 
-    def absolute(p: str) -> str:
-        return str((base / os.path.expanduser(p)).resolve()) if "://" not in p else p
+    def absolute(p: str, root: Path = base) -> str:
+        return str((root / os.path.expanduser(p)).resolve()) if "://" not in p else p
 
     cfg.dataset.path = absolute(cfg.dataset.path)
     cfg.dataset.cache_dir = absolute(cfg.dataset.cache_dir)
+    if cfg.dataset.split.groups_file is not None:
+        cfg.dataset.split.groups_file = absolute(cfg.dataset.split.groups_file, base / (config_dir or base))
     cfg.output.run_dir = absolute(cfg.output.run_dir)
     return cfg
 
 
 def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", overrides: dict[str, Any] | list[str] | None = None,
-                     resolve: bool = True) -> Config:
-    """Validate a raw dict (plus dotted overrides) into a Config."""
+                     resolve: bool = True, config_dir: str | Path | None = None) -> Config:
+    """Validate a raw dict (plus dotted overrides) into a Config; ``config_dir``: the folder of the config file it
+    came from (see ``resolve_paths``)."""
     tree = copy.deepcopy(raw) if raw else {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(tree).__name__}")
@@ -281,7 +319,7 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", overrides
         cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise _format_error(err, source) from None
-    return resolve_paths(cfg) if resolve else cfg
+    return resolve_paths(cfg, config_dir=Path(config_dir) if config_dir is not None else None) if resolve else cfg
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -299,7 +337,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Config:
     """Load a YAML config file with optional overrides (``["training.lr=3e-4"]`` or a dict of dotted keys)."""
-    return config_from_dict(load_yaml(path), source=str(path), overrides=overrides)
+    return config_from_dict(load_yaml(path), source=str(path), overrides=overrides, config_dir=Path(path).parent)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -72,14 +72,16 @@ def score_case(case_id: str, pred: np.ndarray, target: np.ndarray, labels: Seque
 
 
 def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: bool = False, allow_split_mismatch: bool = False,
-                        batch_size: int = 16, device: str | None = None, progress: bool = True, data=None) -> EvalResult:
-    """Score a checkpoint on ``split`` of the config's dataset at full (original) resolution."""
+                        batch_size: int = 16, device: str | None = None, progress: bool = True, data=None,
+                        postprocess: bool = True) -> EvalResult:
+    """Score a checkpoint on ``split`` of the config's dataset at full (original) resolution, with the post-processing
+    it carries (``postprocess=False``: without)."""
     from tqdm import tqdm
 
     from medseg.inference import Predictor
     from medseg.training import prepare_data
 
-    predictor = Predictor(ckpt, device=device, batch_size=batch_size, flip_tta=flip_tta)
+    predictor = Predictor(ckpt, device=device, batch_size=batch_size, flip_tta=flip_tta, postprocess=postprocess)
     data = data or prepare_data(cfg, progress=progress)
     trained_on = predictor.meta.get("split_hash")
     if trained_on != data.split.hash and not allow_split_mismatch:
@@ -93,7 +95,7 @@ def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: 
     if not rows:
         raise MedsegError(f"split '{split}' of {data.split.path} is empty")
     info = {"checkpoint": str(Path(ckpt).resolve()), "split": split, "split_hash": data.split.hash, "flip_tta": flip_tta,
-            "dataset": str(data.source.root)}
+            "tta_axes": predictor.tta_axes, "postprocessing": predictor.postprocessing, "dataset": str(data.source.root)}
     return EvalResult(name=str(ckpt), rows=rows, summary=M.summarize(rows), labels=labels, info=info)
 
 
@@ -216,6 +218,8 @@ def log_eval_run(cfg, result: EvalResult, out_files: dict[str, Path], *, run_nam
         tags["training_run_id"] = info["training_run_id"]
         tags["mlflow.note.content"] = f"Evaluation of the checkpoint of training run {info['training_run_id']}"
     params = {"eval.split": str(info.get("split", "")), "eval.flip_tta": str(info.get("flip_tta", False)),
+              "eval.tta_axes": str(info.get("tta_axes", [])),
+              "eval.postprocessing": _postprocessing_text(info.get("postprocessing")),
               "eval.checkpoint": str(info.get("checkpoint", "")), "eval.predictions": str(info.get("predictions", ""))}
     run_id = start_run(client, exp, run_name=run_name or f"eval-{Path(result.name).stem}", params=params, tags=tags,
                        parent_run_id=None)
@@ -224,6 +228,12 @@ def log_eval_run(cfg, result: EvalResult, out_files: dict[str, Path], *, run_nam
         for path in out_files.values():
             client.log_artifact(run_id, str(path), "eval")
     return run_id
+
+
+def _postprocessing_text(choice) -> str:
+    from medseg.postprocess import describe
+
+    return describe(choice)[:500] if choice else "none"
 
 
 def expected_mean_dice(result: EvalResult) -> tuple[float, int]:
@@ -246,32 +256,116 @@ def default_eval_dir(ckpt: Path, split: str, tta: bool) -> Path:
     return folder / leaf
 
 
-def run_eval_cli(cfg, args) -> str:
-    """eval.py's job; returns the text to print."""
+# ------------------------------------------------------------------------------------------- eval.py
+
+
+def kaggle_task_of(pred_dir: str | Path) -> Path | None:
+    """The task folder of a predictions folder in the Kaggle layout, ``<root>/<task>/Predictions/<method>`` where
+    ``<task>`` holds metadata.json and GroundTruth/; None for a folder anywhere else."""
+    pred_dir = Path(pred_dir).resolve()
+    task = pred_dir.parent.parent
+    if pred_dir.parent.name == "Predictions" and (task / "metadata.json").is_file() and (task / "GroundTruth").is_dir():
+        return task
+    return None
+
+
+def dataset_config(data_dir: str | Path, *, overrides: Sequence[str] = ()):
+    """A Config of defaults for the dataset folder ``data_dir``: its format detected (``detect_format``), its
+    foreground labels those of its metadata. A Kaggle task folder (with metadata.json) becomes
+    ``format: kaggle, path: <root>, task: <task folder name>``; a Kaggle root must hold a single Task* folder.
+    ``overrides`` are ``--set KEY=VALUE`` strings applied on top."""
+    from medseg.config import config_from_dict
+    from medseg.data.sources import detect_format, open_source
+    from medseg.data.sources.kaggle_evalseg import find_tasks
+
+    data_dir = Path(data_dir).resolve()
+    if not data_dir.is_dir():
+        raise DataError(f"--data {data_dir}: dataset folder not found")
+    fmt = detect_format(data_dir)
+    path, task = data_dir, None
+    if fmt == "kaggle":
+        if (data_dir / "metadata.json").is_file():
+            path, task = data_dir.parent, data_dir.name
+        elif len(tasks := find_tasks(data_dir)) > 1:
+            raise DataError(f"--data {data_dir}: holds several tasks ({', '.join(t.name for t in tasks)}); pass --data <its task folder>")
+    source = open_source(fmt, path, task=task)
+    labels = sorted(int(k) for k in source.labels if int(k) != 0)
+    raw = {"dataset": {"format": fmt, "path": str(path), "task": task, "labels": labels or None}}
+    return config_from_dict(raw, source=f"defaults for {data_dir}", overrides=list(overrides))
+
+
+def eval_config(*, config: str | Path | None = None, overrides: Sequence[str] = (), ckpt: str | Path | None = None,
+                predictions: str | Path | None = None, data: str | Path | None = None):
+    """The Config eval.py runs with: ``config`` when given (as train.py); else the checkpoint's own stored config
+    (``ckpt``); else defaults for the dataset folder ``data``; else defaults for the task folder of ``predictions``
+    when it lies in the Kaggle layout (``<root>/<task>/Predictions/<method>``). ``overrides`` apply in every case."""
+    from medseg.checkpoint import checkpoint_config
+    from medseg.config import config_from_dict, load_config
+    from medseg.errors import ConfigError
+
+    if config and data:
+        raise ConfigError("give --config or --data, not both (--data builds a config of defaults for that dataset; "
+                          "with --config use --set dataset.path=...)")
+    if ckpt and data:
+        raise ConfigError("--data applies to --predictions only: a checkpoint is scored on the dataset of its own stored "
+                          "config, or of --config")
+    if config:
+        return load_config(config, list(overrides))
+    if ckpt:
+        cfg = checkpoint_config(ckpt)
+        return config_from_dict(cfg.to_dict(), source="--set", overrides=list(overrides), resolve=False) if overrides else cfg
+    if data:
+        return dataset_config(data, overrides=overrides)
+    if predictions is None:
+        raise ConfigError("nothing to evaluate: give --ckpt and/or --predictions")
+    if not Path(predictions).is_dir():
+        raise DataError(f"{predictions}: predictions folder not found")
+    task = kaggle_task_of(predictions)
+    if task is None:
+        raise ConfigError(f"--predictions {predictions}: not in a Kaggle layout (<root>/<task>/Predictions/<method>, the task "
+                          f"folder holding metadata.json and GroundTruth/), so the ground truth is unknown: pass --data "
+                          f"DATASET_DIR or --config CONFIG")
+    return dataset_config(task, overrides=overrides)
+
+
+def run_eval_cli(cfg, *, ckpt: str | Path | None = None, predictions: str | Path | None = None, split: str = "val",
+                 flip_tta: bool = False, allow_split_mismatch: bool = False, missing_as_empty: bool = False,
+                 with_leaderboard: bool = False, out: str | Path | None = None, mlflow: bool = True, postprocess: bool = True) -> str:
+    """eval.py's job: score ``ckpt`` on ``split`` and/or the ``predictions`` folder (on the checkpoint's cases when
+    both are given), optionally rank them among the task's Predictions/<method> folders; writes the tables under
+    ``out`` (defaults: see eval.py --help) and returns the text to print."""
     from medseg.data.sources import open_source_from_config
 
     out_lines = []
     results: list[EvalResult] = []
-    if args.ckpt:
-        result = evaluate_checkpoint(args.ckpt, cfg, split=args.split, flip_tta=args.tta, allow_split_mismatch=args.allow_split_mismatch)
-        out_dir = Path(args.out) if args.out else default_eval_dir(Path(args.ckpt), args.split, args.tta)
+    if ckpt:
+        result = evaluate_checkpoint(ckpt, cfg, split=split, flip_tta=flip_tta, allow_split_mismatch=allow_split_mismatch,
+                                     postprocess=postprocess)
+        out_dir = Path(out) if out else default_eval_dir(Path(ckpt), split, flip_tta)
         files = result.write(out_dir)
-        if not args.no_mlflow:
+        if mlflow:
             result.info["mlflow_run_id"] = log_eval_run(cfg, result, files)
-        out_lines.append(f"{result.name} on {args.split}: {dump_summary(result)}\nper-case table: {files['per_case_csv']}")
+        out_lines.append(f"{result.name} on {split}: {dump_summary(result)}\nper-case table: {files['per_case_csv']}")
+        if result.info.get("postprocessing"):
+            from medseg.postprocess import active, describe
+
+            post = result.info["postprocessing"]
+            out_lines.append(f"post-processing chosen on validation: {describe(post)}{', applied' if active(post) else ''}")
         results.append(result)
     source = None
-    if args.predictions:
+    if predictions:
         source = open_source_from_config(cfg.dataset)
         case_ids = results[0].per_case_dice().keys() if results else None
-        result = evaluate_predictions(source, args.predictions, labels=cfg.dataset.labels, case_ids=list(case_ids) if case_ids else None,
-                                      missing_as_empty=args.missing_as_empty)
-        pred_dir = f"eval-{Path(args.predictions).name}"
-        # with --ckpt too, --out already holds the checkpoint's tables: the predictions' go to a subfolder
-        files = result.write(Path(args.out) / pred_dir if args.out and args.ckpt else Path(args.out or pred_dir))
+        result = evaluate_predictions(source, predictions, labels=cfg.dataset.labels, case_ids=list(case_ids) if case_ids else None,
+                                      missing_as_empty=missing_as_empty)
+        pred_dir = f"eval-{Path(predictions).name}"
+        # with a checkpoint too, ``out`` already holds the checkpoint's tables: the predictions' go to a subfolder
+        files = result.write(Path(out) / pred_dir if out and ckpt else Path(out or pred_dir))
+        if mlflow:
+            result.info["mlflow_run_id"] = log_eval_run(cfg, result, files)
         out_lines.append(f"{result.name}: {dump_summary(result)}\nper-case table: {files['per_case_csv']}")
         results.append(result)
-    if args.leaderboard:
+    if with_leaderboard:
         source = source or open_source_from_config(cfg.dataset)
         methods = getattr(source, "predictions_methods", lambda: [])()
         if not methods:
@@ -279,7 +373,7 @@ def run_eval_cli(cfg, args) -> str:
         case_ids = list(results[0].per_case_dice()) if results else None
         for method in methods:
             results.append(evaluate_predictions(source, Path(source.root) / "Predictions" / method, labels=cfg.dataset.labels,
-                                                case_ids=case_ids, missing_as_empty=args.missing_as_empty, name=method))
+                                                case_ids=case_ids, missing_as_empty=missing_as_empty, name=method))
         table = leaderboard(results)
         out_lines.append(f"leaderboard on {len(case_ids) if case_ids else 'all'} cases:\n"
                          + format_table(table, ["rank", "method", "dice", "iou", "dice_micro", "lesion_recall", "lesion_precision", "n_scored"]))

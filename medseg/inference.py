@@ -6,6 +6,7 @@ size before thresholding, so masks line up voxel for voxel with the input.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,11 +14,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from medseg import postprocess
 from medseg.checkpoint import model_from_checkpoint
 from medseg.data.cache import make_normaliser, resize_slice
 from medseg.data.dataset import stack_context
 from medseg.errors import DataError, MedsegError
-from medseg.training import _tta_logits, autocast
+from medseg.training import autocast
+from medseg.tta import mirrored_logits, mirrors_from_augment
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
@@ -26,7 +29,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 class Predictor:
     """A loaded checkpoint that turns (X, Y, Z) float32 volumes into (X, Y, Z) uint8 label volumes."""
 
-    def __init__(self, ckpt: str | Path, *, device: str | None = None, batch_size: int = 16, flip_tta: bool = False):
+    def __init__(self, ckpt: str | Path, *, device: str | None = None, batch_size: int = 16, flip_tta: bool = False,
+                 postprocess: bool = True):
         if device == "cuda" and not torch.cuda.is_available():
             raise MedsegError("--device cuda: no CUDA device is available (leave --device out to use the CPU)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -37,8 +41,17 @@ class Predictor:
         self.labels = [int(v) for v in self.meta["labels"]]
         self.batch_size = batch_size
         self.flip_tta = flip_tta
+        # the mirrors training showed the model (checkpoint metadata; derived from its stored config when older)
+        self.trained_mirrors = self.meta["tta_axes"] if "tta_axes" in self.meta else mirrors_from_augment(self.cfg.augment)
+        self.tta_axes = [list(m) for m in self.trained_mirrors] if flip_tta else []
+        if flip_tta and not self.tta_axes:
+            logging.getLogger(__name__).warning(
+                "%s: --tta: trained without flips (augment: %s), so no mirror is one it has seen; predicting without TTA",
+                self.ckpt, ", ".join(a.name for a in self.cfg.augment) or "none")
         self.threshold = self.cfg.training.threshold
         self.amp = self.cfg.training.amp
+        # post-processing chosen on validation after training (medseg.postprocess); None: the checkpoint has none
+        self.postprocessing = self.meta.get("postprocessing") if postprocess else None
         # class index -> raw label value (class 0 is background)
         self.class_to_label = np.array([0, *self.labels], dtype=np.uint8)
 
@@ -59,8 +72,8 @@ class Predictor:
             x = torch.from_numpy(np.stack([stack_context(volume, z, self.context) for z in zs])).to(self.device)
             with autocast(self.device, self.amp):
                 logits = self.model(x).float()
-                if self.flip_tta:
-                    logits = _tta_logits(self.model, x, logits)
+                if self.tta_axes:
+                    logits = mirrored_logits(self.model, x, logits, self.tta_axes)
             probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
             if (height, width) != tuple(probs.shape[2:]):
                 probs = torch.nn.functional.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
@@ -75,6 +88,9 @@ class Predictor:
         for z, probs in self.probabilities(image):
             classes = (probs[0] > self.threshold).astype(np.uint8) if probs.shape[0] == 1 else probs.argmax(axis=0).astype(np.uint8)
             out[:, :, z] = self.class_to_label[classes]
+        if postprocess.active(self.postprocessing):
+            size = int(self.postprocessing.get("image_size", self.settings["image_size"]))
+            out = postprocess.apply(out, self.postprocessing, voxel_scale=image.shape[0] * image.shape[1] / size**2)
         return out
 
 
@@ -180,11 +196,12 @@ def write_mask(item: InputItem, mask: np.ndarray, out_dir: Path, *, binary_255: 
 
 
 def run_inference(ckpt: str | Path, input_path: str | Path, out_dir: str | Path, *, case_ids: list[str] | None = None,
-                  batch_size: int = 16, flip_tta: bool = False, overlays: bool = True, device: str | None = None) -> list[dict[str, Any]]:
+                  batch_size: int = 16, flip_tta: bool = False, overlays: bool = True, device: str | None = None,
+                  postprocess: bool = True) -> list[dict[str, Any]]:
     """Segment every input; write masks (+ overlay PNGs). Returns one record per input."""
     from medseg.plots import overlay_png, pick_slice
 
-    predictor = Predictor(ckpt, device=device, batch_size=batch_size, flip_tta=flip_tta)
+    predictor = Predictor(ckpt, device=device, batch_size=batch_size, flip_tta=flip_tta, postprocess=postprocess)
     out_dir = Path(out_dir)
     records = []
     for item in iter_inputs(input_path, case_ids):

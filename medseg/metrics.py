@@ -181,9 +181,14 @@ def confusion_counts(pred: np.ndarray, target: np.ndarray, labels: Sequence[int]
         matrix = _joint_histogram(pred, target, len(label_list) + 1, _label_coder(label_list, max_value))
         index = {label: code for code, label in enumerate(label_list, start=1)}
 
-    total = int(pred.size)
+    return _counts_from_matrix(matrix, index, label_list, int(pred.size))
+
+
+def _counts_from_matrix(matrix: np.ndarray, index: Mapping[int, int], labels: Sequence[int], total: int) -> dict[int, Counts]:
+    """``{L: Counts}`` from a joint histogram ``matrix[truth code, predicted code]``; ``index`` maps each label to its
+    code (a label without a code has no voxels)."""
     counts: dict[int, Counts] = {}
-    for label in label_list:
+    for label in labels:
         if label not in index:
             counts[label] = Counts(tp=0, fp=0, fn=0, tn=total)
             continue
@@ -193,6 +198,45 @@ def confusion_counts(pred: np.ndarray, target: np.ndarray, labels: Sequence[int]
         fn = int(matrix[row, :].sum()) - tp  # truth L, predicted something else
         counts[label] = Counts(tp=tp, fp=fp, fn=fn, tn=total - tp - fp - fn)
     return counts
+
+
+class BatchCounts:
+    """Voxel confusion counts pooled over the batches of a training epoch (micro over the epoch's patches).
+
+    ``update`` takes (N, H, W) class-index maps as torch tensors (prediction thresholded or argmaxed as in
+    validation, target as the loss sees it) and adds their joint histogram on the tensors' own device, so a GPU step
+    is not synchronised; ``counts`` reads it once, at the end of the epoch. Classes are 0 (background) .. n_classes-1;
+    class c > 0 is scored as "c vs rest", like a label value in ``confusion_counts``.
+    """
+
+    def __init__(self, n_classes: int):
+        if n_classes < 2:
+            raise ValueError(f"n_classes counts the background too: at least 2, got {n_classes}")
+        self.n_classes = n_classes
+        self._histogram = None  # torch int64 (n_classes * n_classes,), on the first batch's device
+
+    def update(self, pred, target) -> None:
+        import torch
+
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}")
+        joint = target.reshape(-1).long() * self.n_classes + pred.reshape(-1).long()
+        histogram = torch.bincount(joint, minlength=self.n_classes * self.n_classes)
+        self._histogram = histogram if self._histogram is None else self._histogram + histogram
+
+    def counts(self) -> dict[int, Counts]:
+        """``{class: Counts}`` for the foreground classes 1..n_classes-1 (all zero before any update)."""
+        classes = list(range(1, self.n_classes))
+        if self._histogram is None:
+            return {c: Counts(0, 0, 0, 0) for c in classes}
+        matrix = self._histogram.cpu().numpy().reshape(self.n_classes, self.n_classes)
+        return _counts_from_matrix(matrix, {c: c for c in classes}, classes, int(matrix.sum()))
+
+    def summary(self) -> dict[str, float]:
+        """``dice`` and ``iou`` from the pooled counts of each class, averaged over classes (NaN when every class
+        is empty in both truth and prediction)."""
+        counts = self.counts().values()
+        return {"dice": _nanmean(dice(c) for c in counts)[0], "iou": _nanmean(iou(c) for c in counts)[0]}
 
 
 # ----------------------------------------------------------------------------------------------- reductions
@@ -301,6 +345,14 @@ def _foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of a bool mask with full connectivity (26 in 3D, 8 in 2D), as ``lesion_detection`` and
+    evalseg count lesions: (int32 labels, 1..n for the components and 0 for background; n)."""
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    labelled, n = ndimage.label(mask, structure=structure)
+    return labelled, int(n)
+
+
 def lesion_detection(pred_mask: np.ndarray, target_mask: np.ndarray, *, min_overlap: float = 0.1) -> LesionCounts:
     """Lesion-wise detection counts over connected components.
 
@@ -338,11 +390,10 @@ def lesion_detection(pred_mask: np.ndarray, target_mask: np.ndarray, *, min_over
         return LesionCounts(0, 0, 0, 0)
     pred_mask, target_mask = pred_mask[box], target_mask[box]
 
-    structure = ndimage.generate_binary_structure(pred_mask.ndim, pred_mask.ndim)  # full connectivity
-    labelled_true, n_true = ndimage.label(target_mask, structure=structure)
+    labelled_true, n_true = label_components(target_mask)  # full connectivity
     n_true_detected = _covered_fraction_ok(labelled_true, n_true, target_mask, pred_mask, min_overlap)
     del labelled_true  # free before labelling the prediction: large when the foreground box is large
-    labelled_pred, n_pred = ndimage.label(pred_mask, structure=structure)
+    labelled_pred, n_pred = label_components(pred_mask)
     n_pred_correct = _covered_fraction_ok(labelled_pred, n_pred, pred_mask, target_mask, min_overlap)
     return LesionCounts(int(n_true), n_true_detected, int(n_pred), n_pred_correct)
 

@@ -28,16 +28,20 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def learning_curve_png(history: list[dict[str, Any]], path: Path) -> Path:
-    """Train/val loss and validation Dice/IoU per epoch."""
+    """Train/val loss, and train and validation Dice/IoU per epoch (training: micro over the epoch's patches,
+    dashed; validation: mean over cases of whole-volume scores, solid)."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key in ("train/loss", "val/loss"):
         ax_loss.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
-    for key in ("val/dice", "val/iou", "val/dice_micro"):
-        ax_score.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
+    for key, colour in (("dice", "C0"), ("iou", "C1")):
+        for split, style in (("train", "--"), ("val", "-")):
+            ax_score.plot(epochs, [h.get(f"{split}/{key}", np.nan) for h in history], linestyle=style, color=colour,
+                          marker="o", label=f"{split}/{key}")
+    ax_score.plot(epochs, [h.get("val/dice_micro", np.nan) for h in history], marker="o", color="C2", label="val/dice_micro")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_score.set(xlabel="epoch", ylabel="score", title="validation (per-case mean)", ylim=(0, 1))
+    ax_score.set(xlabel="epoch", ylabel="score", title="Dice / IoU (train: micro over patches; val: per-case mean)", ylim=(0, 1))
     for ax in (ax_loss, ax_score):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -3,13 +3,15 @@
 The figure that decides is the eval code's mean per-case validation Dice at full resolution (never the
 training-time number). A challenger replaces the champion only when, on the same split,
   delta = Dice(challenger) - Dice(champion) >= margin   and   P(challenger better) >= min_probability,
-the probability coming from a paired bootstrap over validation cases. Otherwise it gets the alias
-``challenger`` and the decision says which condition failed. The champion is mirrored to
+the probability coming from a paired bootstrap over validation cases, and no metric named in the rule's ``guards``
+(e.g. ``val/lesion_recall: 0.02``) is below the champion's by more than its tolerance. Otherwise it gets the alias
+``challenger`` and the decision says which condition (or guard) failed. The champion is mirrored to
 ``<models_dir>/champion`` as a symlink switched atomically to a complete version folder.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -69,13 +71,50 @@ def _eval_record(result, run_id: str | None, checkpoint: str) -> dict[str, Any]:
     return {"run_id": run_id, "checkpoint": checkpoint, "dice": s["dice"], "iou": s["iou"], "dice_micro": s["dice_micro"],
             "lesion_recall": s.get("lesion_recall"), "lesion_precision": s.get("lesion_precision"), "n_cases": s["n_cases"],
             "n_scored": s["n_scored"], "split_hash": result.info.get("split_hash"), "per_case_dice": result.per_case_dice(),
-            "labels": list(result.labels),
+            "labels": list(result.labels), "postprocessing": result.info.get("postprocessing"),  # applied in these scores
             # per case and label: what the reported Dice averages (per label over cases, then over labels)
             "per_case_label_dice": {r["case_id"]: [float(r[f"dice/{label}"]) for label in result.labels] for r in result.rows}}
 
 
+# Metrics of an evaluation record (``_eval_record``) a promotion guard can name, as ``val/<key>`` or ``<key>``; all of
+# them are better when higher.
+GUARD_METRICS = ("dice", "iou", "dice_micro", "lesion_recall", "lesion_precision")
+
+
+def guard_record_key(name: str) -> str:
+    """A guard's metric name (``val/lesion_recall``, as training logs it) -> the record key (``lesion_recall``)."""
+    key = name.removeprefix("val/")
+    if key not in GUARD_METRICS:
+        raise ValueError(f"guard {name!r} names no metric of the re-evaluated record; use one of "
+                         f"{', '.join('val/' + k for k in GUARD_METRICS)}")
+    return key
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(float(value)) else None
+
+
+def guard_failures(champion: dict[str, Any], candidate: dict[str, Any], guards: dict[str, float]) -> list[str]:
+    """One text per guard that holds the candidate back: its metric below the champion's by more than the tolerance,
+    or not measurable for the candidate while the champion has it. A metric the champion lacks (NaN: e.g. no
+    lesion in the split) guards nothing."""
+    failed = []
+    for name, tolerance in guards.items():
+        key = guard_record_key(name)
+        theirs, ours = _number(champion.get(key)), _number(candidate.get(key))
+        if theirs is None:
+            continue
+        if ours is None:
+            failed.append(f"guard {name} held it back: the candidate has no {key} (champion {theirs:.4f})")
+        elif theirs - ours > tolerance + 1e-9:
+            failed.append(f"guard {name} held it back: {key} {ours:.4f} is {theirs - ours:.4f} below the champion's {theirs:.4f} "
+                          f"(tolerance {tolerance:.4f})")
+    return failed
+
+
 def compare(champion: dict[str, Any], candidate: dict[str, Any], rule) -> tuple[bool, str, dict[str, Any]]:
-    """Apply the promotion rule to two evaluation records on the same cases."""
+    """Apply the promotion rule to two evaluation records on the same cases: the Dice gain and P(better), then the
+    guards (``rule.guards``), which hold a challenger back whatever its Dice."""
     ids = sorted(candidate["per_case_dice"])
     if sorted(champion["per_case_dice"]) != ids:
         return False, "champion and candidate were scored on different cases", {}
@@ -92,6 +131,7 @@ def compare(champion: dict[str, Any], candidate: dict[str, Any], rule) -> tuple[
         failed.append(f"gain {delta:+.4f} is below the margin {rule.margin:.4f}")
     if not prob >= rule.min_probability:
         failed.append(f"P(better) {prob:.3f} is below {rule.min_probability:.2f}")
+    failed += guard_failures(champion, candidate, getattr(rule, "guards", None) or {})
     summary = f"Dice {candidate['dice']:.4f} vs champion {champion['dice']:.4f} (gain {delta:+.4f}, 95% CI [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}], P(better) {prob:.3f})"
     if failed:
         return False, f"kept the champion: {'; '.join(failed)}. {summary}", boot
@@ -138,7 +178,7 @@ def _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, 
                 champ_eval = evaluate_checkpoint(champ_ckpt, cfg, split="val", data=data, progress=progress)
                 champion_before = {**_eval_record(champ_eval, champion_version.run_id, champion_version.source), "version": champion_version.version}
                 promoted, reason, boot = compare(champion_before, candidate, rule)
-    version = register_version(client, rule.registry_name, run_id, candidate, promoted, reason)
+    version = register_version(client, rule.registry_name, run_id, candidate, promoted, reason, bootstrap=boot)
     alias = CHAMPION if promoted else CHALLENGER
     decision = Decision(promoted=promoted, alias=alias, reason=reason, registry_name=rule.registry_name, version=version,
                         candidate=candidate, champion_before=champion_before, bootstrap=boot, rule=rule.model_dump())
@@ -153,10 +193,15 @@ def _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, 
     return decision
 
 
-def register_version(client, name: str, run_id: str, candidate: dict[str, Any], promoted: bool, reason: str) -> str:
-    """A new model version for the run's logged checkpoint (``runs:/<run>/checkpoint``), tagged with its scores."""
+def register_version(client, name: str, run_id: str, candidate: dict[str, Any], promoted: bool, reason: str,
+                     bootstrap: dict[str, Any] | None = None) -> str:
+    """A new model version for the run's logged checkpoint (``runs:/<run>/checkpoint``), tagged with its scores and,
+    when the decision compared with a champion, the paired bootstrap of the Dice gain (``gain``, ``ci_low``,
+    ``ci_high``, ``prob_better``): ``python -m medseg.report history`` reads these tags."""
     from mlflow.exceptions import MlflowException
 
+    boot_tags = {} if not bootstrap else {"gain": f"{bootstrap['delta']:.6f}", "ci_low": f"{bootstrap['ci_low']:.6f}",
+                                          "ci_high": f"{bootstrap['ci_high']:.6f}", "prob_better": f"{bootstrap['prob_better']:.6f}"}
     try:
         client.get_registered_model(name)
     except MlflowException as e:
@@ -165,12 +210,15 @@ def register_version(client, name: str, run_id: str, candidate: dict[str, Any], 
         client.create_registered_model(name, description="medseg segmentation models; alias 'champion' is the one to use")
     mv = client.create_model_version(name, source=f"runs:/{run_id}/checkpoint", run_id=run_id, description=reason[:500],
                                      tags={"val_dice": f"{candidate['dice']:.6f}", "val_iou": f"{candidate['iou']:.6f}",
-                                           "split_hash": str(candidate["split_hash"]), "promoted": str(promoted).lower()})
+                                           "split_hash": str(candidate["split_hash"]), "promoted": str(promoted).lower(), **boot_tags})
     return str(mv.version)
 
 
 def model_card(decision: Decision, cfg) -> str:
+    from medseg.postprocess import describe
+
     c = decision.candidate
+    post = c.get("postprocessing")
     lines = [
         f"# {decision.registry_name} v{decision.version} (champion)",
         "",
@@ -181,6 +229,8 @@ def model_card(decision: Decision, cfg) -> str:
         f"input {cfg.dataset.image_size} px, 2.5D context {cfg.dataset.context_slices}",
         f"- Training: loss {cfg.loss.name}, {cfg.training.optimizer} lr {cfg.training.lr:g}, {cfg.training.scheduler} schedule, "
         f"{cfg.training.epochs} epochs, augmentations: {', '.join(a.name for a in cfg.augment) or 'none'}",
+        f"- Post-processing (chosen on validation after training, applied by eval.py and infer.py, included in the scores "
+        f"below): {describe(post) if post else 'none'}",
         "",
         "## Validation (full resolution, per case)",
         "",

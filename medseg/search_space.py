@@ -90,7 +90,8 @@ class Resources(_Strict):
 
 
 class ChampionRule(_Strict):
-    """When a challenger replaces the champion: better by ``margin`` AND paired-bootstrap P(better) >= min_probability."""
+    """When a challenger replaces the champion: better by ``margin`` AND paired-bootstrap P(better) >= min_probability,
+    AND no guarded metric below the champion's by more than its tolerance (``guards``)."""
 
     registry_name: str = "medseg"
     margin: float = Field(0.01, ge=0, description="minimum gain in mean per-case validation Dice (the shipped spaces use 0.01 too)")
@@ -98,6 +99,18 @@ class ChampionRule(_Strict):
     bootstrap_resamples: int = Field(10000, ge=100)
     seed: int = 0
     models_dir: str = "models"
+    guards: dict[str, float] = Field(default_factory=dict, description="metric -> tolerance, e.g. {val/lesion_recall: 0.02}: "
+                                     "a challenger whose re-evaluated metric is below the champion's by more is not promoted")
+
+    @model_validator(mode="after")
+    def _check_guards(self) -> "ChampionRule":
+        from medseg.registry import guard_record_key
+
+        for name, tolerance in self.guards.items():
+            guard_record_key(name)  # ValueError naming the guard and the metrics a record has
+            if not tolerance >= 0:
+                raise ValueError(f"guard {name}: tolerance must be >= 0, got {tolerance}")
+        return self
 
 
 class SearchSpace(_Strict):
@@ -182,7 +195,8 @@ def load_space(path: str | Path, *, overrides: list[str] | None = None) -> Searc
     except ValidationError as err:
         raise _format_error(err, str(path)) from None
     base_path = (path.parent / space.base_config).resolve()
-    base_cfg = config_from_dict(load_yaml(base_path), source=str(base_path), overrides=dict(space.overrides))
+    base_cfg = config_from_dict(load_yaml(base_path), source=str(base_path), overrides=dict(space.overrides),
+                                config_dir=base_path.parent)
     space.source, space.base, space.cli_overrides = str(path), base_cfg.to_dict(), list(overrides or [])
     for i, point in enumerate(space.points_to_evaluate):
         if set(point) != set(space.params):

@@ -7,14 +7,14 @@ from medseg.errors import MedsegError
 
 
 def run_and_promote(space, *, resume: bool = False, name: str | None = None, address: str | None = None,
-                    num_cpus: int | None = None, promote: bool = True, progress: bool = True):
+                    num_cpus: int | None = None, promote: bool = True, progress: bool = True, cold: bool = False):
     """Returns (StudyOutcome, Decision | None, report paths)."""
     from medseg.registry import decide_and_register
     from medseg.report import write_study_report
-    from medseg.tracking import get_client, ui_command
+    from medseg.tracking import get_client, ui_command, ui_url
     from medseg.tuning import run_study, trial_config
 
-    outcome = run_study(space, resume=resume, name=name, address=address, num_cpus=num_cpus)
+    outcome = run_study(space, resume=resume, name=name, address=address, num_cpus=num_cpus, cold=cold)
     decision = None
     client = get_client(outcome.tracking_uri)
     try:
@@ -34,5 +34,6 @@ def run_and_promote(space, *, resume: bool = False, name: str | None = None, add
         raise
     client.set_terminated(outcome.parent_run_id, "FINISHED")
     print(Path(paths["markdown"]).read_text())
-    print(f"report: {paths['markdown']}\nMLflow: {ui_command(outcome.tracking_uri)}")
+    print(f"report: {paths['markdown']}\nMLflow: {ui_command(outcome.tracking_uri)}, then {ui_url(outcome.experiment_id)} "
+          "(runs table; tick runs, Compare: parallel coordinates)")
     return outcome, decision, paths

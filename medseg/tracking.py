@@ -5,6 +5,7 @@ can own many runs at once and a trial never depends on process-global MLflow sta
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -16,6 +17,10 @@ from medseg.config import Config, flatten
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
+# Experiment kind read by MLflow 3's UI (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT): marks medseg's
+# experiments as "Machine learning" (runs table, charts) rather than "GenAI apps & agents" (traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def default_tracking_uri(base: Path | None = None) -> str:
@@ -49,6 +54,13 @@ def ui_command(uri: str, cwd: Path | None = None) -> str:
     return f"open {uri} in a browser"
 
 
+def ui_url(experiment_id: str, *, port: int = 5000) -> str:
+    """The experiment's runs table in the UI that ``ui_command`` serves. MLflow 3.17's UI opens an experiment in
+    GenAI mode (its traces overview) whatever the experiment's ``mlflow.experimentKind`` tag says, unless the URL
+    (or an earlier click on "Model training" in that browser) asks for the model-training mode."""
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def get_client(uri: str):
     from mlflow import MlflowClient
 
@@ -57,17 +69,28 @@ def get_client(uri: str):
 
 def ensure_experiment(uri: str, name: str) -> str:
     """Experiment id for ``name``, created (with an absolute artifact root) if missing. Call this once on the
-    driver before trials start: concurrent first use of a new sqlite store races on table creation."""
+    driver before trials start: concurrent first use of a new sqlite store races on table creation.
+
+    New experiments get ``mlflow.experimentKind = custom_model_development``; an existing active experiment
+    without that tag (an older store) gets it too, but a kind already set (by a user, in the UI) is kept."""
     from mlflow.exceptions import MlflowException
 
     client = get_client(uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root_for(uri))
-    except MlflowException:  # created meanwhile by another process
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root_for(uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created meanwhile by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags and exp.lifecycle_stage == "active":
+        try:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except MlflowException as err:  # a UI hint only (e.g. a read-only server): never fail a run for it
+            logging.getLogger(__name__).warning("could not tag experiment %r with %s: %s", name, EXPERIMENT_KIND_TAG, err)
+    return exp.experiment_id
 
 
 def git_commit() -> str:
@@ -86,12 +109,21 @@ def params_of(cfg: Config) -> dict[str, str]:
 
 
 def tags_of(cfg: Config, data=None, **extra: str) -> dict[str, str]:
-    tags = {"git_commit": git_commit(), "config_hash": cfg.hash(), "config_name": cfg.name}
+    from medseg.machine import host_description
+
+    tags = {"git_commit": git_commit(), "config_hash": cfg.hash(), "config_name": cfg.name, "host": host_description()}
     if data is not None:
         tags.update(dataset=str(Path(data.source.root).name), dataset_fingerprint=data.source.fingerprint(),
                     split_hash=data.split.hash, split_fold=str(data.split.fold), preprocessing_hash=Path(data.cache.root).name)
     tags.update({k: str(v) for k, v in extra.items()})
     return tags
+
+
+def tta_tag(cfg: Config) -> str:
+    """The ``tta_axes`` tag of a training run: the mirrors its augmentation flipped (``medseg.tta``), e.g. "[[3]]"."""
+    from medseg.tta import format_mirrors, mirrors_from_augment
+
+    return format_mirrors(mirrors_from_augment(cfg.augment))
 
 
 def start_run(client, experiment_id: str, *, run_name: str, params: dict[str, str], tags: dict[str, str], parent_run_id: str | None = None) -> str:
@@ -132,6 +164,25 @@ def log_run_artifacts(client, run_id: str, run_dir: Path) -> None:
             client.log_artifact(run_id, str(run_dir / name), dest)
     if (run_dir / "overlays").is_dir():
         client.log_artifacts(run_id, str(run_dir / "overlays"), "plots/overlays")
+    log_postprocessing(client, run_id, run_dir)
+
+
+def log_postprocessing(client, run_id: str, run_dir: Path) -> None:
+    """The post-processing chosen after training (``postprocessing.json`` of the run folder): artifact, tag
+    ``postprocessing`` (one line) and metrics ``val/dice_before_postprocessing``, ``val/dice_postprocessed`` (validation
+    at the cached resolution, step = best epoch)."""
+    import json
+
+    from medseg.postprocess import describe
+
+    path = Path(run_dir) / "postprocessing.json"
+    if not path.exists():
+        return
+    choice = json.loads(path.read_text())
+    client.log_artifact(run_id, str(path))
+    client.set_tag(run_id, "postprocessing", describe(choice)[:5000])
+    log_metrics(client, run_id, {"val/dice_before_postprocessing": choice["dice_before"], "val/dice_postprocessed": choice["dice_after"],
+                                 "postprocessing_seconds": choice.get("seconds", float("nan"))}, step=int(choice.get("epoch", 0)))
 
 
 @contextmanager
@@ -164,7 +215,8 @@ def train_tracked(cfg: Config, *, progress: bool = True) -> tuple[Any, str]:
     experiment_id = ensure_experiment(uri, cfg.output.experiment)
     data = prepare_data(cfg, progress=progress)
     run_name = cfg.output.run_name or cfg.name
-    run_id = start_run(client, experiment_id, run_name=run_name, params=params_of(cfg), tags=tags_of(cfg, data, kind="train"))
+    run_id = start_run(client, experiment_id, run_name=run_name, params=params_of(cfg),
+                       tags=tags_of(cfg, data, kind="train", tta_axes=tta_tag(cfg)))
     run_dir = Path(cfg.output.run_dir) / f"{run_name}-{run_id[:8]}"
     with tracked_run(client, run_id):
         client.set_tag(run_id, "run_dir", str(run_dir))

@@ -7,6 +7,7 @@ computed per case on whole volumes (slices stacked back), never averaged over ba
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -29,6 +30,7 @@ from medseg.errors import MedsegError, NonFiniteLossError
 from medseg.io_utils import atomic_path, atomic_write_json
 from medseg.losses import build_loss
 from medseg.models import build_model, n_classes, predict_classes
+from medseg.tta import mirrored_logits, mirrors_from_augment
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -169,12 +171,12 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def predict_volume(model: torch.nn.Module, volume: np.ndarray, *, context: int, device: torch.device, batch_size: int,
-                   threshold: float = 0.5, amp: bool = False, flip_tta: bool = False,
+                   threshold: float = 0.5, amp: bool = False, tta_axes: list[list[int]] | None = None,
                    target: np.ndarray | None = None, loss_fn=None) -> tuple[np.ndarray, float | None]:
     """(Z, S, S) normalised volume -> (Z, S, S) uint8 class map, slice batches through the model.
 
     With ``target`` (class indices) and ``loss_fn``, also returns the mean loss over slices.
-    ``flip_tta`` averages probabilities over the identity and the two in-plane flips.
+    ``tta_axes`` (mirrors, see ``medseg.tta``) averages probabilities over the identity and those mirrors.
     """
     model.eval()
     n = volume.shape[0]
@@ -185,8 +187,8 @@ def predict_volume(model: torch.nn.Module, volume: np.ndarray, *, context: int, 
         x = torch.from_numpy(np.stack([stack_context(volume, z, context) for z in zs])).to(device)
         with autocast(device, amp):
             logits = model(x).float()
-            if flip_tta:
-                logits = _tta_logits(model, x, logits)
+            if tta_axes:
+                logits = mirrored_logits(model, x, logits, tta_axes)
         if target is not None and loss_fn is not None:
             y = torch.from_numpy(np.ascontiguousarray(target[start:start + len(zs)]).astype(np.int64)).to(device)
             loss_sum += float(loss_fn(logits, y)) * len(zs)
@@ -194,18 +196,8 @@ def predict_volume(model: torch.nn.Module, volume: np.ndarray, *, context: int, 
     return out, (loss_sum / n if loss_fn is not None and target is not None else None)
 
 
-def _tta_logits(model, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Average probabilities over flips, returned as logits so thresholds and argmax apply unchanged."""
-    to_prob = torch.sigmoid if logits.shape[1] == 1 else (lambda t: torch.softmax(t, dim=1))
-    probs = to_prob(logits)
-    for dims in ((2,), (3,)):
-        probs = probs + to_prob(model(torch.flip(x, dims)).float()).flip(dims)
-    probs = (probs / 3).clamp(1e-6, 1 - 1e-6)
-    return torch.logit(probs) if logits.shape[1] == 1 else torch.log(probs)
-
-
 def validate(model, data: PreparedData, case_ids: list[str], cfg: Config, device: torch.device, *, loss_fn=None,
-             flip_tta: bool = False, keep_predictions: bool = False) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
+             tta_axes: list[list[int]] | None = None, keep_predictions: bool = False) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
     """Whole-volume, per-case metrics on the cached resolution. Returns (summary, per-case rows, predictions)."""
     lut = label_lut(data.labels)
     classes = list(range(1, len(data.labels) + 1))
@@ -214,7 +206,7 @@ def validate(model, data: PreparedData, case_ids: list[str], cfg: Config, device
         target = lut[np.asarray(data.cache.label(cid))]
         pred, loss = predict_volume(model, data.cache.image(cid), context=cfg.dataset.context_slices, device=device,
                                     batch_size=cfg.training.batch_size, threshold=cfg.training.threshold, amp=cfg.training.amp,
-                                    flip_tta=flip_tta, target=target, loss_fn=loss_fn)
+                                    tta_axes=tta_axes, target=target, loss_fn=loss_fn)
         if loss is not None:
             losses.append(loss)
         rows.append({"case_id": cid, **M.case_metrics(pred, target, classes, lesion_labels=classes)})
@@ -231,7 +223,8 @@ def validate(model, data: PreparedData, case_ids: list[str], cfg: Config, device
 
 @dataclass
 class EpochReport:
-    """What each epoch hands to the callback. ``metrics`` keys: train/loss, val/loss, val/dice, val/iou, ... lr."""
+    """What each epoch hands to the callback. ``metrics`` keys: train/loss, train/dice, train/iou, val/loss, val/dice,
+    val/iou, ... lr."""
 
     epoch: int  # 1-based
     metrics: dict[str, float]
@@ -252,6 +245,7 @@ class FitResult:
     stop_reason: str  # "max_epochs" | "patience" | "callback"
     per_case_csv: Path
     artifacts: list[Path] = field(default_factory=list)
+    postprocessing: dict[str, Any] | None = None  # chosen on validation after training (medseg.postprocess), also in best.pt
 
 
 OnEpoch = Callable[[EpochReport], "bool | None"]
@@ -265,7 +259,8 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
     The best checkpoint is the epoch with the best ``training.monitor`` (validation Dice by default).
 
     run_dir receives best.pt (the best checkpoint by validation Dice, self-describing), last.pt (state to
-    resume from), history.json, val_per_case.csv, learning_curve.png, overlays/, config.yaml, splits.json.
+    resume from), history.json, val_per_case.csv, learning_curve.png, overlays/, config.yaml, splits.json, and
+    postprocessing.json (the post-processing chosen on the best checkpoint's validation predictions, also in best.pt).
     ``checkpoint_meta`` is stored in every checkpoint's metadata (train.py puts the MLflow run id there).
     """
     device = configure_torch(cfg)
@@ -293,6 +288,7 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
         "config": cfg.to_dict(), "preprocessing": data.preprocessing(cfg), "labels": data.labels,
         "in_channels": (2 * context + 1) * data.in_channels, "classes": classes, "split_hash": data.split.hash,
         "split_fold": data.split.fold, "dataset_fingerprint": data.source.fingerprint(), "versions": library_versions(),
+        "tta_axes": mirrors_from_augment(cfg.augment),  # the mirrors training showed the model: what --tta may use
         **(checkpoint_meta or {}),
     }
     _write_run_files(run_dir, cfg, data)
@@ -305,6 +301,7 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
         start_epoch, history, best = _load_state(resume_state, model, optimizer, scaler, ema)
     stop_reason = "max_epochs"
     artifacts: list[Path] | None = None
+    best_predictions: dict[str, np.ndarray] | None = None  # the best epoch's validation class maps, for post-processing
     for epoch in range(start_epoch, t.epochs):
         seed_everything(t.seed, epoch + 1)
         loader_gen.manual_seed(t.seed * 1_000_003 + epoch)
@@ -314,8 +311,9 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
         for group in optimizer.param_groups:
             group["lr"] = t.lr * lr_factor(epoch, cfg)
         started = time.perf_counter()
-        train = train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg, epoch=epoch + 1, progress=progress, ema=ema)
-        val, rows, _ = validate(eval_model, data, data.split.val, cfg, device, loss_fn=loss_fn)
+        train = train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg, epoch=epoch + 1, progress=progress,
+                                classes=classes, ema=ema)
+        val, rows, predictions = validate(eval_model, data, data.split.val, cfg, device, loss_fn=loss_fn, keep_predictions=True)
         metrics = {f"train/{k}": v for k, v in train.items()}
         metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
         metrics["lr"] = optimizer.param_groups[0]["lr"]
@@ -327,6 +325,7 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
         if is_best:
             best = {"value": value, "epoch": epoch + 1, "metrics": dict(metrics)}
             save_checkpoint(run_dir / "best.pt", eval_model, {**meta_base, "epoch": epoch + 1, "metrics": metrics})
+            best_predictions = predictions
             _write_per_case(run_dir / "val_per_case.csv", rows)
         history.append({"epoch": epoch + 1, **metrics})
         _save_state(run_dir / "last.pt", model, optimizer, scaler, epoch + 1, history, best, ema)
@@ -334,7 +333,7 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
         patience_hit = t.patience is not None and epoch + 1 - best["epoch"] >= t.patience
         final = epoch + 1 == t.epochs or patience_hit
         if final:  # artifacts before the last callback: a scheduler may end the process at that report
-            artifacts = finish_run(run_dir, cfg, data, history, device)
+            artifacts = finish_run(run_dir, cfg, data, history, device, best_predictions=best_predictions)
         report = EpochReport(epoch=epoch + 1, metrics=metrics, is_best=is_best, best_value=sign * best["value"],
                              best_epoch=best["epoch"], checkpoint_dir=run_dir, final=final)
         if on_epoch is not None and on_epoch(report):
@@ -346,18 +345,26 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
     if best["epoch"] == 0:
         raise MedsegError(f"{run_dir}: no epoch produced a finite {t.monitor} (are all validation cases empty?)")
     if artifacts is None:  # stopped by the callback, or resumed after the last epoch
-        artifacts = finish_run(run_dir, cfg, data, history, device)
+        artifacts = finish_run(run_dir, cfg, data, history, device, best_predictions=best_predictions)
+    choice = run_dir / POSTPROCESSING_FILE
     return FitResult(run_dir=run_dir, best_checkpoint=run_dir / "best.pt", best_epoch=best["epoch"], best_metrics=best["metrics"],
-                     history=history, stop_reason=stop_reason, per_case_csv=run_dir / "val_per_case.csv", artifacts=artifacts)
+                     history=history, stop_reason=stop_reason, per_case_csv=run_dir / "val_per_case.csv", artifacts=artifacts,
+                     postprocessing=json.loads(choice.read_text()) if choice.exists() else None)
 
 
 def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Config, *, epoch: int, progress: bool,
-                    ema: AveragedModel | None = None) -> dict[str, float]:
-    """One pass over the sampler's slices (updating ``ema`` after each step). Returns {"loss", "images_per_s"}."""
+                    classes: int, ema: AveragedModel | None = None) -> dict[str, float]:
+    """One pass over the sampler's slices (updating ``ema`` after each step).
+
+    Returns {"loss", "dice", "iou", "images_per_s"}: the mean loss over slices, and Dice and IoU of the thresholded
+    training predictions from the confusion counts pooled over the epoch's patches (micro, as the weights changed
+    during the epoch and on augmented patches: a training signal, not comparable with the per-case validation Dice).
+    """
     from tqdm import tqdm
 
     model.train()
     total, seen = 0.0, 0
+    counts = M.BatchCounts(max(2, classes))  # one output channel (sigmoid) still scores background and foreground
     started = time.perf_counter()
     for step, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -376,9 +383,10 @@ def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Conf
         scaler.update()
         if ema is not None:
             ema.update_parameters(model)
+        counts.update(predict_classes(logits.detach(), cfg.training.threshold), y)
         total += loss.item() * len(x)
         seen += len(x)
-    return {"loss": total / max(seen, 1), "images_per_s": seen / max(time.perf_counter() - started, 1e-9)}
+    return {"loss": total / max(seen, 1), **counts.summary(), "images_per_s": seen / max(time.perf_counter() - started, 1e-9)}
 
 
 # --------------------------------------------------------------------------------------- state & files
@@ -422,17 +430,39 @@ def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def finish_run(run_dir: Path, cfg: Config, data: PreparedData, history, device) -> list[Path]:
-    """Learning curve and overlays of fixed validation cases from the best checkpoint."""
+def finish_run(run_dir: Path, cfg: Config, data: PreparedData, history, device,
+               best_predictions: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """Learning curve, post-processing chosen on validation (``choose_postprocessing``) and overlays of fixed validation
+    cases, from the best checkpoint. ``best_predictions``: its validation class maps when the loop kept them (else
+    they are predicted again from best.pt, e.g. after a resume)."""
     from medseg.checkpoint import model_from_checkpoint
     from medseg.plots import learning_curve_png, overlay_pngs
 
     paths = [learning_curve_png(history, run_dir / "learning_curve.png")]
+    if not (run_dir / "best.pt").exists():  # no finite validation metric: fit() reports it
+        return paths
+    if best_predictions is None or set(best_predictions) != set(data.split.val):
+        model, _, _ = model_from_checkpoint(run_dir / "best.pt", device=device)
+        _, _, best_predictions = validate(model, data, data.split.val, cfg, device, keep_predictions=True)
+    paths.append(choose_postprocessing(run_dir, data, best_predictions))
     if cfg.training.val_overlays:
-        model, meta, _ = model_from_checkpoint(run_dir / "best.pt", device=device)
         cases = sorted(data.split.val)[: cfg.training.val_overlays]
-        _, _, preds = validate(model, data, cases, cfg, device, keep_predictions=True)
         lut = label_lut(data.labels)
-        paths += overlay_pngs({cid: (np.asarray(data.cache.image(cid)), lut[np.asarray(data.cache.label(cid))], preds[cid]) for cid in cases},
-                              run_dir / "overlays")
+        paths += overlay_pngs({cid: (np.asarray(data.cache.image(cid)), lut[np.asarray(data.cache.label(cid))], best_predictions[cid])
+                               for cid in cases}, run_dir / "overlays")
     return paths
+
+
+POSTPROCESSING_FILE = "postprocessing.json"
+
+
+def choose_postprocessing(run_dir: Path, data: PreparedData, predictions: dict[str, np.ndarray]) -> Path:
+    """Choose the post-processing on the best checkpoint's validation predictions (``medseg.postprocess``), store it
+    in best.pt's metadata (``postprocessing``) and in ``postprocessing.json``; returns that file."""
+    from medseg.checkpoint import update_checkpoint_meta
+    from medseg.postprocess import select_for_run
+
+    choice = select_for_run(predictions, data)
+    meta = update_checkpoint_meta(run_dir / "best.pt", {"postprocessing": choice})
+    atomic_write_json(run_dir / POSTPROCESSING_FILE, {**choice, "epoch": int(meta.get("epoch", 0))})
+    return run_dir / POSTPROCESSING_FILE

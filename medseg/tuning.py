@@ -131,7 +131,7 @@ class MlflowTrialCallback(_tune_callback_base()):
         return self._client
 
     def _run_for(self, trial) -> str:
-        from medseg.tracking import params_of, start_run, tags_of
+        from medseg.tracking import params_of, start_run, tags_of, tta_tag
 
         run_id = self.runs.get(trial.trial_id)
         if run_id:
@@ -145,7 +145,7 @@ class MlflowTrialCallback(_tune_callback_base()):
             cfg = trial_config(trial.config, space)
             sampled = {k: v for k, v in trial.config.items()}
             tags = tags_of(cfg, kind="trial", study=self.study, trial_id=trial.trial_id, sampled=json.dumps(sampled, default=str),
-                           run_dir=str(Path(self.artifacts_root) / trial.trial_id))
+                           run_dir=str(Path(self.artifacts_root) / trial.trial_id), tta_axes=tta_tag(cfg))
             run_id = start_run(self.client, self.experiment_id, run_name=f"{self.study}-{trial.trial_id}", params=params_of(cfg),
                                tags=tags, parent_run_id=self.parent_run_id)
         self.runs[trial.trial_id] = run_id
@@ -242,6 +242,7 @@ class StudyOutcome:
     trials: list[dict[str, Any]] = field(default_factory=list)  # one record per trial (see _trial_records)
     best: dict[str, Any] | None = None
     seconds: float = 0.0
+    warm_start: dict[str, Any] | None = None  # warmstart.WarmStart.summary() of the searcher, None without one
 
 
 def resume_command(space: SearchSpace, name: str) -> str:
@@ -319,15 +320,46 @@ def _param_space(space: SearchSpace) -> dict[str, Any]:
     return {key: domain.to_tune() for key, domain in space.params.items()}
 
 
-def _build_tuner(space: SearchSpace, trainable, callback, name: str):
+def _optuna_search_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch
+
+
+class WarmOptunaSearch(_optuna_search_class()):
+    """OptunaSearch told earlier trials (``points_to_evaluate`` + ``evaluated_rewards``) that still runs ``run_first``.
+
+    With ``evaluated_rewards``, Ray 2.x adds every ``points_to_evaluate`` as a finished Optuna trial and enqueues
+    none, so the space's own initial points (the base config, the file's ``points_to_evaluate``) are enqueued here,
+    after the study exists (Tune creates it once the param space is known)."""
+
+    def __init__(self, *, run_first: list[dict[str, Any]] | None = None, **kwargs):
+        self._run_first = list(run_first or [])
+        super().__init__(**kwargs)
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        for point in self._run_first:
+            self._ot_study.enqueue_trial(point)
+
+
+def uses_searcher(space: SearchSpace) -> bool:
+    return not space.fixed_configs and bool(space.params)
+
+
+def _build_tuner(space: SearchSpace, trainable, callback, name: str, warm=None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     search_alg = None
-    if not space.fixed_configs and space.params:
+    if uses_searcher(space):
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=space.optuna_seed, points_to_evaluate=space.initial_points() or None)
+        if warm is not None and warm.points:  # earlier studies' trials: told, not re-run (medseg.warmstart)
+            search_alg = WarmOptunaSearch(seed=space.optuna_seed, points_to_evaluate=warm.points, evaluated_rewards=warm.rewards,
+                                          run_first=space.initial_points())
+        else:
+            search_alg = OptunaSearch(seed=space.optuna_seed, points_to_evaluate=space.initial_points() or None)
     if space.asha.enabled:
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=space.asha.max_t, grace_period=space.asha.grace_period,
                                   reduction_factor=space.asha.reduction_factor)
@@ -349,18 +381,33 @@ def _trainable(space: SearchSpace, artifacts_root: Path):
     return tune.with_resources(fn, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
 
 
-def _prepare_all(space: SearchSpace) -> None:
-    """Build caches and splits on the driver, once, before trials start (trials then only read them)."""
+def _prepare_all(space: SearchSpace) -> str | None:
+    """Build caches and splits on the driver, once, before trials start (trials then only read them).
+    Returns the data fingerprint of the first config (the base config of a searched space)."""
     from medseg.training import prepare_data
 
     configs = list(space.fixed_configs.values()) or [space.base]
-    for raw in configs:
-        prepare_data(config_from_dict(raw, resolve=False), progress=True)
+    fingerprints = [prepare_data(config_from_dict(raw, resolve=False), progress=True).source.fingerprint() for raw in configs]
+    return fingerprints[0] if fingerprints else None
+
+
+def _warm_start(space: SearchSpace, client, experiment_id: str, name: str, fingerprint: str | None, cold: bool):
+    """Earlier trials to tell the searcher (medseg.warmstart), or None without a searcher; prints one line."""
+    from medseg.warmstart import WarmStart, collect
+
+    if not uses_searcher(space):
+        return None
+    warm = WarmStart(cold=True) if cold else collect(client, [experiment_id], space, study=name, fingerprint=fingerprint)
+    print(f"[{name}] {warm.note()}", flush=True)
+    return warm
 
 
 def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = None, address: str | None = None,
-              num_cpus: int | None = None) -> StudyOutcome:
-    """Run (or resume) a study; returns the trial records. MLflow runs end with their final status."""
+              num_cpus: int | None = None, cold: bool = False) -> StudyOutcome:
+    """Run (or resume) a study; returns the trial records. MLflow runs end with their final status.
+
+    A new study's searcher is told the completed trials of earlier studies of the same searched keys, metric, mode
+    and data (medseg.warmstart) unless ``cold`` (``tune.py --cold``)."""
     from ray import tune
 
     from medseg.tracking import default_tracking_uri, ensure_experiment, get_client, start_run, tags_of
@@ -405,7 +452,13 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
         study_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(state_path, state)
     try:
-        _prepare_all(space)
+        fingerprint = _prepare_all(space)
+        if not resume:
+            if fingerprint:  # what the warm start of a later study matches its trials' data on
+                client.set_tag(parent_run_id, "dataset_fingerprint", fingerprint)
+            warm = _warm_start(space, client, experiment_id, name, fingerprint, cold)
+            state["warm_start"] = warm.summary() if warm is not None else None
+            atomic_write_json(state_path, state)
         _init_ray(address, num_cpus)
         callback = MlflowTrialCallback(uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id, study=name,
                                        space_dict=space.model_dump(), artifacts_root=str(artifacts_root))
@@ -413,7 +466,7 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
         if resume:
             tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
         else:
-            tuner = _build_tuner(space, trainable, callback, name)
+            tuner = _build_tuner(space, trainable, callback, name, warm=warm)
         fit_started = time.monotonic()
         try:
             grid = tuner.fit()
@@ -443,7 +496,8 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
         _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
         raise MedsegError(f"study {name} interrupted ({len(grid)} of {expected} trials started, {len(not_done)} unfinished); "
                           f"continue it with: {resume_command(space, name)}")
-    outcome = StudyOutcome(name=name, study_dir=study_dir, parent_run_id=parent_run_id, experiment_id=experiment_id, tracking_uri=uri)
+    outcome = StudyOutcome(name=name, study_dir=study_dir, parent_run_id=parent_run_id, experiment_id=experiment_id, tracking_uri=uri,
+                           warm_start=state.get("warm_start"))
     outcome.trials = [t for t in _trial_records(grid, space, artifacts_root, client, experiment_id, name) if t["trial_id"] not in never_started]
     _close_leftover_runs(client, experiment_id, name)
     finished = [t for t in outcome.trials if t["status"] != "failed" and t["best_value"] is not None and math.isfinite(t["best_value"])]
@@ -528,6 +582,7 @@ def _trial_records(grid, space: SearchSpace, artifacts_root: Path, client, exper
             "epochs_planned": planned,
             "node_id": metrics.get("node_id"),
             "checkpoint": str(run_dir / "best.pt") if (run_dir / "best.pt").exists() else None,
-            "history": [{k: h.get(k) for k in ("epoch", "train/loss", "val/loss", "val/dice", "val/iou")} for h in history],
+            "history": [{k: h.get(k) for k in ("epoch", "train/loss", "train/dice", "train/iou", "val/loss", "val/dice", "val/iou")}
+                        for h in history],
         })
     return records

@@ -172,17 +172,24 @@ def write_image(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def wait_while_running(proc: subprocess.Popen, ready: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    """Poll ``ready()`` until it returns something truthy (returned) while ``proc`` keeps running; a process that
-    exits first fails the test with its output, a timeout kills it and fails the test naming ``what``."""
+def wait_while_running(proc: subprocess.Popen, ready: Callable[[], Any], *, timeout: float, what: str,
+                       poll: float = 0.2) -> Any:
+    """Poll ``ready()`` every ``poll`` s until it returns something truthy (returned) while ``proc`` keeps running; a
+    process that exits first fails the test with its output, a timeout kills it and fails the test naming ``what``.
+
+    ``timeout`` only bounds a hang: make it generous (a slow or loaded machine must never reach it). ``poll`` must be
+    well below the time the awaited state lasts when the caller has to act inside it (e.g. a trial between epochs)."""
     import pytest
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    deadline = time.monotonic() + timeout
+    while True:
+        exited = proc.poll() is not None  # polled before ready(): an event that came just before the exit still counts
         value = ready()
         if value:
             return value
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+        assert not exited, proc.communicate()
+        if time.monotonic() > deadline:
+            break
+        time.sleep(poll)
     proc.kill()
     pytest.fail(f"{what} did not happen within {timeout:.0f} s")

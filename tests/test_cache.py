@@ -385,6 +385,6 @@ read = [float(np.asarray(cache.image(c), dtype=np.float32).sum()) + int(cache.la
 assert len(cache._maps) <= MAX_OPEN_MAPS
 print(len(read))
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "600"

@@ -341,3 +341,72 @@ def test_components_intensity_and_spacing_helpers_by_hand():
     assert stats == pytest.approx({"min": 0.0, "max": 255.0, "mean": image.mean(), "std": image.std()})
     assert not check.spacing_disagrees((0.675781, 0.675781, 5.0), (0.67578125, 0.67578125, 5.0))
     assert check.spacing_disagrees((0.8, 0.75, 2.5), (0.8, 0.75, 5.0))
+
+
+# --------------------------------------------------------------------------------------------- groups file, scale
+
+
+def test_groups_file_leak_in_a_split_made_without_groups_and_a_case_without_group(tmp_path):
+    make_kaggle_task(tmp_path / "data", tiny_cases())
+    groups = tmp_path / "groups.csv"
+    groups.write_text("case_id,group\n" + "".join(f"{c},{'seqA' if c in ('001', '003') else 'seq' + c}\n" for c in IDS))
+    split = Split(train=["001", "002", "11"], val=["003", "004", "005"], test=[], path=tmp_path / "s.json", fold=0,
+                  groups={})
+    cfg = dataset_cfg(tmp_path, tmp_path / "data", split=SplitConfig(groups_file=str(groups)))
+    report = check.audit(cfg, split=split, slices=False)
+    leaks = [e for e in report["errors"] if e["kind"] == "leakage"]
+    assert [(e["group"], e["sides"]) for e in leaks] == [("seqA", {"train": ["001"], "val": ["003"]})]
+    assert "dataset.split.groups_file" in leaks[0]["message"] and report["split"]["groups_file"] == str(groups)
+
+    # the split the audit makes itself: every case needs a group, named when it has none
+    groups.write_text("case_id,group\n" + "".join(f"{c},seq{c}\n" for c in IDS if c != "005"))
+    report = check.audit(cfg, slices=False)
+    assert [e["kind"] for e in report["errors"]] == ["split"] and report["summary"]["exit_code"] == 1
+    assert "case '005' (005.nii) has no group" in report["errors"][0]["message"]
+
+
+def _many_masks(root: Path, n: int, jpeg: set[int]) -> None:
+    """n 2D cases; those in ``jpeg`` have a 0/255 mask saved as JPEG (values in between), the others as PNG."""
+    from tests.fixtures import write_image
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:11, 5:12] = 255
+    for i in range(1, n + 1):
+        write_image(root / "images" / f"{i}.png", np.full((16, 16), 10 * (i % 20), np.uint8))
+        write_image(root / "masks" / (f"{i}.jpg" if i in jpeg else f"{i}.png"), mask)
+
+
+def test_repeated_errors_are_one_line_per_kind_unless_verbose(tmp_path, capsys):
+    jpeg = {3, 7, 12, 20, 31}
+    _many_masks(tmp_path / "data", 45, jpeg)
+    cfg = dataset_cfg(tmp_path, tmp_path / "data", format="folders2d", labels=None)
+    report = check.audit(cfg, slices=False)
+    assert sorted(e["case"] for e in report["errors"]) == sorted(str(i) for i in jpeg)  # the JSON keeps every one
+    assert {e["kind"] for e in report["errors"]} == {"unknown_label"}
+    assert all(e["message"].endswith("set dataset.mask_threshold: 128") for e in report["errors"])
+
+    text = check.format_report(report)
+    lines = [l for l in text.splitlines() if l.strip().startswith("error [")]
+    assert len(lines) == 1  # one line for the kind: count, first files, the first message (which names the fix)
+    assert lines[0].startswith("  error [unknown_label] x5: masks/12.jpg (case 12), masks/20.jpg (case 20), "
+                               "masks/3.jpg (case 3) (+2 more; --verbose or --json lists them all); first: ")
+    assert lines[0].endswith("set dataset.mask_threshold: 128")
+    # 45 cases: the table lists the 5 that failed and sums up the 40 others in a line
+    assert "cases (45)" in text and "40 loaded: shape 16x16x1 (40); spacing 1x1x1 (40)" in text
+    assert sum(l.strip().startswith(tuple(f"{i} " for i in jpeg)) for l in text.splitlines()) == 5
+
+    verbose = check.format_report(report, verbose=True)
+    assert sorted(l for l in verbose.splitlines() if l.strip().startswith("error [")) == sorted(
+        f"  error [unknown_label] {e['message']}" for e in report["errors"])
+    assert len([l for l in verbose.splitlines() if " ok " in l or "ERROR" in l]) == 45
+
+    # with the threshold the same files load, and the CLI's --verbose lists every case
+    config = tmp_path / "config.yaml"
+    config.write_text(f"dataset: {{format: folders2d, path: {tmp_path / 'data'}, labels: [1], mask_threshold: 128, "
+                      f"image_size: 32, cache_dir: {tmp_path / 'cache'}}}\noutput: {{run_dir: {tmp_path / 'runs'}}}\n")
+    capsys.readouterr()
+    assert check.main(["--config", str(config), "--verbose", "--no-slices", "--json", str(tmp_path / "r.json")]) == 0
+    stdout = capsys.readouterr().out  # (in process: the end-to-end tests above pay for the subprocess)
+    full = json.loads((tmp_path / "r.json").read_text())
+    assert full["summary"]["loaded"] == 45 and full["errors"] == []
+    assert len([l for l in stdout.splitlines() if l.split()[2:3] == ["ok"]]) == 45

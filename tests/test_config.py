@@ -110,3 +110,27 @@ def test_search_space_errors_name_keys(tmp_path):
     assert loaded.base["training"]["ema_decay"] == 0.99 and loaded.base["training"]["epochs"] == 4 and loaded.num_samples == 3
     with pytest.raises(ConfigError, match=r"training\.ema_decay"):
         load_space(space(), overrides=["overrides.training.ema_decay=2"])
+
+
+def test_new_dataset_keys_resolve_validate_and_stay_out_of_dumps_when_unset(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "c", "dataset": {"format": "folders2d", "path": "data/x", "mask_threshold": 128,
+                                                             "split": {"groups_file": "groups.csv"}}}))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path)
+    # groups_file ships beside its config: relative to the config's folder; dataset.path stays relative to the CWD
+    assert cfg.dataset.split.groups_file == str(tmp_path / "configs" / "groups.csv")
+    assert cfg.dataset.path == str(tmp_path / "data" / "x") and cfg.dataset.mask_threshold == 128
+    assert cfg.to_dict()["dataset"]["mask_threshold"] == 128
+    unset = config_from_dict({}, resolve=False)
+    assert "mask_threshold" not in unset.to_dict()["dataset"] and "groups_file" not in unset.to_dict()["dataset"]["split"]
+    assert unset.dataset.mask_threshold is None and unset.dataset.split.groups_file is None
+    with pytest.raises(ConfigError, match=r"dataset\.split: set group_regex or groups_file, not both"):
+        config_from_dict({"dataset": {"split": {"group_regex": "^(p\\d+)", "groups_file": "g.csv"}}})
+    with pytest.raises(ConfigError, match=r"dataset: mask_threshold binarises 2D mask images; format 'msd'"):
+        config_from_dict({"dataset": {"format": "msd", "mask_threshold": 128}})
+    with pytest.raises(ConfigError, match=r"dataset: mask_threshold binarises masks to labels \{0, 1\}: labels must be \[1\]"):
+        config_from_dict({"dataset": {"format": "folders2d", "mask_threshold": 128, "labels": [2]}})
+    with pytest.raises(ConfigError, match=r"dataset\.mask_threshold: Input should be greater than 0"):
+        config_from_dict({"dataset": {"format": "folders2d", "mask_threshold": 0}})

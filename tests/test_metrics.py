@@ -408,3 +408,38 @@ def test_matches_evalseg_reference_dice_on_task_a(method):
     if method == "p1":  # the numbers quoted in the brief
         assert [round(c["dice"], 6) for c in cases] == [0.849659, 0.794905]
         assert round(summary["dice"], 4) == 0.8223
+
+
+def test_training_batch_counts_pool_over_batches_by_hand():
+    """train/dice and train/iou: counts pooled over the epoch's batches (micro), not a mean of per-batch Dice."""
+    import torch
+
+    acc = metrics.BatchCounts(2)  # binary: background and foreground
+    # batch 1: truth [1,1,1,1] vs prediction [1,1,0,0] -> tp 2, fn 2 (Dice 2/3 on its own)
+    acc.update(torch.tensor([[[1, 1], [0, 0]]], dtype=torch.uint8), torch.tensor([[[1, 1], [1, 1]]]))
+    # batch 2: empty truth, one false positive -> fp 1, tn 3 (Dice 0 on its own)
+    acc.update(torch.tensor([[[0, 1], [0, 0]]], dtype=torch.uint8), torch.zeros(1, 2, 2, dtype=torch.int64))
+    assert acc.counts() == {1: metrics.Counts(tp=2, fp=1, fn=2, tn=3)}
+    summary = acc.summary()
+    assert summary["dice"] == pytest.approx(4 / 7)  # 2*2 / (2*2 + 1 + 2); the mean of per-batch Dice would be 1/3
+    assert summary["iou"] == pytest.approx(2 / 5)
+
+
+def test_training_batch_counts_several_classes_and_empty():
+    import torch
+
+    acc = metrics.BatchCounts(3)
+    assert math.isnan(acc.summary()["dice"])  # nothing seen: undefined, not 0 or 1
+    truth = torch.tensor([[0, 1, 1, 2]])
+    pred = torch.tensor([[0, 1, 2, 2]])
+    acc.update(pred, truth)
+    counts = acc.counts()
+    assert counts[1] == metrics.Counts(tp=1, fp=0, fn=1, tn=2) and counts[2] == metrics.Counts(tp=1, fp=1, fn=0, tn=2)
+    # per class Dice 2/3 and 2/3 -> mean 2/3; matches the numpy definition on the same maps
+    reference = metrics.confusion_counts(pred.numpy(), truth.numpy(), [1, 2])
+    assert counts == reference
+    assert acc.summary()["dice"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="does not match"):
+        acc.update(pred, truth[:, :3])
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.BatchCounts(1)

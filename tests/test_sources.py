@@ -364,10 +364,82 @@ def test_folders2d_refuses_colour_masks_and_size_mismatch(tmp_path):
     write_image(tmp_path / "images" / "b.png", np.zeros((4, 4), np.uint8))
     write_image(tmp_path / "masks" / "b.png", np.zeros((4, 5), np.uint8))
     src = Folders2DSource(tmp_path)
-    with pytest.raises(DataError, match=r"masks/a\.png: colour mask"):
+    with pytest.raises(DataError, match=r"masks/a\.png \(case a\): colour mask .*save masks as greyscale"):
         src.load("a")
     with pytest.raises(DataError, match=r"images/b\.png vs .*masks/b\.png \(case b\)"):
         src.load("b")
+
+
+def _jpeg_mask_dataset(root, n: int = 2) -> np.ndarray:
+    """n cases of a 0/255 disc mask saved as JPEG (compression adds values in between); returns the disc."""
+    yy, xx = np.mgrid[:32, :32]
+    disc = ((yy - 14) ** 2 + (xx - 17) ** 2 < 81).astype(np.uint8) * 255
+    for i in range(n):
+        write_image(root / "images" / f"{i + 1}.jpg", np.full((32, 32, 3), 90 + i, np.uint8))
+        write_image(root / "masks" / f"{i + 1}.jpg", disc)
+    return disc
+
+
+def test_folders2d_jpeg_masks_need_a_threshold_and_say_so(tmp_path):
+    disc = _jpeg_mask_dataset(tmp_path)
+    from PIL import Image
+
+    grey = np.asarray(Image.open(tmp_path / "masks" / "1.jpg"))
+    assert len(np.unique(grey)) > 2  # the JPEG really holds values between 0 and 255
+    with pytest.raises(DataError) as err:
+        Folders2DSource(tmp_path).load("1")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'masks' / '1.jpg'} (case 1): label values [")
+    assert "not in the dataset labels [0, 1]" in message and message.endswith("set dataset.mask_threshold: 128")
+    assert "compressed binary mask" in message and "\n" not in message
+
+    src = Folders2DSource(tmp_path, mask_threshold=128)
+    label = src.load("1").label[..., 0]
+    assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 1}
+    assert np.array_equal(label, (grey >= 128).astype(np.uint8))
+    assert np.count_nonzero(label != (disc > 0)) <= 4  # the disc back, give or take a few edge pixels
+    # the threshold changes the cached labels, so the cache folder; unset, the fingerprint is the one from before it
+    from medseg.data.sources.common import file_stamp, fingerprint_of
+
+    plain = Folders2DSource(tmp_path)
+    stamps = [file_stamp(p, tmp_path) for pair in plain._index().values() for p in pair]
+    labels = {"0": "background", "1": "foreground"}
+    before = fingerprint_of(stamps, {"image_suffix": "", "mask_suffix": "", "labels": labels})
+    assert plain.fingerprint() == before and src.fingerprint() != before
+
+
+def test_folders2d_threshold_reads_grey_levels_of_any_mode(tmp_path):
+    from PIL import Image
+
+    mask = np.zeros((6, 6), np.uint16)
+    mask[1:4, 2:5] = 40000
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / "images" / f"{name}.png", np.zeros((6, 6), np.uint8))
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "a.png")  # 16-bit grey
+    grey_palette = Image.fromarray((mask > 0).astype(np.uint8) * 3, mode="L").convert("P")
+    grey_palette.putpalette([0, 0, 0] * 3 + [200, 200, 200] + [0, 0, 0] * 252)
+    grey_palette.save(tmp_path / "masks" / "b.png")  # index 3 -> grey 200
+    write_image(tmp_path / "masks" / "c.png", (mask > 0).astype(np.uint8))  # a label mask (0/1)
+    with pytest.raises(DataError, match=r"masks/a\.png \(case a\): mask values are not integers in 0\.\.255 "
+                                        r"\(mode I;16, dtype uint16, range 0\.\.40000\): save label values 0\.\.255 "
+                                        r"or set dataset\.mask_threshold"):
+        Folders2DSource(tmp_path).load("a")
+    src = Folders2DSource(tmp_path, mask_threshold=128)
+    for name in ("a", "b"):
+        assert np.array_equal(src.load(name).label[..., 0], (mask > 0).astype(np.uint8)), name
+    with pytest.raises(DataError, match=r"masks/c\.png \(case c\): the mask holds label values 0 and 1, all below "
+                                        r"dataset\.mask_threshold 128: .*unset dataset\.mask_threshold"):
+        src.load("c")
+
+
+def test_folders2d_threshold_still_refuses_colour_masks(tmp_path):
+    write_image(tmp_path / "images" / "a.png", np.zeros((4, 4), np.uint8))
+    colour = np.zeros((4, 4, 3), np.uint8)
+    colour[0, 0] = (255, 0, 0)
+    write_image(tmp_path / "masks" / "a.png", colour)
+    with pytest.raises(DataError, match=r"masks/a\.png \(case a\): colour mask \(mode RGB, channels differ\)"):
+        Folders2DSource(tmp_path, mask_threshold=128).load("a")
 
 
 # ------------------------------------------------------------------------------------------------ open_source
@@ -386,6 +458,9 @@ def test_open_source_detects_each_layout(tmp_path, cases):
         detect_format(tmp_path)
     with pytest.raises(ValueError, match="unknown format 'nifti'; allowed: kaggle, msd, folders2d, auto"):
         open_source("nifti", kaggle)
+    # the config refuses it with an explicit format; with "auto" the reader finds out
+    with pytest.raises(DataError, match=r"msd: dataset\.mask_threshold binarises 2D mask images; this is a msd"):
+        open_source("auto", msd, mask_threshold=128)
 
 
 def test_open_source_from_config_passes_every_field(tmp_path, cases):

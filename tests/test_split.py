@@ -203,3 +203,95 @@ def test_split_accessors():
     assert split.hash != moved.hash
     with pytest.raises(DataError, match="unknown split 'bogus'"):
         split.cases("bogus")
+
+
+# --------------------------------------------------------------------------------------- unchanged hashes
+
+
+# Measured on the session's tiny synthetic task before dataset.split.groups_file and dataset.mask_threshold existed:
+# splits.json is a stable hash of files and settings (no CPU numerics), so any change here re-splits existing runs.
+BEFORE_GROUPS_FILE = {
+    "holdout": ({"seed": 0, "val_fraction": 0.25}, "f028ce1e2364", "splits-a0d11b0824ab",
+                "25529adef719fbae0a1c858430cdc43a483e9cced465abca574b15b87017fc86"),
+    "kfold": ({"seed": 1, "n_folds": 3, "fold": 1, "test_fraction": 0.2}, "b0628fffb40b", "splits-ac703cda4733",
+              "cc9bb93ba7643994f2e9829b3995ec4fc72e24806941c86a681a15b4f064ff0c"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_GROUPS_FILE))
+def test_configs_without_the_new_keys_keep_their_split_and_hashes(tiny_cfg, name):
+    import hashlib
+
+    split_settings, split_hash, split_dir, file_sha = BEFORE_GROUPS_FILE[name]
+    cfg = tiny_cfg(dataset={"split": split_settings})
+    dumped = cfg.to_dict()["dataset"]
+    assert "mask_threshold" not in dumped and "groups_file" not in dumped["split"]  # unset: out of the config hash
+    source = open_source_from_config(cfg.dataset)
+    cache = build_cache(cfg.dataset, source, progress=False)
+    assert cache.root.name == "prep-9f330165051e"  # the cache settings hash
+    split = load_or_create_split(cache, source, cfg.dataset.split)
+    assert (split.hash, split.path.parent.name) == (split_hash, split_dir)
+    assert hashlib.sha256(split.path.read_bytes()).hexdigest() == file_sha
+    assert "groups_file" not in json.loads(split.path.read_text())["settings"]
+
+
+# --------------------------------------------------------------------------------------- groups file
+
+
+def write_groups(path: Path, groups: dict[str, str], header: str = "case_id,group") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header] + [f"{c},{g}" for c, g in groups.items()]) + "\n")
+    return path
+
+
+SEQUENCES = {cid: f"seq{int(cid) // 4}" for cid in IDS}  # 4 consecutive cases per group: "000".."003" -> seq0
+
+
+def test_groups_file_keeps_each_group_on_one_side(task, tmp_path):
+    groups_file = write_groups(tmp_path / "groups.csv", SEQUENCES)
+    for seed in range(4):
+        split = split_for(task, tmp_path / "cache", groups_file=str(groups_file), seed=seed, val_fraction=0.3)
+        assert split.groups == SEQUENCES
+        side = {cid: name for name in ("train", "val", "test") for cid in split.cases(name)}
+        assert sorted(side) == IDS
+        for group in set(SEQUENCES.values()):
+            assert len({side[c] for c in IDS if SEQUENCES[c] == group}) == 1, (seed, group)
+    settings = json.loads(split.path.read_text())["settings"]
+    assert settings["groups_file"] == "groups.csv"  # its name; the groups themselves are in the table
+
+
+def test_groups_file_split_is_the_same_from_any_checkout_and_changes_with_the_groups(task, tmp_path):
+    a = split_for(task, tmp_path / "cache_a", groups_file=str(write_groups(tmp_path / "a" / "g.csv", SEQUENCES)))
+    b = split_for(task, tmp_path / "cache_b", groups_file=str(write_groups(tmp_path / "b" / "g.csv", SEQUENCES)))
+    assert a.path.parent.name == b.path.parent.name and a.path.read_bytes() == b.path.read_bytes()
+    regrouped = dict(SEQUENCES, **{"000": "seq3"})  # an edited groups file is a new split, not the old one reused
+    c = split_for(task, tmp_path / "cache_a", groups_file=str(write_groups(tmp_path / "a" / "g.csv", regrouped)))
+    assert c.path != a.path and c.groups["000"] == "seq3"
+    plain = split_for(task, tmp_path / "cache_a")
+    assert plain.path != a.path and plain.groups == {cid: cid for cid in IDS}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("case_id,group\n" + "".join(f"{c},g{c}\n" for c in IDS if c != "007"),
+     r"g\.csv \(dataset\.split\.groups_file\): case '007' \(007\.nii\) has no group \(1 case\(s\) without one: 007\)"),
+    ("case_id,group\n" + "".join(f"{c},g{c}\n" for c in IDS[3:]),
+     r"case '000' \(000\.nii\) has no group \(3 case\(s\) without one: 000, 001, 002\); every case needs a line "
+     r"'000,<group>'"),
+    ("case_id,group\n" + "".join(f"{c},g{c}\n" for c in IDS) + "0007,g7\n",
+     r"g\.csv \(dataset\.split\.groups_file\): case '0007' is not in the dataset"),
+    ("case,sequence\n000,a\n", r"g\.csv \(dataset\.split\.groups_file\): line 1: expected the header 'case_id,group', "
+                               r"got 'case,sequence'"),
+    ("", r"line 1: expected the header 'case_id,group', got 'an empty file'"),
+    ("case_id,group\n000,a\n001\n", r"line 3: expected 'case_id,group', got '001'"),
+    ("case_id,group\n000,a\n\n000,b\n", r"line 4: case '000' listed again \(first on line 2\)"),
+])
+def test_groups_file_errors_are_one_line_naming_the_file_and_the_case(task, tmp_path, content, message):
+    (tmp_path / "g.csv").write_text(content)
+    with pytest.raises(DataError, match=message) as err:
+        split_for(task, tmp_path / "cache", groups_file=str(tmp_path / "g.csv"))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_groups_file_is_named(task, tmp_path):
+    with pytest.raises(DataError, match=r"nowhere\.csv \(dataset\.split\.groups_file\): not found"):
+        split_for(task, tmp_path / "cache", groups_file=str(tmp_path / "nowhere.csv"))

@@ -103,8 +103,29 @@ def test_sigterm_ends_the_run_killed(tiny_cfg, tmp_path):
         runs = client.search_runs([exp.experiment_id]) if exp else []
         return runs[0] if runs and client.get_metric_history(runs[0].info.run_id, "val/dice") else None
 
-    run = wait_while_running(proc, run_with_an_epoch, timeout=120, what="training's first epoch")
+    run = wait_while_running(proc, run_with_an_epoch, timeout=600, what="training's first epoch")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated"
     assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_experiments_are_tagged_for_the_ml_ui(tmp_path):
+    """MLflow 3's UI reads `mlflow.experimentKind`: medseg's experiments are "Machine learning" (runs, charts), not GenAI."""
+    from medseg.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment
+
+    assert (EXPERIMENT_KIND_TAG, EXPERIMENT_KIND) == ("mlflow.experimentKind", "custom_model_development")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = get_client(uri)
+    new_id = ensure_experiment(uri, "fresh")
+    assert client.get_experiment(new_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+    old_id = client.create_experiment("from-an-older-medseg")  # a store written before the tag existed
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old_id).tags
+    assert ensure_experiment(uri, "from-an-older-medseg") == old_id
+    assert client.get_experiment(old_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+    user_id = client.create_experiment("switched-in-the-ui", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert ensure_experiment(uri, "switched-in-the-ui") == user_id
+    assert client.get_experiment(user_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"  # a user's choice is kept
+    assert ensure_experiment(uri, "fresh") == new_id

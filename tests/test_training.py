@@ -12,7 +12,7 @@ from medseg.checkpoint import load_checkpoint, model_from_checkpoint, save_check
 from medseg.errors import CheckpointError, NonFiniteLossError
 from medseg.training import fit, lr_factor, prepare_data
 
-SCORE_KEYS = ("train/loss", "val/loss", "val/dice", "val/iou", "val/dice_micro", "lr")
+SCORE_KEYS = ("train/loss", "train/dice", "train/iou", "val/loss", "val/dice", "val/iou", "val/dice_micro", "lr")
 
 
 def _scores(history):

@@ -208,21 +208,60 @@ def test_resume_refuses_a_changed_space_and_names_the_command(tmp_path, synth_ro
         run_study(space, resume=True, name="t-20260102-000000")
 
 
+# The time-budget test trains far more epochs than any CPU runs in the budget (no trial can complete), and Tune's own
+# TimeoutStopper starts counting only once the driver has processed epoch 1 of both running trials (no trial can be
+# stopped before it reported an epoch, however slow Ray's startup and the first epoch are). HANG_S only bounds a hang.
+BUDGET_EPOCHS, BUDGET_S, HANG_S = 10_000, 10, 600
+
+
 def test_time_budget_ends_running_trials_as_stopped_by_budget(ray_local, tmp_path, synth_root, shared_cache, monkeypatch):
     """Tune stops the running trials when time_budget_s runs out without calling the callback: the driver closes
     their runs (FINISHED, artifacts logged) and the study still ends with a champion and a report. A third trial,
-    created but waiting for a CPU (2 CPUs, 1 per trial), never starts: it is not a trial of the study."""
-    from medseg.study import run_and_promote
+    created but waiting for a CPU (2 CPUs, 1 per trial), never starts: it is not a trial of the study.
 
+    Independent of the CPU's speed: a trial of 10,000 epochs cannot finish inside the budget, and the budget (Tune's
+    real TimeoutStopper, which counts from its first check) is held back until both trials have an epoch reported
+    to the driver, so on a slow machine it cannot run out while Ray starts the workers or the first epoch trains."""
+    import time
+
+    from ray.tune.stopper import TimeoutStopper
+
+    from medseg.study import run_and_promote
+    from medseg.tuning import MlflowTrialCallback
+
+    reported: set[str] = set()  # trials whose epoch report the driver has processed
+    gate = {"opened": None, "created": time.monotonic(), "checks_after": 0}
+    on_trial_result, stop_all = MlflowTrialCallback.on_trial_result, TimeoutStopper.stop_all
+
+    def on_result_then_note(self, iteration, trials, trial, result, **info):
+        on_trial_result(self, iteration, trials, trial, result, **info)
+        reported.add(trial.trial_id)
+        if len(reported) >= 2 and gate["opened"] is None:
+            gate["opened"] = time.monotonic()
+        if gate["opened"] is not None and time.monotonic() - gate["opened"] > BUDGET_S + HANG_S:
+            raise RuntimeError(f"time_budget_s={BUDGET_S} was not enforced: trials still report {HANG_S} s after it ran out")
+
+    def budget_after_first_epochs(self):
+        if gate["opened"] is None:  # Tune's stopper has not been asked yet, so its clock has not started
+            if time.monotonic() - gate["created"] > HANG_S:
+                raise RuntimeError(f"the two trials did not both report an epoch within {HANG_S} s")
+            return False
+        gate["checks_after"] += 1
+        return stop_all(self)
+
+    monkeypatch.setattr(MlflowTrialCallback, "on_trial_result", on_result_then_note)
+    monkeypatch.setattr(TimeoutStopper, "stop_all", budget_after_first_epochs)
     monkeypatch.chdir(tmp_path)
-    base = _write_base(tmp_path, synth_root, shared_cache, training={"epochs": 40, "samples_per_epoch": 32})
+    base = _write_base(tmp_path, synth_root, shared_cache, training={"epochs": BUDGET_EPOCHS, "samples_per_epoch": 32})
     space = load_space(_space(tmp_path, base, params={"training.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
-                              asha={"enabled": False, "max_t": 40}, num_samples=3, max_concurrent=3, time_budget_s=25))
+                              asha={"enabled": False, "max_t": BUDGET_EPOCHS}, num_samples=3, max_concurrent=3, time_budget_s=BUDGET_S))
     outcome, decision, paths = run_and_promote(space, progress=False)
+    assert gate["opened"] is not None and gate["checks_after"] > 0  # the study was ended by Tune's budget
     assert [t["status"] for t in outcome.trials] == ["stopped_by_budget"] * 2
+    assert set(reported) == {t["trial_id"] for t in outcome.trials}  # the third trial never reported (never started)
     client = get_client(outcome.tracking_uri)
     for trial in outcome.trials:
-        assert 1 <= trial["epochs_used"] < 40
+        assert 1 <= trial["epochs_used"] < BUDGET_EPOCHS and trial["best_value"] is not None
         run = client.get_run(trial["run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["tune_status"] == "stopped_by_budget"
         assert "checkpoint/best.pt" in {a.path for a in client.list_artifacts(trial["run_id"], "checkpoint")}
@@ -230,6 +269,8 @@ def test_time_budget_ends_running_trials_as_stopped_by_budget(ray_local, tmp_pat
     assert decision.promoted  # the registered version's source (runs:/<id>/checkpoint) holds the checkpoint
     report = json.loads(paths["json"].read_text())
     assert report["status_counts"]["stopped_by_budget"] == 2
-    assert report["epochs_without_early_stopping"] == 80  # two trials of 40 epochs, not twice the longer one's stop
+    # two trials of BUDGET_EPOCHS epochs, not twice the longer one's stop
+    assert report["epochs_without_early_stopping"] == 2 * BUDGET_EPOCHS
     state = json.loads((outcome.study_dir / "medseg_study.json").read_text())
-    assert state["status"] == "finished" and state["fit_seconds"] >= 25  # kept for a resume: Tune's budget spans it
+    # kept for a resume (Tune's budget spans it): fit() ran at least the budget, which started after the first epochs
+    assert state["status"] == "finished" and state["fit_seconds"] >= BUDGET_S

@@ -60,7 +60,8 @@ def test_ctrl_c_then_resume_does_not_rerun_finished_trials(tmp_path, synth_root,
         done = _histories(study_dir)
         return done if any(n == 2 for n in done.values()) and any(n == 1 for n in done.values()) else None
 
-    done = wait_while_running(proc, one_done_one_between_epochs, timeout=600, what="the study's second trial")
+    # A trial is between its epochs for one epoch only (a fraction of a second on a fast CPU): poll well inside that.
+    done = wait_while_running(proc, one_done_one_between_epochs, timeout=600, what="the study's second trial", poll=0.02)
     first_done = {t for t, n in done.items() if n == 2}
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
@@ -109,9 +110,9 @@ def test_study_on_a_two_node_cluster(tmp_path, synth_root, shared_cache):
     subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
     try:
         subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                        "--node-ip-address=127.0.0.1", "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+                        "--node-ip-address=127.0.0.1", "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=300)
         subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-                        "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=300)
         space = _study_files(tmp_path, synth_root, shared_cache, num_samples=2, max_concurrent=2)
         proc = subprocess.run([sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "cluster", "--address", f"127.0.0.1:{port}"],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -142,8 +143,17 @@ def test_killed_trial_process_retries_from_its_last_checkpoint(tmp_path, synth_r
 
     # Tune's driver logs a result (our callback) before it registers that result's checkpoint, so a kill right after
     # epoch 1 appears may still restart from scratch. Once epoch 2 appears, epoch 1's checkpoint is registered.
-    wait_while_running(proc, lambda: 2 in logged_epochs(), timeout=600, what="the trial's second epoch")
-    workers = [p for p in psutil.process_iter(["cmdline"]) if any("ImplicitFunc" in part for part in (p.info["cmdline"] or []))]
+    # The trial ends two epochs after its second one is logged: poll (and kill) well inside that on a fast CPU.
+    wait_while_running(proc, lambda: 2 in logged_epochs(), timeout=600, what="the trial's second epoch", poll=0.05)
+
+    def is_trial_worker(p) -> bool:
+        try:
+            return any("ImplicitFunc" in part for part in p.cmdline())
+        except psutil.Error:  # exited meanwhile
+            return False
+
+    # this study's workers only (its local Ray runs under the driver), not those of other Ray sessions on the machine
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if is_trial_worker(p)]
     assert workers, "no trial worker process found"
     for worker in workers:
         worker.kill()

@@ -1,17 +1,24 @@
-"""``python -m medseg.data check --config CONFIG [--set key=value ...] [--json OUT.json] [--no-slices]``: data audit.
+"""``python -m medseg.data check --config CONFIG [--set key=value ...] [--json OUT.json] [--no-slices] [--verbose]``:
+data audit.
 
 For the dataset a config points at, prints a per-case table, a per-split table, the hard errors and the
 warnings, and ends with one ``summary: {...}`` JSON line; ``--json`` writes the whole report (``SCHEMA``).
+The text scales to large datasets: more than ``MAX_CASE_ROWS`` cases are summed up in a line (the failed ones
+still listed), and more than ``FEW`` errors or warnings of one kind are one line with their count, first files
+and first message; ``--verbose`` lists everything, as the JSON always does.
 
 Hard errors (exit code 1; the audit still goes over every other case and lists them all):
   unpaired       GroundTruth without image, image without GroundTruth (warnings with dataset.allow_missing)
-  unknown_label  label values not listed in the task's metadata; bad_label: fractional or out-of-range values
+  unknown_label  label values not listed in the task's metadata (with a dataset.mask_threshold hint when a 2D mask
+                 looks like a JPEG-compressed binary one); bad_label: fractional or out-of-range values, a colour
+                 mask, a label mask under dataset.mask_threshold
   shape_mismatch image and label shapes disagree
   corrupt_file   unreadable NIfTI, corrupt zip member; unsafe_pickle: a pickle outside the evalseg allow-list
   load_error     any other DataError raised while loading a case
   spacing_mismatch  NIfTI header spacing vs GroundTruth pickle voxel size, relative tolerance ``SPACING_RTOL``
   non_finite     NaN or infinite intensities
-  leakage        a patient group on two sides of the split; split: the split cannot be made or read
+  leakage        a patient group (group_regex or groups_file) on two sides of the split; split: the split cannot be
+                 made or read (a groups file missing a case or naming an unknown one)
 Warnings (exit code 0):
   empty_case     no foreground voxel
   non_hu         a CT case whose minimum is above -200 (not Hounsfield units: percentile-normalised by the cache)
@@ -35,7 +42,9 @@ import glob
 import json
 import logging
 import math
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +56,9 @@ SCHEMA = "medseg.data.check/1"
 SMD_THRESHOLD = 0.5  # Cohen's d above 0.5 is a "medium" effect: val no longer looks like a sample of train
 SPACING_RTOL = 1e-3  # float32 header zooms vs float64 pickle voxel sizes differ by ~1e-7; real disagreements by >1%
 SIDES = ("train", "val", "test")
+MAX_CASE_ROWS = 40  # a longer case table lists its failed cases only, and sums up the rest (--verbose: every row)
+MAX_FAILED_ROWS = 10  # of which at most this many (the errors section counts them all)
+FEW = 3  # errors or warnings of one kind printed one by one; more: one line with the count and the first FEW places
 
 
 # ------------------------------------------------------------------------------------------------- per case
@@ -126,7 +138,9 @@ def classify_load_error(err: DataError) -> str:
         return "unsafe_pickle"
     if "not in the dataset labels" in text:
         return "unknown_label"
-    if "label values are not integers" in text or "non-integer or out-of-range label values" in text:
+    if any(words in text for words in ("label values are not integers", "non-integer or out-of-range label values",
+                                         "mask values are not integers", "colour mask", "below dataset.mask_threshold",
+                                         "cannot be thresholded")):
         return "bad_label"
     if " != " in text:  # "CT shape (..) != GroundTruth shape (..)", "image (..) != mask (..)"
         return "shape_mismatch"
@@ -347,11 +361,12 @@ def split_stats(cache, case_ids: list[str], components: dict[str, int]) -> dict[
 
 
 def _audit_split(report: Report, split, source, dataset_cfg, cache, smd_threshold: float, slices: bool) -> None:
-    from medseg.data.split import group_of
+    from medseg.data.split import case_groups
 
+    groups_file = getattr(dataset_cfg.split, "groups_file", None)
     report.split_info = {"path": str(split.path), "hash": split.hash, "fold": split.fold,
                          "n_groups": len({split.groups.get(c, c) for s in SIDES for c in split.cases(s)}),
-                         "group_regex": dataset_cfg.split.group_regex}
+                         "group_regex": dataset_cfg.split.group_regex, "groups_file": groups_file}
     known = set(report.cases)
     for side in SIDES:
         for cid in split.cases(side):
@@ -362,12 +377,14 @@ def _audit_split(report: Report, split, source, dataset_cfg, cache, smd_threshol
     for cid, rec in report.cases.items():
         if rec["split"] is None and rec["status"] == "ok":
             report.warn("unassigned", f"{split.path}: case {cid} is on no side of the split", cid)
-    # The split's stored groups, and the groups the current group_regex gives (a split made elsewhere may lack them).
+    # The split's stored groups, and the groups the current group_regex or groups_file gives (a split made elsewhere,
+    # or before the groups file was edited, may lack them).
     checks = [("split groups", split.groups)]
     try:
-        current = {cid: group_of(cid, source.file_of(cid), dataset_cfg.split.group_regex)
-                   for s in SIDES for cid in split.cases(s) if report.cases.get(cid, {}).get("status") == "ok"}
-        checks.append(("dataset.split.group_regex", current))
+        loaded = {cid: source.file_of(cid) for s in SIDES for cid in split.cases(s)
+                  if report.cases.get(cid, {}).get("status") == "ok"}
+        current = case_groups(loaded, dataset_cfg.split, known=set(report.cases))
+        checks.append(("dataset.split.groups_file" if groups_file else "dataset.split.group_regex", current))
     except DataError as err:
         report.error("split", str(err))
     seen = set()
@@ -523,23 +540,92 @@ def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> str:
     return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """The human-readable report: dataset line, cases, splits, comparisons, errors, warnings."""
+def _case_row(c: dict[str, Any]) -> list[str]:
+    if c["status"] != "ok":
+        return [c["case_id"], c["split"] or "-", f"{c['status'].upper()} {c['error']}"] + ["-"] * 7
+    vox = " ".join(f"{k}:{n}" for k, n in c["voxels_per_label"].items()) or "0 (empty)"
+    i = c["intensity"]
+    return [c["case_id"], c["split"] or "-", "ok", _fmt_vec(c["shape"], "{}"), _fmt_vec(c["spacing"]), vox,
+            str(c["n_components"]), _fmt(i["min"]), _fmt(i["max"]), _fmt(i["mean"])]
+
+
+def _counted(values: list[str], limit: int = 3) -> str:
+    """'256x256x1 (600), 288x384x1 (9)': the most common values with their counts."""
+    common = Counter(values).most_common()
+    text = ", ".join(f"{v} ({n})" for v, n in common[:limit])
+    return text + (f", {len(common) - limit} other value(s)" if len(common) > limit else "")
+
+
+def _ok_summary(cases: list[dict[str, Any]]) -> str:
+    """One line over the loaded cases of a long table: shapes, spacings, foreground, intensities."""
+    fg = np.array([c["fg_fraction"] for c in cases], np.float64)
+    lows = [c["intensity"]["min"] for c in cases if c["intensity"]["min"] is not None]  # None: not finite
+    highs = [c["intensity"]["max"] for c in cases if c["intensity"]["max"] is not None]
+    lo, hi = (min(lows) if lows else None), (max(highs) if highs else None)
+    return (f"  {len(cases)} loaded: shape {_counted([_fmt_vec(c['shape'], '{}') for c in cases])}; spacing "
+            f"{_counted([_fmt_vec(c['spacing']) for c in cases])}; foreground {100 * fg.min():.2f}% / "
+            f"{100 * np.median(fg):.2f}% / {100 * fg.max():.2f}% (min / median / max), {int(np.sum(fg == 0))} empty; "
+            f"intensity {_fmt(lo)}..{_fmt(hi)}")
+
+
+_PLACE = re.compile(r"^(?P<where>.+?)(?: \(case [^)]*\))?: ")
+
+
+def _place(item: dict[str, Any], root: str | None) -> str:
+    """Where an error or warning is, shortly: its file relative to the dataset root, and its case."""
+    match = _PLACE.match(item["message"])
+    where = match["where"] if match and "/" in match["where"] else None  # a path, not a sentence
+    case = f"case {item['case']}" if item.get("case") is not None else None
+    if where is None:
+        return case or (item["message"][:60] + ("..." if len(item["message"]) > 60 else ""))
+    if root:
+        where = where.replace(root.rstrip("/") + "/", "")
+    return f"{where} ({case})" if case else where
+
+
+def _issue_lines(title: str, items: list[dict[str, Any]], root: str | None, verbose: bool) -> list[str]:
+    """One line per error (or warning); with more than ``FEW`` of a kind (not ``verbose``), one line for the kind:
+    its count, its first places and its first message in full (which names the fix)."""
+    word = title[:-1]
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        by_kind.setdefault(item["kind"], []).append(item)
+    lines = []
+    for kind, group in by_kind.items():
+        if verbose or len(group) <= FEW:
+            lines += [f"  {word} [{kind}] {item['message']}" for item in group]
+            continue
+        places = ", ".join(_place(item, root) for item in group[:FEW])
+        lines.append(f"  {word} [{kind}] x{len(group)}: {places} (+{len(group) - FEW} more; --verbose or --json "
+                     f"lists them all); first: {group[0]['message']}")
+    return lines
+
+
+def format_report(report: dict[str, Any], *, verbose: bool = False) -> str:
+    """The human-readable report: dataset line, cases, splits, comparisons, errors, warnings.
+
+    Not ``verbose``: a table of more than ``MAX_CASE_ROWS`` cases lists the failed ones only (the first
+    ``MAX_FAILED_ROWS``) and sums up the loaded ones in a line; more than ``FEW`` errors or warnings of one kind
+    are one line for the kind.
+    """
     ds, out = report["dataset"], []
     labels = ", ".join(f"{k} {v}" for k, v in (ds["labels"] or {}).items())
     out.append(f"dataset {ds['root'] or ds['path']} ({ds['format']}, modality {ds['modality']}, labels: {labels})")
-    rows = []
-    for c in report["cases"]:
-        if c["status"] != "ok":
-            rows.append([c["case_id"], c["split"] or "-", f"{c['status'].upper()} {c['error']}"] + ["-"] * 7)
-            continue
-        vox = " ".join(f"{k}:{n}" for k, n in c["voxels_per_label"].items()) or "0 (empty)"
-        i = c["intensity"]
-        rows.append([c["case_id"], c["split"] or "-", "ok", _fmt_vec(c["shape"], "{}"), _fmt_vec(c["spacing"]), vox,
-                     str(c["n_components"]), _fmt(i["min"]), _fmt(i["max"]), _fmt(i["mean"])])
-    out += ["", f"cases ({len(rows)})",
-            _table(["case", "split", "status", "shape", "spacing", "label voxels", "lesions", "min", "max", "mean"],
-                   rows)]
+    cases = report["cases"]
+    header = ["case", "split", "status", "shape", "spacing", "label voxels", "lesions", "min", "max", "mean"]
+    out += ["", f"cases ({len(cases)})"]
+    if verbose or len(cases) <= MAX_CASE_ROWS:
+        out.append(_table(header, [_case_row(c) for c in cases]))
+    else:
+        failed = [c for c in cases if c["status"] != "ok"]
+        if failed:
+            out.append(_table(header, [_case_row(c) for c in failed[:MAX_FAILED_ROWS]]))
+            if len(failed) > MAX_FAILED_ROWS:
+                out.append(f"  ... {len(failed) - MAX_FAILED_ROWS} more case(s) not loaded")
+        loaded = [c for c in cases if c["status"] == "ok"]
+        if loaded:
+            out.append(_ok_summary(loaded))
+        out.append("  (--verbose lists every case; --json writes them all)")
     if report["split"]:
         s = report["split"]
         out += ["", f"split {s['path']} (fold {s['fold']}, hash {s['hash']}, {s['n_groups']} groups)"]
@@ -564,7 +650,7 @@ def format_report(report: dict[str, Any]) -> str:
     for title, items in (("errors", report["errors"]), ("warnings", report["warnings"])):
         if items:
             out += ["", f"{title} ({len(items)})"]
-            out += [f"  {title[:-1]} [{item['kind']}] {item['message']}" for item in items]
+            out += _issue_lines(title, items, ds["root"], verbose)
     return "\n".join(out)
 
 
@@ -577,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     parser.add_argument("--json", metavar="OUT.json", help="write the full report as JSON here")
     parser.add_argument("--no-slices", action="store_true", help="skip hashing cached slices across splits")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"list every case and every error and warning (default: a table of more than "
+                             f"{MAX_CASE_ROWS} cases lists the failed ones, more than {FEW} errors or warnings of a "
+                             f"kind are one line with their count)")
     parser.add_argument("--smd-threshold", type=float, default=SMD_THRESHOLD,
                         help="warn when val/test differ from train by more than this standardised mean difference "
                              "(default %(default)s)")
@@ -589,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     report = audit(cfg.dataset, slices=not args.no_slices, smd_threshold=args.smd_threshold,
                    progress=sys.stderr.isatty())
     report["config"] = str(Path(args.config).resolve())
-    print(format_report(report))
+    print(format_report(report, verbose=args.verbose))
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2, allow_nan=False) + "\n")
     print("summary: " + json.dumps(report["summary"]), flush=True)

@@ -2,12 +2,14 @@
 
 A split is made once per (case list, grouping, split settings) and written to
 ``<cache dataset dir>/splits-<hash>/splits.json``; every later run, trial or evaluation reads the same file
-(nnU-Net's splits_final.json idea). Cases are grouped by ``group_regex`` over their file names so that
-several files of one patient never land on both sides, and groups are stratified by "has foreground"
-so that lesion-free cases appear in every split in proportion.
+(nnU-Net's splits_final.json idea). Cases are grouped by ``group_regex`` over their file names, or by a
+``groups_file`` (CSV ``case_id,group``: e.g. the video sequence of each frame), so that several files of one
+patient never land on both sides, and groups are stratified by "has foreground" so that lesion-free cases
+appear in every split in proportion.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import re
@@ -18,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from medseg.data.sources.common import format_names
 from medseg.errors import DataError
 from medseg.io_utils import atomic_write_json, stable_hash
+
+GROUPS_HEADER = ("case_id", "group")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,67 @@ def group_of(case_id: str, file_name: str, group_regex: str | None) -> str:
     if match is None:
         raise DataError(f"{file_name}: case {case_id}: dataset.split.group_regex {group_regex!r} does not match")
     return match.group(1) if match.groups() else match.group(0)
+
+
+def read_groups_file(path: str | Path) -> dict[str, str]:
+    """case id -> group from a CSV with the header ``case_id,group``; one-line DataErrors naming the file and line."""
+    path = Path(path)
+    where = f"{path} (dataset.split.groups_file)"
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of the header
+    except FileNotFoundError:
+        raise DataError(f"{where}: not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{where}: unreadable ({type(err).__name__}: {' '.join(str(err).split())})") from None
+    rows = [(n, [cell.strip() for cell in row]) for n, row in enumerate(csv.reader(text.splitlines()), start=1)
+            if any(cell.strip() for cell in row)]
+    if not rows or tuple(rows[0][1]) != GROUPS_HEADER:
+        got = ",".join(rows[0][1]) if rows else "an empty file"
+        raise DataError(f"{where}: line {rows[0][0] if rows else 1}: expected the header "
+                        f"{','.join(GROUPS_HEADER)!r}, got {got!r}")
+    groups: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for n, row in rows[1:]:
+        if len(row) != 2 or not row[0] or not row[1]:
+            raise DataError(f"{where}: line {n}: expected 'case_id,group', got {','.join(row)!r}")
+        cid, group = row
+        if cid in groups:
+            raise DataError(f"{where}: line {n}: case {cid!r} listed again (first on line {first_line[cid]})")
+        groups[cid], first_line[cid] = group, n
+    if not groups:
+        raise DataError(f"{where}: no case listed under the header")
+    return groups
+
+
+def groups_from_file(path: str | Path, case_files: dict[str, str], known: set[str] | None = None) -> dict[str, str]:
+    """case id -> group for every case of ``case_files`` (id -> file name) from the groups file ``path``.
+
+    A case without a group is an error naming the first one (sorted); so is a listed case that is not in the dataset
+    (``known``: the dataset's case ids, default those of ``case_files``), which is usually a misspelt id.
+    """
+    table = read_groups_file(path)
+    known = set(case_files) if known is None else known
+    unknown = [cid for cid in table if cid not in known]
+    if unknown:
+        raise DataError(f"{path} (dataset.split.groups_file): case {unknown[0]!r} is not in the dataset "
+                        f"({len(unknown)} unknown case(s): {format_names(unknown)}; the dataset's ids look like "
+                        f"{format_names(sorted(known)[:3], 3)})")
+    missing = sorted(cid for cid in case_files if cid not in table)
+    if missing:
+        cid = missing[0]
+        raise DataError(f"{path} (dataset.split.groups_file): case {cid!r} ({case_files[cid]}) has no group "
+                        f"({len(missing)} case(s) without one: {format_names(missing)}); every case needs a line "
+                        f"'{cid},<group>'")
+    return {cid: table[cid] for cid in sorted(case_files)}
+
+
+def case_groups(case_files: dict[str, str], split_cfg, known: set[str] | None = None) -> dict[str, str]:
+    """case id -> patient group: from ``split_cfg.groups_file`` when set, else ``group_regex`` on the file names
+    (each case its own group without either)."""
+    groups_file = getattr(split_cfg, "groups_file", None)
+    if groups_file:
+        return groups_from_file(groups_file, case_files, known)
+    return {cid: group_of(cid, f, split_cfg.group_regex) for cid, f in sorted(case_files.items())}
 
 
 def _assign(groups_by_stratum: dict[bool, list[str]], fractions: list[float], rng: np.random.Generator) -> list[list[str]]:
@@ -83,13 +149,22 @@ def _deal(groups_by_stratum: dict[bool, list[str]], n_parts: int, rng: np.random
 
 def _split_settings(split_cfg) -> dict[str, Any]:
     """The settings that decide the table: all but ``fold``, which only picks one of its folds, so every fold
-    of a cross-validation reads the same splits.json."""
-    return split_cfg.model_dump(exclude={"fold"})
+    of a cross-validation reads the same splits.json. An unset ``groups_file`` is absent (the config leaves it out
+    of its dumps), so splits made before it existed keep their hash; a set one is named by its file name only:
+    its content (the groups) is in the table and in the split's key, and an absolute path would make the same
+    split differ between two checkouts."""
+    settings = split_cfg.model_dump(exclude={"fold"})
+    if settings.get("groups_file"):
+        settings["groups_file"] = Path(settings["groups_file"]).name
+    return settings
 
 
-def make_split_table(case_files: dict[str, str], has_fg: dict[str, bool], split_cfg) -> dict[str, Any]:
-    """The content of splits.json: groups, the fixed test set and one (train, val) pair per fold."""
-    groups = {cid: group_of(cid, f, split_cfg.group_regex) for cid, f in sorted(case_files.items())}
+def make_split_table(case_files: dict[str, str], has_fg: dict[str, bool], split_cfg,
+                     groups: dict[str, str] | None = None) -> dict[str, Any]:
+    """The content of splits.json: groups, the fixed test set and one (train, val) pair per fold.
+
+    ``groups``: case id -> patient group when already computed (``case_groups``)."""
+    groups = case_groups(case_files, split_cfg) if groups is None else {c: groups[c] for c in sorted(case_files)}
     members: dict[str, list[str]] = defaultdict(list)
     for cid, g in groups.items():
         members[g].append(cid)
@@ -133,7 +208,11 @@ def load_or_create_split(cache, source, split_cfg) -> Split:
 
     case_files = {cid: source.file_of(cid) for cid in cache.case_ids}
     has_fg = {cid: _has_foreground(cache, cid) for cid in cache.case_ids}
-    key = stable_hash({"settings": _split_settings(split_cfg), "cases": sorted(case_files.items())})
+    groups = case_groups(case_files, split_cfg)
+    identity: dict[str, Any] = {"settings": _split_settings(split_cfg), "cases": sorted(case_files.items())}
+    if getattr(split_cfg, "groups_file", None):  # only then: the keys of splits made without one stay the same
+        identity["groups"] = sorted(groups.items())  # an edited groups file is a new split
+    key = stable_hash(identity)
     path = cache.dataset_dir / f"splits-{key}" / "splits.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -143,7 +222,7 @@ def load_or_create_split(cache, source, split_cfg) -> Split:
             except ValueError as err:
                 raise DataError(f"{path}: unreadable splits file ({err}); delete it to recreate") from None
         else:
-            table = make_split_table(case_files, has_fg, split_cfg)
+            table = make_split_table(case_files, has_fg, split_cfg, groups)
             atomic_write_json(path, table)
     return split_from_table(table, path, split_cfg.fold)
 

@@ -43,20 +43,26 @@ def open_source(
     image_suffix: str = "",
     mask_suffix: str = "",
     labels: dict[int, str] | None = None,
+    mask_threshold: float | None = None,
 ) -> Source:
     """The reader for ``format`` ("kaggle", "msd", "folders2d" or "auto") opened on ``path``.
 
-    ``labels`` names the mask values of a 2D folder dataset (kaggle and msd read theirs from their metadata).
+    ``labels`` names the mask values of a 2D folder dataset (kaggle and msd read theirs from their metadata);
+    ``mask_threshold`` binarises its greyscale masks.
     """
     if format == "auto":
         format = detect_format(path, image_dir, mask_dir)
+    if mask_threshold is not None and format in ("kaggle", "msd"):
+        raise DataError(f"{path}: dataset.mask_threshold binarises 2D mask images; this is a {format} dataset of label "
+                        "volumes (unset dataset.mask_threshold)")
     if format == "kaggle":
         return KaggleEvalsegSource(path, task=task, allow_missing=allow_missing)
     if format == "msd":
         return MSDSource(path, allow_missing=allow_missing)
     if format == "folders2d":
         return Folders2DSource(path, image_dir=image_dir, mask_dir=mask_dir, image_suffix=image_suffix,
-                               mask_suffix=mask_suffix, labels=labels, allow_missing=allow_missing)
+                               mask_suffix=mask_suffix, labels=labels, allow_missing=allow_missing,
+                               mask_threshold=mask_threshold)
     raise ValueError(f"data.format: unknown format {format!r}; allowed: {', '.join(FORMATS + ('auto',))}")
 
 
@@ -69,4 +75,5 @@ def open_source_from_config(dataset_cfg) -> Source:
     c = dataset_cfg
     labels = {0: "background", **{int(v): f"label {v}" for v in c.labels}} if c.labels else None
     return open_source(c.format, c.path, task=c.task, allow_missing=c.allow_missing, image_dir=c.image_dir,
-                       mask_dir=c.mask_dir, image_suffix=c.image_suffix, mask_suffix=c.mask_suffix, labels=labels)
+                       mask_dir=c.mask_dir, image_suffix=c.image_suffix, mask_suffix=c.mask_suffix, labels=labels,
+                       mask_threshold=getattr(c, "mask_threshold", None))

@@ -145,11 +145,13 @@ def label_counts(label: np.ndarray) -> dict[int, int]:
     return {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
 
 
-def check_labels(label: np.ndarray, labels: dict[int, str], *, where: str) -> None:
-    """DataError naming ``where`` (file and case) when ``label`` holds values not listed in ``labels``."""
+def check_labels(label: np.ndarray, labels: dict[int, str], *, where: str, hint: str = "") -> None:
+    """DataError naming ``where`` (file and case) when ``label`` holds values not listed in ``labels``; ``hint``
+    (the likely fix, starting with "; ") ends the message."""
     unknown = sorted(set(label_counts(label)) - set(labels))
     if unknown:
-        raise DataError(f"{where}: label values {unknown} not in the dataset labels {sorted(labels)}")
+        raise DataError(f"{where}: label values {format_names([str(v) for v in unknown], 12).join('[]')} "
+                        f"not in the dataset labels {sorted(labels)}{hint}")
 
 
 def parse_labels(raw: object, *, source: str) -> dict[int, str]:

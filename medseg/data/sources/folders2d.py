@@ -5,7 +5,10 @@ matched at the end of the stem ("_mask", "_seg(mentation)?"). Each pair is a Cas
 
 Masks: palette and grayscale values are label values. A mask whose values lie within {0, 255} with 255
 present (the usual black/white export) is binarised to {0, 1}, unless 255 is itself a declared label.
-Colour masks (RGB with differing channels) are refused: their colours are not label values.
+With ``mask_threshold`` (dataset.mask_threshold) masks are greyscale instead: value >= threshold -> 1, else 0
+(JPEG masks: compression leaves values between 0 and 255 along the edges). Without it, such a mask is an
+unknown-label error that says so. Colour masks (RGB with differing channels) are refused either way: their
+colours are neither label values nor grey levels.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from medseg.data.sources.common import (
     file_stamp,
     fingerprint_of,
     is_hidden,
+    is_label_array,
     one_line,
     paired_ids,
     to_label,
@@ -31,6 +35,11 @@ from medseg.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 DEFAULT_LABELS = {0: "background", 1: "foreground"}
+THRESHOLD_HINT = "set dataset.mask_threshold: 128"
+# A mask "looks binary but compressed" when this share of its pixels is near 0 or near 255 (JPEG ringing
+# only touches the edges of the objects) and some are near 255.
+NEAR_BINARY_SHARE = 0.9
+NEAR_BINARY_MARGIN = 32
 # Pillow modes whose pixels are already single numbers (no colour to reduce).
 _GRAY_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as Pillow's convert("L")
@@ -66,22 +75,72 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
     return gray[..., None]
 
 
-def read_mask(path: str | os.PathLike, labels: dict[int, str] | None = None) -> np.ndarray:
-    """Mask file -> uint8 (rows, cols, 1) label values; {0, 255} masks become {0, 1} (see module doc)."""
-    path = Path(path)
-    img = _open(path)
+def _mask_values(img, where: str) -> np.ndarray:
+    """The single-valued pixels of a mask image: grey levels, or palette indices of a "P" image."""
     if img.mode in _GRAY_MODES or img.mode in ("1", "P"):
-        values = np.asarray(img)  # for "P", palette indices are the label values (PASCAL VOC style)
-    else:
-        rgb = np.asarray(img.convert("RGB"))
-        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-            raise DataError(f"{path}: colour mask (mode {img.mode}); save masks as grayscale or palette label values")
-        values = rgb[..., 0]
-    mask = to_label(values, source=str(path))
+        return np.asarray(img)  # for "P", palette indices are the label values (PASCAL VOC style)
+    rgb = np.asarray(img.convert("RGB"))
+    if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+        raise DataError(f"{where}: colour mask (mode {img.mode}, channels differ): its colours are not label values; "
+                        "save masks as greyscale or palette label values (or greyscale 0/255 with "
+                        "dataset.mask_threshold)")
+    return rgb[..., 0]
+
+
+def _grey_levels(img, where: str) -> np.ndarray:
+    """The grey level of every pixel, for thresholding (a palette image through its palette's colours)."""
+    if img.mode in _GRAY_MODES:
+        return np.asarray(img)
+    if img.mode == "1":
+        return np.asarray(img.convert("L"))
+    return _mask_values(img.convert("RGB") if img.mode == "P" else img, where)
+
+
+def read_mask(path: str | os.PathLike, labels: dict[int, str] | None = None, *, threshold: float | None = None,
+              case_id: str | None = None) -> np.ndarray:
+    """Mask file -> uint8 (rows, cols, 1) label values; {0, 255} masks become {0, 1} (see module doc).
+
+    ``threshold``: grey levels >= threshold become 1, the rest 0. ``case_id`` is named in error messages.
+    """
+    path = Path(path)
+    where = f"{path} (case {case_id})" if case_id is not None else str(path)
+    img = _open(path)
+    if threshold is not None:
+        grey = _grey_levels(img, where)
+        if grey.dtype.kind == "f" and not np.all(np.isfinite(grey)):
+            raise DataError(f"{where}: NaN or infinite mask values cannot be thresholded "
+                            f"(dataset.mask_threshold {threshold:g}); save the mask as integer grey levels")
+        if 0 < grey.max() < threshold and set(np.unique(grey).tolist()) <= {0, 1}:  # every foreground pixel lost
+            raise DataError(f"{where}: the mask holds label values 0 and 1, all below dataset.mask_threshold "
+                            f"{threshold:g}: it is a label mask, not a greyscale one; unset dataset.mask_threshold")
+        return (grey >= threshold).astype(np.uint8)[..., None]
+    values = _mask_values(img, where)
+    if not is_label_array(values):
+        hint = " or set dataset.mask_threshold to binarise a greyscale mask" if values.dtype.kind in "iuf" else ""
+        raise DataError(f"{where}: mask values are not integers in 0..255 (mode {img.mode}, dtype {values.dtype}, "
+                        f"range {_value_range(values)}): save label values 0..255{hint}")
+    mask = to_label(values, source=where)
     present = set(np.unique(mask).tolist())
     if 255 in present and present <= {0, 255} and 255 not in (labels or {}):
         mask = (mask == 255).astype(np.uint8)
     return mask[..., None]
+
+
+def _value_range(values: np.ndarray) -> str:
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    return f"{finite.min():g}..{finite.max():g}" if finite.size else "no finite value"
+
+
+def threshold_hint(label: np.ndarray) -> str:
+    """The fix to append to an unknown-label error when ``label`` looks like a compressed binary mask (mostly 0
+    and ~255 with a few values in between, as JPEG leaves them), else ""."""
+    values = np.asarray(label).ravel()
+    high = values >= 255 - NEAR_BINARY_MARGIN
+    near = np.count_nonzero(values < NEAR_BINARY_MARGIN) + np.count_nonzero(high)
+    if not high.any() or near < NEAR_BINARY_SHARE * values.size:
+        return ""
+    return (f"; it looks like a compressed binary mask ({100 * near / values.size:.1f}% of pixels near 0 or 255, the "
+            f"rest in between, as JPEG leaves them): {THRESHOLD_HINT}")
 
 
 def _compile(pattern: str, what: str) -> re.Pattern | None:
@@ -120,6 +179,7 @@ class Folders2DSource(PairedFiles):
         mask_suffix: str = "",
         labels: dict[int, str] | None = None,
         allow_missing: bool = False,
+        mask_threshold: float | None = None,
     ) -> None:
         self.root = Path(path)
         self.image_dir, self.mask_dir = image_dir, mask_dir
@@ -129,6 +189,7 @@ class Folders2DSource(PairedFiles):
         self.labels: dict[int, str] = {int(k): str(v) for k, v in (labels or DEFAULT_LABELS).items()}
         self.modality = "image"  # not CT: intensities are percentile-normalised downstream
         self.allow_missing = allow_missing
+        self.mask_threshold = mask_threshold
         self._pairs: dict[str, tuple[Path, Path]] | None = None
 
     def __repr__(self) -> str:
@@ -152,6 +213,8 @@ class Folders2DSource(PairedFiles):
         stamps = [file_stamp(p, self.root) for pair in self._index().values() for p in pair]
         settings = {"image_suffix": self.image_suffix, "mask_suffix": self.mask_suffix,
                     "labels": {str(k): v for k, v in sorted(self.labels.items())}}
+        if self.mask_threshold is not None:  # only when set: the caches of datasets read without it keep their folder
+            settings["mask_threshold"] = self.mask_threshold
         return fingerprint_of(stamps, settings)
 
     def ground_truth_ids(self) -> list[str]:
@@ -159,8 +222,9 @@ class Folders2DSource(PairedFiles):
         return sorted(_by_key(self.root / self.mask_dir, self._mask_re))
 
     def _read_label(self, path: Path, case_id: str) -> np.ndarray:
-        label = read_mask(path, self.labels)
-        check_labels(label, self.labels, where=f"{path} (case {case_id})")
+        label = read_mask(path, self.labels, threshold=self.mask_threshold, case_id=case_id)
+        hint = threshold_hint(label) if self.mask_threshold is None else ""
+        check_labels(label, self.labels, where=f"{path} (case {case_id})", hint=hint)
         return label
 
     def load_label(self, case_id: str) -> np.ndarray:

@@ -1,0 +1,193 @@
+"""Post-processing chosen on validation, as nnU-Net does: per label, drop small predicted components or keep only
+the largest one, when that raises the mean per-case validation Dice.
+
+After training, ``fit`` predicts the validation cases with the best checkpoint (at the cached resolution), and
+``choose`` tries, for every label on its own:
+
+- ``none``: the prediction as it is;
+- ``keep_largest``: only the largest predicted connected component of the label;
+- ``remove_below`` *k*: predicted components of fewer than *k* voxels removed, for each *k* of ``candidate_sizes``:
+  quantiles (``QUANTILES``) of the sizes of the training masks' lesions of that label, in voxels at the cached
+  resolution.
+
+Components are 3D with 26-connectivity (``medseg.metrics.label_components``, as lesion-wise detection counts them);
+removed voxels become background. The operation with the highest mean per-case Dice of the label is chosen when it
+beats ``none`` by at least ``min_gain``; otherwise ``none``. Labels are independent: an operation on one changes no
+other label's voxels, and the reported Dice is the mean over labels of each label's mean per-case Dice (as
+``metrics.summarize``).
+
+Each predicted component is labelled once per case; every candidate is then scored from the components' sizes and
+their overlap with the truth, without touching the volumes again, so the selection costs one labelling per case.
+
+The choice (``postprocessing`` in the checkpoint metadata) is applied by ``inference.Predictor`` (eval.py, infer.py)
+to predictions at the input's own size: a ``min_voxels`` counted at the cached in-plane size S is scaled by the
+ratio of the slice areas (H * W) / S^2.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from medseg.metrics import label_components
+
+QUANTILES = (0.0, 0.05, 0.1, 0.25, 0.5)  # of the training lesions' sizes: the smallest, ..., the median
+MIN_GAIN = 0.005  # mean per-case Dice a post-processing must add (on a label) to be chosen over none
+
+
+# --------------------------------------------------------------------------------------------- components
+
+
+def component_sizes(mask: np.ndarray) -> np.ndarray:
+    """Voxel counts of the connected components of a bool mask (any order)."""
+    labelled, n = label_components(np.asarray(mask, bool))
+    return np.bincount(labelled.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, np.int64)
+
+
+def candidate_sizes(masks: Iterable[np.ndarray], quantiles: Sequence[float] = QUANTILES) -> list[int]:
+    """Distinct thresholds *k* (>= 2: below 1 removes nothing) from quantiles of the component sizes of ``masks``
+    (one bool volume per training case), rounded down to whole voxels."""
+    sizes = np.concatenate([component_sizes(m) for m in masks] or [np.zeros(0, np.int64)])
+    if sizes.size == 0:
+        return []
+    values = np.floor(np.quantile(sizes, list(quantiles))).astype(int)
+    return sorted({int(v) for v in values if v >= 2})
+
+
+def _case_stats(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(size of each predicted component, its voxels inside the truth, truth voxels) of one case and label."""
+    labelled, n = label_components(pred)
+    sizes = np.bincount(labelled[pred], minlength=n + 1)[1:]
+    overlaps = np.bincount(labelled[pred & target], minlength=n + 1)[1:]
+    return sizes, overlaps, int(np.count_nonzero(target))
+
+
+def _dice(tp: int, predicted: int, truth: int) -> float:
+    """Dice, NaN when truth and prediction are both empty (left out of the mean, as ``metrics.dice``)."""
+    return 2.0 * tp / (predicted + truth) if predicted + truth else math.nan
+
+
+def _mean(values: Iterable[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _kept(op: dict[str, Any], sizes: np.ndarray) -> np.ndarray:
+    """Which components an operation keeps, from their sizes."""
+    if op["op"] == "remove_below":
+        return sizes >= op["min_voxels"]
+    if op["op"] == "keep_largest":
+        keep = np.zeros(sizes.shape, bool)
+        if sizes.size:
+            keep[int(np.argmax(sizes))] = True
+        return keep
+    return np.ones(sizes.shape, bool)
+
+
+def _score(op: dict[str, Any], stats: list[tuple[np.ndarray, np.ndarray, int]]) -> float:
+    """Mean per-case Dice of one label after ``op``."""
+    dices = []
+    for sizes, overlaps, truth in stats:
+        keep = _kept(op, sizes)
+        dices.append(_dice(int(overlaps[keep].sum()), int(sizes[keep].sum()), truth))
+    return _mean(dices)
+
+
+# ------------------------------------------------------------------------------------------------- choice
+
+
+def choose(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray], labels: Sequence[int],
+           sizes: Mapping[int, Sequence[int]], *, min_gain: float = MIN_GAIN) -> dict[str, Any]:
+    """The post-processing of each label that maximises its mean per-case Dice over ``predictions``.
+
+    Args:
+        predictions, targets: per case, class maps of the same shape (class i + 1 = ``labels[i]``, 0 background).
+        labels: the label values, in class order.
+        sizes: per label value, the ``remove_below`` thresholds to try (``candidate_sizes`` of its training masks).
+        min_gain: a label's best operation is kept only when it adds at least this much to its mean Dice.
+
+    Returns:
+        ``{"labels": {"<label>": {"op": ..., ["min_voxels": k,] "dice_before", "dice_after", "tried": {name: Dice}}},
+        "dice_before", "dice_after", "min_gain", "cases"}``; ``dice_*`` are means over labels of the mean per-case Dice.
+    """
+    ids = sorted(predictions)
+    chosen: dict[str, Any] = {}
+    for index, label in enumerate(labels, start=1):
+        stats = [_case_stats(np.asarray(predictions[c]) == index, np.asarray(targets[c]) == index) for c in ids]
+        ops = [{"op": "none"}, {"op": "keep_largest"}] + [{"op": "remove_below", "min_voxels": int(k)} for k in sizes.get(label, [])]
+        scores = [(_score(op, stats), op) for op in ops]
+        before = scores[0][0]
+        best_score, best = max(scores[1:], key=lambda s: -math.inf if math.isnan(s[0]) else s[0], default=(math.nan, None))
+        take = best is not None and not math.isnan(best_score) and (math.isnan(before) or best_score >= before + min_gain)
+        op = best if take else {"op": "none"}
+        chosen[str(label)] = {**op, "dice_before": before, "dice_after": best_score if take else before,
+                              "tried": {describe_op(o): s for s, o in scores}}
+    return {"labels": chosen, "dice_before": _mean(v["dice_before"] for v in chosen.values()),
+            "dice_after": _mean(v["dice_after"] for v in chosen.values()), "min_gain": min_gain, "cases": len(ids)}
+
+
+def select_for_run(predictions: Mapping[str, np.ndarray], data, *, min_gain: float = MIN_GAIN) -> dict[str, Any]:
+    """``choose`` for a training run: the targets and the training lesions' sizes from ``data`` (training.PreparedData),
+    at the cached resolution. Adds ``seconds`` (the time it took) and ``image_size``."""
+    from medseg.data.dataset import label_lut
+
+    started = time.perf_counter()
+    lut = label_lut(data.labels)
+    targets = {cid: lut[np.asarray(data.cache.label(cid))] for cid in predictions}
+    sizes: dict[int, list[int]] = {}
+    for index, label in enumerate(data.labels, start=1):
+        sizes[label] = candidate_sizes(lut[np.asarray(data.cache.label(cid))] == index for cid in data.split.train)
+    choice = choose(predictions, targets, data.labels, sizes, min_gain=min_gain)
+    choice["image_size"] = int(data.cache.settings["image_size"])
+    choice["seconds"] = round(time.perf_counter() - started, 3)
+    return choice
+
+
+# -------------------------------------------------------------------------------------------------- apply
+
+
+def apply(volume: np.ndarray, choice: Mapping[str, Any] | None, *, voxel_scale: float = 1.0) -> np.ndarray:
+    """``volume`` (raw label values, e.g. (X, Y, Z) uint8) with the chosen operation of each label applied; removed
+    voxels become 0. ``voxel_scale``: voxels of ``volume`` per voxel of the resolution the choice was made at."""
+    if not choice or not active(choice):
+        return volume
+    out = np.array(volume, copy=True)
+    for label, op in choice["labels"].items():
+        if op["op"] == "none":
+            continue
+        mask = out == int(label)
+        labelled, n = label_components(mask)
+        if n == 0:
+            continue
+        sizes = np.bincount(labelled[mask], minlength=n + 1)[1:]
+        if op["op"] == "remove_below":
+            keep = sizes >= op["min_voxels"] * voxel_scale
+        else:
+            keep = _kept(op, sizes)
+        drop = np.concatenate([[False], ~keep])  # index 0: background, left alone
+        out[mask & drop[labelled]] = 0
+    return out
+
+
+def active(choice: Mapping[str, Any] | None) -> bool:
+    """Does the choice change anything (an operation other than none on some label)?"""
+    return bool(choice) and any(op.get("op") != "none" for op in choice.get("labels", {}).values())
+
+
+def describe_op(op: Mapping[str, Any]) -> str:
+    if op["op"] == "remove_below":
+        return f"remove_below_{op['min_voxels']}"
+    return str(op["op"])
+
+
+def describe(choice: Mapping[str, Any] | None) -> str:
+    """One line: ``label 1: remove components < 17 voxels (val Dice 0.6012 -> 0.6240)``, or ``none (...)``."""
+    if not choice:
+        return "none (not chosen for this checkpoint)"
+    parts = []
+    for label, op in choice["labels"].items():
+        what = {"none": "none", "keep_largest": "keep the largest component"}.get(op["op"]) or f"remove components < {op['min_voxels']} voxels"
+        parts.append(f"label {label}: {what}")
+    return f"{'; '.join(parts)} (val Dice {choice['dice_before']:.4f} -> {choice['dice_after']:.4f})"

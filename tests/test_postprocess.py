@@ -1,0 +1,118 @@
+"""Post-processing chosen on validation (medseg/postprocess.py): hand-computed choices, storage, application, tracking."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medseg import postprocess as P
+from medseg.checkpoint import load_checkpoint, update_checkpoint_meta
+from medseg.evaluation import run_eval_cli
+from medseg.inference import Predictor
+from medseg.registry import Decision, model_card
+from medseg.tracking import get_client, tracking_uri, train_tracked
+from medseg.training import prepare_data
+
+
+def _box(shape, *slices) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[slices] = True
+    return mask
+
+
+SHAPE = (12, 12, 12)
+
+
+def _cases():
+    """A: truth a 3x3x4 box (36 voxels), prediction a 3x3x3 box inside it (27) plus a false 2-voxel component.
+    B: two true lesions, 27 and 8 voxels, predicted exactly."""
+    truth_a = _box(SHAPE, slice(1, 4), slice(1, 4), slice(1, 5))
+    pred_a = _box(SHAPE, slice(1, 4), slice(1, 4), slice(1, 4)) | _box(SHAPE, slice(9, 10), slice(9, 10), slice(9, 11))
+    truth_b = _box(SHAPE, slice(1, 4), slice(1, 4), slice(1, 4)) | _box(SHAPE, slice(8, 10), slice(8, 10), slice(8, 10))
+    return {"a": pred_a.astype(np.uint8), "b": truth_b.astype(np.uint8)}, {"a": truth_a.astype(np.uint8), "b": truth_b.astype(np.uint8)}
+
+
+def test_components_are_26_connected_and_sizes_give_quantile_thresholds():
+    corner = np.zeros((3, 3, 3), bool)
+    corner[0, 0, 0] = corner[1, 1, 1] = True  # touching by a corner only: one lesion, as lesion-wise detection counts
+    assert P.component_sizes(corner).tolist() == [2]
+    # training lesions of 4, 8 and 27 voxels: quantiles 0, .05, .1, .25, .5 -> 4, 4.4, 4.8, 6, 8 -> floor, distinct
+    masks = [_box(SHAPE, slice(0, 2), slice(0, 2), slice(0, 1)) | _box(SHAPE, slice(5, 7), slice(5, 7), slice(5, 7)),
+             _box(SHAPE, slice(0, 3), slice(0, 3), slice(0, 3))]
+    assert P.candidate_sizes(masks) == [4, 6, 8]
+    assert P.candidate_sizes([np.zeros(SHAPE, bool)]) == []
+
+
+def test_removing_a_small_false_component_is_chosen_with_the_computed_dice():
+    preds, truths = _cases()
+    choice = P.choose(preds, truths, [1], {1: [4, 6, 8]})
+    label = choice["labels"]["1"]
+    # A: before 2*27 / (29 + 36) = 54/65, after 54/63; B: 1 before and after (its 8-voxel lesion is >= every k)
+    assert label["dice_before"] == pytest.approx((54 / 65 + 1) / 2)
+    assert label["op"] == "remove_below" and label["min_voxels"] == 4  # the smallest of the equally good sizes
+    assert label["dice_after"] == pytest.approx((54 / 63 + 1) / 2) == choice["dice_after"]
+    # keep-largest fixes A the same way but loses B's small lesion: 2*27 / (27 + 35) = 54/62
+    assert label["tried"]["keep_largest"] == pytest.approx((54 / 63 + 54 / 62) / 2)
+    # applied to the volumes, the choice gives exactly the scored Dice
+    out = P.apply(preds["a"], choice)
+    assert int(out.sum()) == 27 and P.apply(preds["b"], choice).sum() == preds["b"].sum()
+
+
+def test_keep_largest_that_lowers_dice_is_not_chosen():
+    preds, truths = _cases()
+    one = {"b": preds["b"]}, {"b": truths["b"]}
+    choice = P.choose(*one, [1], {1: []})
+    assert choice["labels"]["1"]["op"] == "none" and choice["dice_after"] == choice["dice_before"] == 1.0
+    assert choice["labels"]["1"]["tried"]["keep_largest"] == pytest.approx(54 / 62)
+    # a size that removes the real 8-voxel lesion lowers it too: none again
+    assert P.choose(*one, [1], {1: [9]})["labels"]["1"]["op"] == "none"
+    # a gain below min_gain is not taken
+    assert P.choose(preds, truths, [1], {1: [4]}, min_gain=0.02)["labels"]["1"]["op"] == "none"  # gain (54/63 - 54/65) / 2 = 0.0132
+
+
+def test_apply_scales_sizes_to_the_input_resolution_and_keeps_other_labels():
+    preds, _ = _cases()
+    volume = preds["b"] * 2  # label value 2: the 27- and 8-voxel lesions
+    volume[0, 11, 11] = 1  # a 1-voxel component of another label
+    choice = {"labels": {"2": {"op": "remove_below", "min_voxels": 4}}}
+    assert P.apply(volume, choice).tolist() == volume.tolist()  # 8 >= 4
+    # at twice the cached in-plane size, 4 cached voxels are 16: the 8-voxel lesion goes, label 1 stays
+    out = P.apply(volume, choice, voxel_scale=4.0)
+    assert int((out == 2).sum()) == 27 and out[0, 11, 11] == 1
+    assert P.apply(volume, None) is volume and P.describe(None).startswith("none")
+
+
+def test_training_chooses_stores_tracks_and_eval_applies_it(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(training={"epochs": 1, "val_overlays": 0})
+    result, run_id = train_tracked(cfg, progress=False)
+    choice = result.postprocessing
+    assert choice["dice_before"] == pytest.approx(result.best_metrics["val/dice"], abs=1e-12)  # the same predictions
+    assert choice["dice_after"] >= choice["dice_before"] and choice["cases"] == len(prepare_data(cfg, progress=False).split.val)
+    stored = load_checkpoint(result.best_checkpoint)["meta"]["postprocessing"]
+    assert stored["labels"] == choice["labels"] and stored["image_size"] == 64
+    client = get_client(tracking_uri(cfg))
+    run = client.get_run(run_id)
+    assert run.data.tags["postprocessing"] == P.describe(choice)
+    assert run.data.metrics["val/dice_postprocessed"] == pytest.approx(choice["dice_after"])
+    assert run.data.metrics["val/dice_before_postprocessing"] == pytest.approx(choice["dice_before"])
+    assert "postprocessing.json" in {a.path for a in client.list_artifacts(run_id)}
+
+    # a checkpoint carrying a post-processing that removes every component: eval.py and infer.py's Predictor apply it
+    update_checkpoint_meta(result.best_checkpoint, {"postprocessing": {**choice, "labels": {"1": {"op": "remove_below", "min_voxels": 10**9,
+                                                                                                  "dice_before": 0.0, "dice_after": 0.0}}}})
+    data = prepare_data(cfg, progress=False)
+    image = data.source.load(data.split.val[0]).image
+    raw = Predictor(result.best_checkpoint, device="cpu", postprocess=False).predict(image)
+    assert raw.any()  # an untrained model predicts some foreground
+    assert not Predictor(result.best_checkpoint, device="cpu").predict(image).any()
+    text = run_eval_cli(cfg, ckpt=result.best_checkpoint, out=tmp_path / "ev", mlflow=False)
+    assert "post-processing chosen on validation: label 1: remove components < 1000000000 voxels" in text and ", applied" in text
+
+
+def test_model_card_shows_the_post_processing(tiny_cfg):
+    choice = {"labels": {"1": {"op": "remove_below", "min_voxels": 17}}, "dice_before": 0.6, "dice_after": 0.625}
+    candidate = {"run_id": "r", "dice": 0.61, "iou": 0.5, "dice_micro": 0.6, "lesion_recall": 0.5, "lesion_precision": 0.5,
+                 "n_cases": 10, "n_scored": 10, "split_hash": "abc", "postprocessing": choice}
+    card = model_card(Decision(promoted=True, alias="champion", reason="promoted: test", registry_name="m", version="1",
+                               candidate=candidate), tiny_cfg())
+    assert "- Post-processing (chosen on validation after training, applied by eval.py and infer.py, included in the scores below): " \
+           "label 1: remove components < 17 voxels (val Dice 0.6000 -> 0.6250)" in card
