@@ -7,7 +7,7 @@ DATA := data/synthetic
 TASK := $(DATA)/Task900_SynthLiverTumor
 export PYTHONHASHSEED := 0
 
-.PHONY: demo experiments holdout test test-slow test-all venv data mlflow-ui bench bench-ema bench-asha-long clean
+.PHONY: demo improve experiments holdout test test-slow test-all venv data mlflow-ui bench bench-ema bench-asha-long clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -23,6 +23,10 @@ $(TASK)/metadata.json: | venv
 # The main job: tune the default search space on the embedded dataset, promote a champion, write a report.
 demo: venv data
 	$(PY) tune.py --space search_spaces/default.yaml
+
+# One scheduled step of the improvement loop (cron, CI): audit, skip if nothing changed, a warm study, the decision.
+improve: venv data
+	$(PY) tune.py --space search_spaces/default.yaml --improve
 
 # The numbered experiments (configs/exp_*.yaml) as one study: the same MLflow runs, champion rule and report.
 experiments: venv data

@@ -6,6 +6,7 @@
   python eval.py --predictions DATA/Task.../Predictions/<method>      # Kaggle layout: the task's GroundTruth/
   python eval.py --predictions preds/ --data DATA/Task...             # elsewhere: against this dataset folder
   python eval.py --config CONFIG --ckpt CKPT --leaderboard            # our model among the dataset's reference methods
+  python eval.py --ckpt CKPT --robustness                             # + the robustness set (robustness.json)
 """
 import argparse
 
@@ -31,10 +32,15 @@ def main() -> int:
     parser.add_argument("--allow-split-mismatch", action="store_true", help="score a checkpoint on a split it was not trained with")
     parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval-<split>, ./eval/<version>-<split> for a "
                         "registered model, ./eval-<method> for --predictions)")
+    parser.add_argument("--robustness", action="store_true", help="also score --ckpt under fixed-seed perturbations (noise, blur, "
+                        "contrast, brightness, down-upsampling, CT window shift): robustness.json in the output folder, "
+                        "metrics robust/* on the eval run")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     args = parser.parse_args()
     if not (args.ckpt or args.predictions):
         parser.error("give --ckpt and/or --predictions")
+    if args.robustness and not args.ckpt:
+        parser.error("--robustness needs --ckpt")
 
     from medseg.evaluation import eval_config, run_eval_cli
 
@@ -42,7 +48,7 @@ def main() -> int:
     print(run_eval_cli(cfg, ckpt=args.ckpt, predictions=args.predictions, split=args.split, flip_tta=args.tta,
                        allow_split_mismatch=args.allow_split_mismatch, missing_as_empty=args.missing_as_empty,
                        with_leaderboard=args.leaderboard, out=args.out, mlflow=not args.no_mlflow,
-                       postprocess=not args.no_postprocessing))
+                       postprocess=not args.no_postprocessing, robustness=args.robustness))
     return 0
 
 

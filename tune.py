@@ -5,6 +5,7 @@
   python tune.py --space search_spaces/default.yaml --resume   # continue the latest interrupted study
   python tune.py --configs configs/exp_*.yaml                  # run a fixed list of configs the same way
   python tune.py --space search_spaces/default.yaml --cold     # do not warm-start from earlier studies' trials
+  python tune.py --space search_spaces/default.yaml --improve  # scheduled step: audit, skip if nothing changed, study, judge
 """
 import argparse
 
@@ -22,6 +23,11 @@ def main() -> int:
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     parser.add_argument("--cold", action="store_true", help="start the searcher fresh: do not tell it the trials of earlier studies")
     parser.add_argument("--no-promote", action="store_true", help="skip the champion decision")
+    parser.add_argument("--improve", action="store_true", help="one step of the improvement loop (medseg/improve.py): audit the data, "
+                        "stop if data, space and code are unchanged since the last decision, else a warm study under --budget-s, judged; "
+                        "exit 0 promoted or not, 1 data errors, 75 another --improve of the space is running")
+    parser.add_argument("--force", action="store_true", help="--improve: run even if nothing changed")
+    parser.add_argument("--budget-s", type=float, help="--improve: time budget of the study (default: the space's time_budget_s, else 1800)")
     args = parser.parse_args()
     if not args.space and not args.configs:
         parser.error("give --space or --configs")
@@ -29,6 +35,15 @@ def main() -> int:
     from medseg.search_space import load_space, space_for_configs
     from medseg.study import run_and_promote
 
+    if args.improve:
+        if not args.space or args.configs or args.resume or args.no_promote:
+            parser.error("--improve takes --space (not --configs, --resume or --no-promote)")
+        from medseg.improve import improve
+
+        return improve(load_space(args.space, overrides=args.overrides), force=args.force, budget_s=args.budget_s,
+                       address=args.address, num_cpus=args.num_cpus, cold=args.cold)
+    if args.force or args.budget_s is not None:
+        parser.error("--force and --budget-s go with --improve")
     template = load_space(args.space, overrides=args.overrides) if args.space else None
     space = space_for_configs(args.configs, name=args.name or "experiments", template=template) if args.configs else template
     # --configs: --name names the fixed-config "space" (studies are <name>-<timestamp>); with --resume, the study itself

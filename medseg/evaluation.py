@@ -330,10 +330,12 @@ def eval_config(*, config: str | Path | None = None, overrides: Sequence[str] = 
 
 def run_eval_cli(cfg, *, ckpt: str | Path | None = None, predictions: str | Path | None = None, split: str = "val",
                  flip_tta: bool = False, allow_split_mismatch: bool = False, missing_as_empty: bool = False,
-                 with_leaderboard: bool = False, out: str | Path | None = None, mlflow: bool = True, postprocess: bool = True) -> str:
+                 with_leaderboard: bool = False, out: str | Path | None = None, mlflow: bool = True, postprocess: bool = True,
+                 robustness: bool = False) -> str:
     """eval.py's job: score ``ckpt`` on ``split`` and/or the ``predictions`` folder (on the checkpoint's cases when
     both are given), optionally rank them among the task's Predictions/<method> folders; writes the tables under
-    ``out`` (defaults: see eval.py --help) and returns the text to print."""
+    ``out`` (defaults: see eval.py --help) and returns the text to print. ``robustness``: also the checkpoint's
+    robustness set (medseg.robustness: robustness.json in the same folder, metrics robust/* on the eval run)."""
     from medseg.data.sources import open_source_from_config
 
     out_lines = []
@@ -351,6 +353,9 @@ def run_eval_cli(cfg, *, ckpt: str | Path | None = None, predictions: str | Path
 
             post = result.info["postprocessing"]
             out_lines.append(f"post-processing chosen on validation: {describe(post)}{', applied' if active(post) else ''}")
+        if robustness:
+            out_lines.append(_robustness(cfg, ckpt, result, out_dir, split=split, flip_tta=flip_tta, postprocess=postprocess,
+                                         allow_split_mismatch=allow_split_mismatch, mlflow=mlflow))
         results.append(result)
     source = None
     if predictions:
@@ -378,3 +383,17 @@ def run_eval_cli(cfg, *, ckpt: str | Path | None = None, predictions: str | Path
         out_lines.append(f"leaderboard on {len(case_ids) if case_ids else 'all'} cases:\n"
                          + format_table(table, ["rank", "method", "dice", "iou", "dice_micro", "lesion_recall", "lesion_precision", "n_scored"]))
     return "\n".join(out_lines)
+
+
+def _robustness(cfg, ckpt, result: EvalResult, out_dir: Path, *, mlflow: bool, **kwargs) -> str:
+    """The robustness set of ``ckpt``: robustness.json next to the eval tables, metrics on the eval run; its text table."""
+    from medseg.robustness import evaluate_robustness, format_robustness, log_robustness, write_robustness
+
+    summary = evaluate_robustness(ckpt, cfg, **kwargs)
+    path = write_robustness(summary, out_dir)
+    if mlflow and result.info.get("mlflow_run_id"):
+        from medseg.tracking import get_client, tracking_uri
+
+        log_robustness(get_client(tracking_uri(cfg)), result.info["mlflow_run_id"], summary, path)
+    return (f"robustness on {summary['split']} ({summary['n_cases']} cases, {summary['seconds']:.0f} s): worst Dice drop "
+            f"{summary['worst_drop']:.4f} ({summary['worst']})\n{format_robustness(summary)}\nrobustness table: {path}")

@@ -120,8 +120,10 @@ def budget_png(trials: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def write_study_report(outcome, space, decision=None, *, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Markdown + JSON + PNGs for a finished study. Returns the written paths."""
+def write_study_report(outcome, space, decision=None, *, out_dir: str | Path | None = None,
+                       robustness: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Markdown + JSON + PNGs for a finished study. Returns the written paths. ``robustness``: the promoted champion's
+    robustness set (``medseg.robustness.evaluate_robustness``), shown in a section of its own when given."""
     out_dir = Path(out_dir or space.reports_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = outcome.name
@@ -148,9 +150,11 @@ def write_study_report(outcome, space, decision=None, *, out_dir: str | Path | N
         "warm_start": getattr(outcome, "warm_start", None),
         "trials": [{k: v for k, v in t.items()} for t in trials],
         "plots": {k: str(v) for k, v in paths.items()},
+        "robustness": robustness,
     }
     atomic_write_json(out_dir / f"{name}.json", _json_safe(summary))
-    atomic_write_text(out_dir / f"{name}.md", _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, space))
+    atomic_write_text(out_dir / f"{name}.md", _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, space,
+                                                        robustness))
     paths.update(markdown=out_dir / f"{name}.md", json=out_dir / f"{name}.json")
     return paths
 
@@ -165,7 +169,7 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, space) -> str:
+def _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, space, robustness=None) -> str:
     base_dice = baseline["best_dice"] if baseline else None
     base_name = f" `{baseline['trial_id']}`" if baseline else " (not in this study)"
     lines = [f"# Study `{summary['study']}`", "",
@@ -189,6 +193,10 @@ def _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, s
                   f"**{decision.alias.upper()}** (registry `{decision.registry_name}` v{decision.version}): {decision.reason}", ""]
         if decision.mirror:
             lines += [f"Mirrored to `{decision.mirror}` (checkpoint, config, metrics.json, MODEL_CARD.md).", ""]
+    if robustness:
+        from medseg.robustness import robustness_markdown
+
+        lines += robustness_markdown(robustness)
     lines += ["## Trials", "",
               "Dice and IoU: best epoch's mean per-case validation score during training. "
               f"Δ baseline: against the base config's trial{base_name}; "

@@ -11,11 +11,11 @@ def run_and_promote(space, *, resume: bool = False, name: str | None = None, add
     """Returns (StudyOutcome, Decision | None, report paths)."""
     from medseg.registry import decide_and_register
     from medseg.report import write_study_report
-    from medseg.tracking import get_client, ui_command, ui_url
+    from medseg.tracking import get_client, log_metrics, ui_command, ui_url
     from medseg.tuning import run_study, trial_config
 
     outcome = run_study(space, resume=resume, name=name, address=address, num_cpus=num_cpus, cold=cold)
-    decision = None
+    decision, robustness = None, None
     client = get_client(outcome.tracking_uri)
     try:
         if promote and outcome.best is not None:
@@ -26,7 +26,12 @@ def run_and_promote(space, *, resume: bool = False, name: str | None = None, add
                                            rule=space.champion, uri=outcome.tracking_uri, progress=progress)
             client.set_tag(outcome.parent_run_id, "decision", decision.alias)
             client.log_metric(outcome.parent_run_id, "best/eval_dice", decision.candidate["dice"])
-        paths = write_study_report(outcome, space, decision)
+            if decision.promoted:  # the new champion's robustness set (strongest severities), beside it and in the report
+                from medseg.robustness import champion_robustness
+
+                robustness = champion_robustness(best["checkpoint"], trial_config(best["params"], space), decision.mirror, progress=progress)
+                log_metrics(client, outcome.parent_run_id, {"champion/robust_worst_drop": robustness["worst_drop"]}, step=0)
+        paths = write_study_report(outcome, space, decision, robustness=robustness)
         for key in ("markdown", "json", "parallel", "curves", "budget"):
             client.log_artifact(outcome.parent_run_id, str(paths[key]), "report")
     except BaseException:
