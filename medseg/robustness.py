@@ -200,11 +200,7 @@ def strongest(table: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str
     return {name: dict([list(sevs.items())[-1]]) for name, sevs in table.items() if sevs}
 
 
-def champion_robustness(checkpoint: str | Path, cfg, mirror: str | Path | None = None, *, progress: bool = False,
-                        data=None) -> dict[str, Any]:
+def champion_robustness(checkpoint: str | Path, cfg, *, progress: bool = False, data=None) -> dict[str, Any]:
     """The robustness set of a newly promoted champion at the strongest severities (``strongest``; about a third of
-    the full set's cost), written as robustness.json into its models/champion mirror when given."""
-    summary = evaluate_robustness(checkpoint, cfg, table=strongest(PERTURBATIONS), data=data, progress=progress)
-    if mirror:
-        summary["path"] = str(write_robustness(summary, Path(mirror).resolve()))
-    return summary
+    the full set's cost), for its study report."""
+    return evaluate_robustness(checkpoint, cfg, table=strongest(PERTURBATIONS), data=data, progress=progress)

@@ -26,10 +26,10 @@ def run_and_promote(space, *, resume: bool = False, name: str | None = None, add
                                            rule=space.champion, uri=outcome.tracking_uri, progress=progress)
             client.set_tag(outcome.parent_run_id, "decision", decision.alias)
             client.log_metric(outcome.parent_run_id, "best/eval_dice", decision.candidate["dice"])
-            if decision.promoted:  # the new champion's robustness set (strongest severities), beside it and in the report
+            if decision.promoted:  # the new champion's robustness set (strongest severities), in the report and on the study run
                 from medseg.robustness import champion_robustness
 
-                robustness = champion_robustness(best["checkpoint"], trial_config(best["params"], space), decision.mirror, progress=progress)
+                robustness = champion_robustness(best["checkpoint"], trial_config(best["params"], space), progress=progress)
                 log_metrics(client, outcome.parent_run_id, {"champion/robust_worst_drop": robustness["worst_drop"]}, step=0)
         paths = write_study_report(outcome, space, decision, robustness=robustness)
         for key in ("markdown", "json", "parallel", "curves", "budget"):
