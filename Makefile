@@ -7,13 +7,15 @@ DATA := data/synthetic
 TASK := $(DATA)/Task900_SynthLiverTumor
 export PYTHONHASHSEED := 0
 
-.PHONY: demo improve experiments holdout test test-slow test-all venv data mlflow-ui bench bench-ema bench-asha-long clean
+.PHONY: demo improve experiments holdout lint test test-slow test-all venv data mlflow-ui bench bench-ema bench-asha-long clean
 
+# The pinned packages, then medseg itself in editable mode (no sys.path edits in scripts, tests or benchmarks).
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 data: $(TASK)/metadata.json
@@ -42,7 +44,11 @@ holdout: venv
 		--out runs/holdout/champion > /dev/null
 	$(PY) eval.py --config configs/holdout_synthetic.yaml --predictions runs/holdout/champion --out runs/holdout/eval --leaderboard
 
-test: venv
+# ruff's rules in pyproject.toml (line length 120, the default checks, sorted imports).
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: venv

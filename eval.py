@@ -16,25 +16,29 @@ from medseg.cli import add_config_args, run_cli
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, required=False)
-    parser.add_argument("--data", help="dataset folder to score --predictions against, without --config (a Kaggle task folder, "
-                        "an MSD / nnU-Net folder or a 2D images/ + masks/ folder); default: the task folder of "
-                        "<task>/Predictions/<method>")
-    parser.add_argument("--ckpt", help="checkpoint to evaluate (best.pt or models/champion/checkpoint.pt); without --config, "
-                        "with the config stored in it")
-    parser.add_argument("--split", default="val", choices=["train", "val", "test"], help="split of the saved splits.json")
-    parser.add_argument("--tta", action="store_true", help="test-time mirroring along the axes the training augmentation flipped "
-                        "(the checkpoint's tta_axes; trained without flips: a warning, no TTA)")
-    parser.add_argument("--no-postprocessing", action="store_true", help="score without the post-processing the checkpoint "
-                        "carries (chosen on validation after training)")
+    parser.add_argument("--data", help="dataset folder to score --predictions against, without --config (a Kaggle "
+                        "task folder, an MSD / nnU-Net folder or a 2D images/ + masks/ folder); default: the task "
+                        "folder of <task>/Predictions/<method>")
+    parser.add_argument("--ckpt", help="checkpoint to evaluate (best.pt or models/champion/checkpoint.pt); without "
+                        "--config, with the config stored in it")
+    parser.add_argument("--split", default="val", choices=["train", "val", "test"],
+                        help="split of the saved splits.json")
+    parser.add_argument("--tta", action="store_true", help="test-time mirroring along the axes the training "
+                        "augmentation flipped (the checkpoint's tta_axes; trained without flips: a warning, no TTA)")
+    parser.add_argument("--no-postprocessing", action="store_true", help="score without the post-processing the "
+                        "checkpoint carries (chosen on validation after training)")
     parser.add_argument("--predictions", help="score this predictions folder (evalseg .pkl[.gz], NIfTI or PNG masks)")
-    parser.add_argument("--missing-as-empty", action="store_true", help="score cases without a prediction file as empty")
-    parser.add_argument("--leaderboard", action="store_true", help="rank --ckpt among the task's Predictions/<method> folders")
-    parser.add_argument("--allow-split-mismatch", action="store_true", help="score a checkpoint on a split it was not trained with")
-    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval-<split>, ./eval/<version>-<split> for a "
-                        "registered model, ./eval-<method> for --predictions)")
-    parser.add_argument("--robustness", action="store_true", help="also score --ckpt under fixed-seed perturbations (noise, blur, "
-                        "contrast, brightness, down-upsampling, CT window shift): robustness.json in the output folder, "
-                        "metrics robust/* on the eval run")
+    parser.add_argument("--missing-as-empty", action="store_true",
+                        help="score cases without a prediction file as empty")
+    parser.add_argument("--leaderboard", action="store_true",
+                        help="rank --ckpt among the task's Predictions/<method> folders")
+    parser.add_argument("--allow-split-mismatch", action="store_true",
+                        help="score a checkpoint on a split it was not trained with")
+    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval-<split>, "
+                        "./eval/<version>-<split> for a registered model, ./eval-<method> for --predictions)")
+    parser.add_argument("--robustness", action="store_true", help="also score --ckpt under fixed-seed perturbations "
+                        "(noise, blur, contrast, brightness, down-upsampling, CT window shift): robustness.json in the "
+                        "output folder, metrics robust/* on the eval run")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     args = parser.parse_args()
     if not (args.ckpt or args.predictions):
@@ -44,7 +48,8 @@ def main() -> int:
 
     from medseg.evaluation import eval_config, run_eval_cli
 
-    cfg = eval_config(config=args.config, overrides=args.overrides, ckpt=args.ckpt, predictions=args.predictions, data=args.data)
+    cfg = eval_config(config=args.config, overrides=args.overrides, ckpt=args.ckpt, predictions=args.predictions,
+                      data=args.data)
     print(run_eval_cli(cfg, ckpt=args.ckpt, predictions=args.predictions, split=args.split, flip_tta=args.tta,
                        allow_split_mismatch=args.allow_split_mismatch, missing_as_empty=args.missing_as_empty,
                        with_leaderboard=args.leaderboard, out=args.out, mlflow=not args.no_mlflow,

@@ -13,13 +13,15 @@ from medseg.cli import run_cli
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="medseg checkpoint (carries its config and preprocessing)")
-    parser.add_argument("--input", required=True, help="NIfTI file, image file, folder of either, or a Kaggle task folder")
+    parser.add_argument("--input", required=True,
+                        help="NIfTI file, image file, folder of either, or a Kaggle task folder")
     parser.add_argument("--case", action="append", help="case id of a Kaggle task (repeatable; default: every case)")
     parser.add_argument("--out", required=True, help="output folder for masks and overlays/")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
-    parser.add_argument("--tta", action="store_true", help="test-time mirroring along the axes the training augmentation flipped "
-                        "(the checkpoint's tta_axes; trained without flips: a warning, no TTA)")
-    parser.add_argument("--no-postprocessing", action="store_true", help="without the post-processing the checkpoint carries")
+    parser.add_argument("--tta", action="store_true", help="test-time mirroring along the axes the training "
+                        "augmentation flipped (the checkpoint's tta_axes; trained without flips: a warning, no TTA)")
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="without the post-processing the checkpoint carries")
     parser.add_argument("--no-overlays", action="store_true")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     args = parser.parse_args()

@@ -12,13 +12,14 @@ def main() -> int:
     args = parser.parse_args()
 
     from medseg.config import load_config
-    from medseg.tracking import get_client, train_tracked, tracking_uri, ui_command, ui_url
+    from medseg.tracking import get_client, tracking_uri, train_tracked, ui_command, ui_url
 
     cfg = load_config(args.config, args.overrides)
     result, run_id = train_tracked(cfg, progress=not args.quiet)
     best = result.best_metrics
     print(f"run {run_id}: best epoch {result.best_epoch}/{len(result.history)} ({result.stop_reason}), "
-          f"val/dice {best['val/dice']:.4f}, val/iou {best['val/iou']:.4f} (train/dice {best['train/dice']:.4f}, train/iou {best['train/iou']:.4f})")
+          f"val/dice {best['val/dice']:.4f}, val/iou {best['val/iou']:.4f} "
+          f"(train/dice {best['train/dice']:.4f}, train/iou {best['train/iou']:.4f})")
     print(f"checkpoint: {result.best_checkpoint}")
     experiment_id = get_client(tracking_uri(cfg)).get_run(run_id).info.experiment_id
     print(f"tracking:   {tracking_uri(cfg)}  ({ui_command(tracking_uri(cfg))}, then {ui_url(experiment_id)})")

@@ -27,15 +27,24 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from machine import machine_info, write_results  # noqa: E402  (benchmarks/machine.py)
+from benchmarks.common import (
+    REPO,
+    RESULTS,
+    RunClock,
+    add_out_arg,
+    add_set_arg,
+    ensure_synthetic_task,
+    machine_info,
+    out_path,
+    parse_sets,
+    repo_relative,
+    write_results,
+)
 
 
 def train_seed(space_path: str, seed: int, run_dir: str, params: dict | None = None) -> dict:
     """One seed of the space's base configuration; returns its validation Dice curve."""
-    os.chdir(ROOT)  # the space's relative paths (data/synthetic, cache/) are the project's own
+    os.chdir(REPO)  # the space's relative paths (data/synthetic, cache/) are the project's own
     from medseg.search_space import load_space
     from medseg.training import fit
     from medseg.tuning import trial_config
@@ -51,14 +60,6 @@ def train_seed(space_path: str, seed: int, run_dir: str, params: dict | None = N
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def parse_sets(items: list[str]) -> dict:
-    """["training.ema_decay=0.99", "loss.name=tversky"] -> {"training.ema_decay": 0.99, "loss.name": "tversky"},
-    parsed as train.py parses its --set values."""
-    from medseg.config import parse_override
-
-    return dict(parse_override(item) for item in items)
-
-
 def summarize(runs: list[dict], config_best: list[float] | None) -> dict:
     """Spread of the best Dice over seeds, next to the spread over configurations when given."""
     best = [r["best_dice"] for r in runs]
@@ -72,55 +73,60 @@ def summarize(runs: list[dict], config_best: list[float] | None) -> dict:
     return out
 
 
+def train_seeds(space_path: Path, seeds: list[int], params: dict, parallel: int) -> list[dict]:
+    """Every seed, ``parallel`` at a time in spawned processes, each in its own run folder of a temporary one."""
+    with tempfile.TemporaryDirectory(prefix="bench-seeds-") as tmp, ProcessPoolExecutor(
+            max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(train_seed, str(space_path), seed, str(Path(tmp) / f"seed{seed}"), params)
+                   for seed in seeds]
+        return [f.result() for f in futures]
+
+
+def config_spread(asha: Path) -> tuple[list[float] | None, dict | None]:
+    """The best Dice of each completed configuration of the ASHA benchmark's study without early stopping, and
+    where they came from; (None, None) without that results file."""
+    if not asha.exists():
+        return None, None
+    full = json.loads(asha.read_text())
+    trials = full["studies"]["no_early_stopping"]["trials"]
+    return ([t["best_dice"] for t in trials if t["status"] == "completed"],
+            {"file": repo_relative(asha), "date": full.get("date")})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", default=str(ROOT / "search_spaces" / "default.yaml"))
+    parser.add_argument("--space", default=str(REPO / "search_spaces" / "default.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once, one torch thread each")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="dotted config keys changed in every seed, as a trial's parameters (e.g. training.ema_decay=0.99)")
-    parser.add_argument("--asha-results", default=str(ROOT / "benchmarks" / "results" / "asha_vs_full.json"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "seed_spread.json"))
+    add_set_arg(parser, "dotted config keys changed in every seed, as a trial's parameters "
+                        "(e.g. training.ema_decay=0.99)")
+    parser.add_argument("--asha-results", default=str(RESULTS / "asha_vs_full.json"))
+    add_out_arg(parser, "seed_spread.json")
     args = parser.parse_args()
     space_path = Path(args.space).resolve()
     from medseg.errors import ConfigError
 
     try:
-        params = parse_sets(args.set)
+        params = parse_sets(args.sets)
     except ConfigError as err:
         parser.error(str(err))
-    os.chdir(ROOT)
+    os.chdir(REPO)
     from medseg.search_space import load_space
     from medseg.training import prepare_data
     from medseg.tuning import trial_config
 
-    if not (ROOT / "data" / "synthetic" / "Task900_SynthLiverTumor" / "metadata.json").exists():
-        from medseg.data.synthetic import generate_task
-
-        generate_task(ROOT / "data" / "synthetic")
-    prepare_data(trial_config(params, load_space(space_path)), progress=False)  # cache and split once, before the workers
-    load_before = os.getloadavg()
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-seeds-") as tmp, ProcessPoolExecutor(
-            max_workers=args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(train_seed, str(space_path), seed, str(Path(tmp) / f"seed{seed}"), params) for seed in args.seeds]
-        runs = [f.result() for f in futures]
+    ensure_synthetic_task()
+    # the cache and the split once, before the workers
+    prepare_data(trial_config(params, load_space(space_path)), progress=False)
+    clock = RunClock()
+    runs = train_seeds(space_path, args.seeds, params, args.parallel)
     for r in runs:
         print(f"seed {r['seed']}: best val Dice {r['best_dice']:.4f} at epoch {r['best_epoch']} ({r['seconds']:.0f} s)")
-
-    config_best, source = None, None
-    asha = Path(args.asha_results)
-    if asha.exists():
-        full = json.loads(asha.read_text())
-        trials = full["studies"]["no_early_stopping"]["trials"]
-        config_best = [t["best_dice"] for t in trials if t["status"] == "completed"]
-        source = {"file": str(asha.relative_to(ROOT)) if asha.is_relative_to(ROOT) else str(asha), "date": full.get("date")}
+    config_best, source = config_spread(Path(args.asha_results))
     report = {"runs": runs, "params": params, "summary": summarize(runs, config_best), "config_spread_source": source,
-              "space": str(space_path.relative_to(ROOT)) if space_path.is_relative_to(ROOT) else str(space_path),
-              "machine": machine_info(("torch", "segmentation-models-pytorch")), "parallel": args.parallel,
-              "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "total_seconds": round(time.perf_counter() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_results(args.out, report)
+              "space": repo_relative(space_path), "machine": machine_info(("torch", "segmentation-models-pytorch")),
+              "parallel": args.parallel, **clock.record()}
+    write_results(out_path(args, "seed_spread"), report)
     return 0
 
 

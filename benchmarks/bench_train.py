@@ -50,48 +50,78 @@ Writes benchmarks/results/train_throughput.json (train_throughput_quick.json wit
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from machine import cpu_model as _cpu_model, versions  # benchmarks/machine.py
+from benchmarks.common import (
+    REPO,
+    RunClock,
+    add_out_arg,
+    add_set_arg,
+    child_job,
+    machine_info,
+    out_path,
+    parse_sets,
+    print_child_result,
+    repo_relative,
+    run_child,
+    run_profiled,
+    write_json,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "exp_000_baseline.yaml"
 RATIO_TARGET = 0.95  # trainer images/s over bare-loop images/s
 LOADER_TARGET = 10.0  # loader images/s over trainer images/s
 BUSY_CORES = 0.25  # other processes using more than this many cores (median over runs): the figures are marked busy
 TASK_ARGS = {"cases": 12, "size": 128, "slices": (24, 32), "seed": 0}
+PACKAGES = ("torch", "numpy", "segmentation-models-pytorch", "timm")
+
+
+@dataclass
+class Job:
+    """One measurement in a child process, a fresh interpreter: no run inherits another's warm state."""
+
+    kind: str  # prepare | run | loader
+    task: str  # the synthetic task's folder (prepare generates it when missing)
+    cache_dir: str
+    config_file: str  # the base config's path, its source in errors
+    config_raw: dict  # the base config as the parent read it, once
+    epochs: int
+    samples: int  # training.samples_per_epoch
+    threads: int | None = None  # training.threads (None: the config's)
+    overrides: dict = field(default_factory=dict)  # --set: dotted key -> value
+    order: str = "TB"  # run: each trainer epoch before its bare twin (TB) or after it (BT)
+    profile: bool = False  # run: fit alone (no bare loop) under cProfile, its top on stderr
+    with_augment: bool = False  # loader: with the config's augmentation
 
 
 # ----------------------------------------------------------------------------------------- child process
 
 
-def _config(args: argparse.Namespace):
-    """The base config (read once by the parent) with this run's data, cache, output folder and epoch settings,
-    and without augmentation unless --with-augment (the loader measured as the config has it)."""
+def _config(job: Job):
+    """The base config with this job's data, cache, output folder and epoch settings, and without augmentation
+    unless ``with_augment`` (the loader measured as the config has it)."""
     from medseg.config import config_from_dict
 
-    raw = json.loads(args.config_json)
-    if not args.with_augment:
+    raw = dict(job.config_raw)
+    if not job.with_augment:
         raw["augment"] = []
-    task = Path(args.task)
-    overrides = {"dataset.path": str(task.parent), "dataset.task": task.name, "dataset.cache_dir": args.cache_dir,
-                 "output.run_dir": str(Path(args.cache_dir).parent / "runs"), "training.device": "cpu",
-                 "training.epochs": args.epochs, "training.samples_per_epoch": args.samples}
-    if args.threads:
-        overrides["training.threads"] = args.threads
-    overrides.update(json.loads(args.overrides_json))
-    cfg = config_from_dict(raw, source=str(args.config), overrides=overrides)
+    task = Path(job.task)
+    overrides = {"dataset.path": str(task.parent), "dataset.task": task.name, "dataset.cache_dir": job.cache_dir,
+                 "output.run_dir": str(Path(job.cache_dir).parent / "runs"), "training.device": "cpu",
+                 "training.epochs": job.epochs, "training.samples_per_epoch": job.samples}
+    if job.threads:
+        overrides["training.threads"] = job.threads
+    overrides.update(job.overrides)
+    cfg = config_from_dict(raw, source=job.config_file, overrides=overrides)
     if cfg.training.optimizer != "adamw" or cfg.training.grad_clip or cfg.training.patience:
-        raise SystemExit("bench_train's bare loop is plain AdamW, no gradient clipping, every epoch: the config must match")
+        raise SystemExit("bench_train's bare loop is plain AdamW, no gradient clipping, every epoch: "
+                         "the config must match")
     return cfg
 
 
@@ -104,8 +134,8 @@ class BareLoop:
 
         from medseg.data.dataset import EpochSampler, label_lut, stack_context
         from medseg.losses import build_loss
-        from medseg.models import build_model, n_classes
-        from medseg.training import autocast, native_bf16, seed_everything
+        from medseg.models import autocast, build_model, n_classes, native_bf16
+        from medseg.training import seed_everything
 
         t = cfg.training
         # Every cached training slice in SliceDataset's order (case by case, slice by slice), float32 / int64.
@@ -123,7 +153,7 @@ class BareLoop:
         seed_everything(t.seed)  # as fit() does right before building its model: the same initial weights
         classes = n_classes(data.labels)
         self.device = torch.device(device or "cpu")
-        self.model = build_model(cfg.model, in_channels=2 * k + 1, classes=classes).to(self.device)
+        self.model = build_model(cfg.model, in_channels=(2 * k + 1) * data.in_channels, classes=classes).to(self.device)
         self.loss_fn = build_loss(cfg.loss, classes)
         # AMP as fit() does it (a no-op on CPU): autocast, and a GradScaler only for fp16 (disabled: a pass-through)
         self.autocast = lambda: autocast(self.device, t.amp)
@@ -186,88 +216,88 @@ def _timed_loader_class(log: list[dict]):
     return TimedDataLoader
 
 
-def _child_run(args: argparse.Namespace) -> dict:
-    """fit() with the bare loop's epochs interleaved through on_epoch (none with --profile)."""
-    import torch
+class FitTimers:
+    """Benchmark-side instrumentation of medseg.training's globals in this process (medseg itself is untouched):
+    data wait and step times per epoch (``loader_log``), and the seconds spent writing checkpoints, in the final
+    plots and in bare epochs (``spent``), to split the wall time of fit."""
 
-    import medseg.training as T
+    def __init__(self, training_module) -> None:
+        T = training_module
+        self.loader_log: list[dict] = []
+        self.spent = {"checkpoints": 0.0, "finish_run": 0.0, "bare_epochs": 0.0}
+        T.DataLoader = _timed_loader_class(self.loader_log)
+        T.save_checkpoint = self.timed(T.save_checkpoint, "checkpoints")
+        T._save_state = self.timed(T._save_state, "checkpoints")
+        T.finish_run = self.timed(T.finish_run, "finish_run")
 
-    cfg = _config(args)
-    t = cfg.training
-    device = T.configure_torch(cfg)  # threads and determinism already for a bare epoch run before fit (fit repeats it)
-    data = T.prepare_data(cfg, progress=False)  # the cache exists: this opens it and loads the saved split
-    bare = None if args.profile else BareLoop(cfg, data, device)
-
-    # Benchmark-side instrumentation of the module's globals (medseg itself is untouched): data wait and step
-    # times per epoch, seconds writing checkpoints and in the final plots, to split the wall time of fit.
-    loader_log: list[dict] = []
-    T.DataLoader = _timed_loader_class(loader_log)
-    spent = {"checkpoints": 0.0, "finish_run": 0.0, "bare_epochs": 0.0}
-
-    def timed(fn, bucket):
+    def timed(self, fn, bucket: str):
         def wrapper(*a, **kw):
             started = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                spent[bucket] += time.perf_counter() - started
+                self.spent[bucket] += time.perf_counter() - started
         return wrapper
 
-    T.save_checkpoint = timed(T.save_checkpoint, "checkpoints")
-    T._save_state = timed(T._save_state, "checkpoints")
-    T.finish_run = timed(T.finish_run, "finish_run")
 
-    # Peak GPU memory per loop: the peak counter is read and reset around every bare epoch, so what lies between
-    # (a trainer epoch with its validation) counts for the trainer.
-    cuda = device.type == "cuda"
-    peak = {"trainer": 0, "bare": 0}
+class CudaPeaks:
+    """Peak GPU memory per loop: the peak counter is read and reset around every bare epoch, so what lies between
+    (a trainer epoch with its validation) counts for the trainer. Does nothing off CUDA."""
 
-    def cuda_peak(owner):
-        if cuda:
+    def __init__(self, device) -> None:
+        self.cuda = device.type == "cuda"
+        self.peak = {"trainer": 0, "bare": 0}
+
+    def close(self, owner: str) -> None:
+        if self.cuda:
+            import torch
+
             torch.cuda.synchronize()
-            peak[owner] = max(peak[owner], torch.cuda.max_memory_allocated())
+            self.peak[owner] = max(self.peak[owner], torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
 
-    def bare_epoch_with_peak(epoch):
-        cuda_peak("trainer")
-        bare.run_epoch(epoch)
-        cuda_peak("bare")
 
-    bare_first = args.order == "BT"
-    run_bare_epoch = timed(bare_epoch_with_peak, "bare_epochs") if bare else None
+def _interleaved_bare_epochs(bare: BareLoop, timers: FitTimers, peaks: CudaPeaks, *, bare_first: bool, epochs: int):
+    """fit's on_epoch callback running the bare loop's epochs between the trainer's: T1 B1 T2 B2 ... (order TB), or
+    B1 T1 B2 T2 ... (order BT: bare epoch 1 runs here, before fit starts; trainer epoch e's callback runs bare
+    epoch e+1)."""
+
+    def bare_epoch(epoch: int) -> None:
+        peaks.close("trainer")
+        bare.run_epoch(epoch)
+        peaks.close("bare")
+
+    timed_bare_epoch = timers.timed(bare_epoch, "bare_epochs")
 
     def on_epoch(report) -> None:
         following = report.epoch if bare_first else report.epoch - 1  # 0-based epoch of the bare loop to run now
-        if run_bare_epoch and following < t.epochs:
-            run_bare_epoch(following)
+        if following < epochs:
+            timed_bare_epoch(following)
 
-    if bare and bare_first:
-        bare_epoch_with_peak(0)
-    run_dir = Path(tempfile.mkdtemp(prefix="fit-", dir=Path(args.cache_dir).parent))
+    if bare_first:
+        bare_epoch(0)
+    return on_epoch
+
+
+def _timed_fit(T, cfg, data, *, on_epoch, work: Path, profile: bool) -> tuple:
+    """fit() in a temporary run folder under ``work`` (under cProfile with ``profile``, without ``on_epoch``):
+    its result, wall seconds and this process's CPU seconds."""
+    run_dir = Path(tempfile.mkdtemp(prefix="fit-", dir=work))
     try:
         cpu0, started = time.process_time(), time.perf_counter()
-        if args.profile:
-            import cProfile
-            import io
-            import pstats
-
-            profiler = cProfile.Profile()
-            result = profiler.runcall(T.fit, cfg, run_dir=run_dir, data=data, progress=False)
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
-            print(text.getvalue(), file=sys.stderr)
+        if profile:
+            result = run_profiled(T.fit, cfg, run_dir=run_dir, data=data, progress=False)
         else:
             result = T.fit(cfg, on_epoch=on_epoch, run_dir=run_dir, data=data, progress=False)
-        wall_s = time.perf_counter() - started
-        cpu_s = time.process_time() - cpu0
-        cuda_peak("trainer")
+        return result, time.perf_counter() - started, time.process_time() - cpu0
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    if len(loader_log) != t.epochs:
-        raise SystemExit("fit() no longer builds its loader as medseg.training.DataLoader: update bench_train's "
-                         "instrumentation (_child_run)")
 
-    history = result.history
+
+def _trainer_record(cfg, history: list[dict], timers: FitTimers, wall_s: float) -> dict:
+    """The trainer's figures of one run: images/s, losses, step and data-wait times per epoch, and fit's wall time
+    split into train loop, validation, checkpoints, final plots and the rest."""
+    t, spent, loader_log = cfg.training, timers.spent, timers.loader_log
     per_epoch = [h["train/images_per_s"] for h in history]
     images = t.samples_per_epoch  # per epoch, as fit's drop_last leaves them
     if images > t.batch_size:
@@ -277,49 +307,72 @@ def _child_run(args: argparse.Namespace) -> dict:
     fit_s = wall_s - spent["bare_epochs"]  # the bare epochs ran inside fit, in its callback
     other_s = fit_s - sum(train_s) - sum(val_s) - spent["checkpoints"] - spent["finish_run"]
     wait_s = [e["wait_s"] for e in loader_log]
-    out = {"kind": "run", "order": args.order, "torch_threads": torch.get_num_threads(),
+    return {"per_epoch_images_per_s": per_epoch, "train_loss": [h["train/loss"] for h in history],
+            "step_s": [e["step_s"] for e in loader_log], "data_wait_s": wait_s, "train_s": train_s,
+            "data_wait_fraction": sum(wait_s[1:] or wait_s) / sum(train_s[1:] or train_s),
+            "fit_wall_s": fit_s,
+            "fit_breakdown_s": {"train_loop": sum(train_s), "validation": sum(val_s),
+                                "checkpoints": spent["checkpoints"], "finish_run": spent["finish_run"],
+                                "other": other_s}}
+
+
+def _child_run(job: Job) -> dict:
+    """fit() with the bare loop's epochs interleaved through on_epoch (fit alone under cProfile with ``profile``)."""
+    import torch
+
+    import medseg.training as T
+
+    cfg = _config(job)
+    device = T.configure_torch(cfg)  # threads and determinism already for a bare epoch run before fit (fit repeats it)
+    data = T.prepare_data(cfg, progress=False)  # the cache exists: this opens it and loads the saved split
+    bare = None if job.profile else BareLoop(cfg, data, device)
+    timers, peaks = FitTimers(T), CudaPeaks(device)
+    on_epoch = None if bare is None else _interleaved_bare_epochs(bare, timers, peaks, bare_first=job.order == "BT",
+                                                                   epochs=cfg.training.epochs)
+    result, wall_s, cpu_s = _timed_fit(T, cfg, data, on_epoch=on_epoch, work=Path(job.cache_dir).parent,
+                                       profile=job.profile)
+    peaks.close("trainer")
+    if len(timers.loader_log) != cfg.training.epochs:
+        raise SystemExit("fit() no longer builds its loader as medseg.training.DataLoader: update bench_train's "
+                         "instrumentation (FitTimers)")
+    out = {"kind": "run", "order": job.order, "torch_threads": torch.get_num_threads(),
            "interop_threads": torch.get_num_interop_threads(), "cpu_utilisation": cpu_s / wall_s,
-           "trainer": {"per_epoch_images_per_s": per_epoch, "train_loss": [h["train/loss"] for h in history],
-                       "step_s": [e["step_s"] for e in loader_log], "data_wait_s": wait_s, "train_s": train_s,
-                       "data_wait_fraction": sum(wait_s[1:] or wait_s) / sum(train_s[1:] or train_s),
-                       "fit_wall_s": fit_s,
-                       "fit_breakdown_s": {"train_loop": sum(train_s), "validation": sum(val_s),
-                                           "checkpoints": spent["checkpoints"], "finish_run": spent["finish_run"],
-                                           "other": other_s}},
-           "config": cfg.to_dict(), "device": str(device)}
-    if cuda:
-        out["cuda_peak_memory_bytes"] = peak if bare else {"trainer": peak["trainer"]}
+           "trainer": _trainer_record(cfg, result.history, timers, wall_s), "config": cfg.to_dict(),
+           "device": str(device)}
+    if peaks.cuda:
+        out["cuda_peak_memory_bytes"] = peaks.peak if bare else {"trainer": peaks.peak["trainer"]}
     if bare:
         out["bare"] = {"per_epoch_images_per_s": bare.per_epoch, "train_loss": bare.losses, "step_s": bare.step_s}
     return out
 
 
-def _child_loader(args: argparse.Namespace) -> dict:
+def _child_loader(job: Job) -> dict:
     """The trainer's DataLoader, built exactly as fit() builds it (keep in step with medseg/training.py)."""
     import torch
     from torch.utils.data import DataLoader
 
     from medseg.data.dataset import EpochSampler, SliceDataset, build_augmentation, seed_worker
-    from medseg.training import configure_torch, prepare_data
+    from medseg.training import configure_torch, epoch_seed, prepare_data
 
-    cfg = _config(args)
+    cfg = _config(job)
     device = configure_torch(cfg)
     t = cfg.training
     data = prepare_data(cfg, progress=False)
     transform = build_augmentation(cfg.augment, seed=t.seed)
-    train_set = SliceDataset(data.cache, data.split.train, labels=data.labels, context_slices=cfg.dataset.context_slices,
-                             transform=transform)
-    sampler = EpochSampler(train_set.has_foreground(), n=t.samples_per_epoch, fg_fraction=t.fg_oversample, seed=t.seed)
+    train_set = SliceDataset(data.cache, data.split.train, labels=data.labels,
+                             context_slices=cfg.dataset.context_slices, transform=transform)
+    sampler = EpochSampler(train_set.has_foreground(), n=t.samples_per_epoch, fg_fraction=t.fg_oversample,
+                           seed=t.seed)
     loader_gen = torch.Generator()
     loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
                         drop_last=len(sampler) > t.batch_size, worker_init_fn=seed_worker, generator=loader_gen,
                         persistent_workers=False, pin_memory=device.type == "cuda")
     per_epoch = []
     for epoch in range(t.epochs):
-        loader_gen.manual_seed(t.seed * 1_000_003 + epoch)
+        loader_gen.manual_seed(epoch_seed(t.seed, epoch))
         sampler.set_epoch(epoch)
         if transform is not None:
-            transform.set_random_seed(t.seed * 1_000_003 + epoch)
+            transform.set_random_seed(epoch_seed(t.seed, epoch))
         seen, started = 0, time.perf_counter()
         for x, _y in loader:
             seen += len(x)
@@ -328,23 +381,22 @@ def _child_loader(args: argparse.Namespace) -> dict:
             "batches_per_epoch": len(loader)}
 
 
-def _child_prepare(args: argparse.Namespace) -> dict:
+def _child_prepare(job: Job) -> dict:
     """Generate the task if needed, build the cache and the split; report the data."""
     from medseg.data.synthetic import generate_task
+    from medseg.training import prepare_data
 
-    task = Path(args.task)
+    task = Path(job.task)
     generated_s = None
     if not (task / "metadata.json").exists():
         started = time.perf_counter()
         task = generate_task(task.parent, **TASK_ARGS)
         generated_s = time.perf_counter() - started
-    args.task = str(task)
-    cfg = _config(args)
-    from medseg.training import prepare_data
-
+    cfg = _config(replace(job, task=str(task)))
     started = time.perf_counter()
     data = prepare_data(cfg, progress=False)
-    return {"kind": "prepare", "task": str(task), "generate_s": generated_s, "cache_build_s": time.perf_counter() - started,
+    return {"kind": "prepare", "task": str(task), "generate_s": generated_s,
+            "cache_build_s": time.perf_counter() - started,
             "train_cases": len(data.split.train), "val_cases": len(data.split.val),
             "train_slices": sum(data.cache.n_slices(c) for c in data.split.train),
             "val_slices": sum(data.cache.n_slices(c) for c in data.split.val)}
@@ -366,49 +418,69 @@ def _busy_cpu_s() -> float | None:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def _measure(kind: str, args: argparse.Namespace, task: Path, cache_dir: Path, *, order: str = "TB",
-             profile: bool = False, with_augment: bool = False) -> dict:
+def _measure(job: Job) -> dict:
+    """One job in a fresh interpreter, with its wall time, the 1-minute load average before and after, and the cores
+    other processes kept busy meanwhile."""
     import resource
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--task", str(task), "--cache-dir",
-           str(cache_dir), "--config", str(args.config), "--epochs", str(args.epochs), "--samples", str(args.samples),
-           "--overrides-json", json.dumps(args.overrides), "--config-json", json.dumps(args.config_raw), "--order", order] \
-        + (["--threads", str(args.threads)] if args.threads else []) + (["--profile"] if profile else []) \
-        + (["--with-augment"] if with_augment else [])
-    load_before = os.getloadavg()[0]
     busy_before, ours_before = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
-    wall, busy_after, ours_after = time.perf_counter() - started, _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"{kind} measurement failed (exit {done.returncode}): {done.stderr.strip()[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["process_wall_s"] = round(wall, 2)  # with interpreter start and imports
-    result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    child = run_child(__file__, asdict(job), what=f"{job.kind} measurement", cwd=REPO)
+    busy_after, ours_after = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = child.result
+    result["process_wall_s"] = round(child.wall_s, 2)  # with interpreter start and imports
+    result["loadavg_1min"] = child.loadavg_1min
     if busy_before is not None:
         # Cores kept busy by everything but this measurement while it ran: 0 on an idle machine.
         ours = sum(getattr(ours_after, f) - getattr(ours_before, f) for f in ("ru_utime", "ru_stime"))
-        result["other_processes_cores"] = round(max(0.0, (busy_after - busy_before - ours) / wall), 2)
-    if profile:
-        result["profile"] = done.stderr
+        result["other_processes_cores"] = round(max(0.0, (busy_after - busy_before - ours) / child.wall_s), 2)
+    if job.profile:
+        result["profile"] = child.stderr
     return result
 
 
-def _versions() -> dict:
-    return versions(("torch", "numpy", "segmentation-models-pytorch", "timm"))
+def _task_folder(data: Path | None, workdir: Path) -> Path:
+    """The synthetic task in --data (the folder itself or its Task*/ folder), else where to generate it."""
+    data_dir = (data or workdir / "data").resolve()
+    if (data_dir / "metadata.json").exists():
+        return data_dir
+    return next((p.parent for p in sorted(data_dir.glob("Task*/metadata.json"))), data_dir / "Task900_SynthLiverTumor")
 
 
-def _parse_set(items: list[str]) -> dict:
-    """--set key=value (value parsed as YAML, as train.py's --set does) -> {dotted key: value}."""
-    import yaml
+def _measure_repeat(base: Job, i: int, measured: dict) -> None:
+    """Run i (orders alternating TB, BT, ...), then the loader alone, and with the config's augmentation if any."""
+    runs, loader = measured["runs"], measured["loader"]
+    runs.append(_measure(replace(base, kind="run", order="TB" if i % 2 == 0 else "BT")))
+    loader.append(_measure(replace(base, kind="loader")))
+    if base.config_raw.get("augment"):
+        measured["loader_augment"].append(_measure(replace(base, kind="loader", with_augment=True)))
+    r = runs[-1]
+    epochs = {k: " ".join(f"{v:5.2f}" for v in r[k]["per_epoch_images_per_s"]) for k in ("trainer", "bare")}
+    print(f"  run {i + 1} ({r['order']}): trainer {epochs['trainer']} | bare {epochs['bare']} img/s per epoch; "
+          f"loader {statistics.median(_warm(loader[-1]['per_epoch_images_per_s'])):5.0f} img/s (load "
+          f"{r['loadavg_1min'][1]:.2f}, other processes {r.get('other_processes_cores', float('nan')):.2f} "
+          "cores)", flush=True)
 
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected dotted.key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+
+def measure_all(base: Job, *, data: Path | None, repeats: int, profile: bool) -> dict:
+    """The data prepared once, then ``repeats`` runs each followed by the loader alone, in a temporary work folder:
+    every measurement as it came back (``prepared``, ``runs``, ``loader``, ``loader_augment``, ``profile``)."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench_train-"))
+    try:
+        task = _task_folder(data, workdir)
+        print(f"data in {task.parent}, work in {workdir}", flush=True)
+        prepared = _measure(replace(base, kind="prepare", task=str(task), cache_dir=str(workdir / "cache")))
+        base = replace(base, task=prepared["task"], cache_dir=str(workdir / "cache"))
+        print(f"  cache: {prepared['train_cases']} train cases ({prepared['train_slices']} slices), "
+              f"{prepared['val_cases']} val ({prepared['val_slices']} slices); "
+              f"built in {prepared['cache_build_s']:.1f} s", flush=True)
+        measured = {"prepared": prepared, "runs": [], "loader": [], "loader_augment": [], "profile": None}
+        for i in range(repeats):
+            _measure_repeat(base, i, measured)
+        if profile:
+            measured["profile"] = _measure(replace(base, kind="run", profile=True))["profile"]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return measured
 
 
 def _warm(per_epoch: list) -> list:
@@ -431,193 +503,215 @@ def _step_rates(step_s: list[float], batch: int) -> dict:
             "median": round(batch / statistics.median(steps), 3), "steps": len(steps)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def figures(measured: dict) -> dict:
+    """The benchmark's figures from its runs: medians over warm epochs, epoch-pair and fastest-step ratios, the
+    fit breakdown, the loss gap between the two loops and how busy the machine was."""
+    runs, loader, loader_augment = measured["runs"], measured["loader"], measured["loader_augment"]
+    f: dict = {"trainer_epochs": [v for r in runs for v in _warm(r["trainer"]["per_epoch_images_per_s"])],
+               "bare_epochs": [v for r in runs for v in _warm(r["bare"]["per_epoch_images_per_s"])]}
+    # the same epoch of the same run
+    f["pair_ratios"] = [tr / ba for tr, ba in zip(f["trainer_epochs"], f["bare_epochs"])]
+    f["trainer_ips"], f["bare_ips"] = statistics.median(f["trainer_epochs"]), statistics.median(f["bare_epochs"])
+    f["loader_ips"] = statistics.median(v for r in loader for v in _warm(r["per_epoch_images_per_s"]))
+    f["loader_augment_ips"] = statistics.median(
+        v for r in loader_augment for v in _warm(r["per_epoch_images_per_s"])) if loader_augment else None
+    f["ratio"] = statistics.median(f["pair_ratios"])
+    f["ratio_of_medians"] = f["trainer_ips"] / f["bare_ips"]
+    batch = runs[0]["config"]["training"]["batch_size"]
+    f["trainer_steps"] = _step_rates([s for r in runs for e in _warm(r["trainer"]["step_s"]) for s in e], batch)
+    f["bare_steps"] = _step_rates([s for r in runs for e in _warm(r["bare"]["step_s"]) for s in e], batch)
+    f["robust_ratio"] = f["trainer_steps"]["fastest"] / f["bare_steps"]["fastest"]
+    f["loader_over_trainer"] = f["loader_ips"] / f["trainer_ips"]
+    # Share of an epoch spent loading when loading and compute run one after the other (num_workers 0):
+    # seconds per image loading / (loading + bare compute).
+    f["load_fraction"] = (1 / f["loader_ips"]) / (1 / f["loader_ips"] + 1 / f["bare_ips"])
+    f["breakdown"] = {k: round(statistics.median(r["trainer"]["fit_breakdown_s"][k] for r in runs), 2)
+                      for k in runs[0]["trainer"]["fit_breakdown_s"]}
+    f["wait_fraction"] = statistics.median(r["trainer"]["data_wait_fraction"] for r in runs)
+    # Same init, batches and arithmetic: equal epoch losses show the bare loop does the trainer's work, no less.
+    f["loss_gap"] = max(abs(a - b) for r in runs for a, b in zip(r["trainer"]["train_loss"], r["bare"]["train_loss"]))
+    f["threads"] = sorted({r["torch_threads"] for r in runs})
+    f["others"] = [r["other_processes_cores"] for r in runs if "other_processes_cores" in r]
+    f["busy"] = bool(f["others"]) and statistics.median(f["others"]) > BUSY_CORES
+    return f
+
+
+def _machine(runs: list[dict], f: dict, clock: RunClock) -> dict:
+    others, threads = f["others"], f["threads"]
+    return {**machine_info(PACKAGES, torch_threads=threads[0] if len(threads) == 1 else threads,
+                           interop_threads=runs[0]["interop_threads"]),
+            "loadavg_start": [round(v, 2) for v in clock.load_before],
+            "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+            "other_processes_cores": {"median": statistics.median(others), "max": max(others)} if others else None,
+            "busy": f["busy"]}
+
+
+def _params(args: argparse.Namespace, base: Job, config: dict, prepared: dict, f: dict) -> dict:
+    return {"config_file": repo_relative(args.config), "overrides": base.overrides, "threads": args.threads,
+            # trainer, bare and loader run without the config's augmentation
+            "augment_removed": base.config_raw.get("augment") or [],
+            "epochs": base.epochs, "samples_per_epoch": base.samples, "batch_size": config["training"]["batch_size"],
+            "repeats": args.repeats, "quick": args.quick, "task": TASK_ARGS,
+            "data": {k: prepared[k] for k in ("train_cases", "train_slices", "val_cases", "val_slices")},
+            "warm_epochs": "2.." if base.epochs > 1 else "all", "epoch_pairs": len(f["pair_ratios"])}
+
+
+def _ratios_and_targets(f: dict) -> dict:
+    ratio, robust, loader = f["ratio"], f["robust_ratio"], f["loader_over_trainer"]
+    return {
+        "ratios": {"trainer_over_bare": round(ratio, 3),
+                   "trainer_over_bare_per_pair": [round(p, 3) for p in f["pair_ratios"]],
+                   "trainer_over_bare_of_medians": round(f["ratio_of_medians"], 3),
+                   "trainer_over_bare_fastest_step": round(robust, 3),
+                   "loader_over_trainer": round(loader, 1),
+                   "loading_fraction_of_epoch": round(f["load_fraction"], 4)},
+        "targets": {"trainer_over_bare": {"target": f">= {RATIO_TARGET}", "value": round(ratio, 3),
+                                          "met": ratio >= RATIO_TARGET},
+                    "trainer_over_bare_load_robust": {"target": f">= {RATIO_TARGET}", "value": round(robust, 3),
+                                                      "met": robust >= RATIO_TARGET,
+                                                      "basis": "fastest step, warm epochs of all runs pooled"},
+                    "loader_over_trainer": {"target": f">= {LOADER_TARGET}", "value": round(loader, 1),
+                                            "met": loader >= LOADER_TARGET}},
+    }
+
+
+def _note(f: dict) -> str:
+    busy = ("MEASURED ON A BUSY MACHINE (other processes kept a median of "
+            f"{statistics.median(f['others']):.1f} cores busy): indicative only, re-run on an idle one. "
+            if f["busy"] else "")
+    return busy + ("Images/s are medians over warm epochs (2..) of all runs; trainer_over_bare is the median over "
+                   "epoch pairs (a trainer epoch and its interleaved bare twin); the load-robust target compares the "
+                   "fastest steps (from_step_times: warm epochs of all runs pooled). Per run: loadavg_1min (before, "
+                   "after), other_processes_cores (cores used by everything else while it ran), cpu_utilisation.")
+
+
+def results_json(args: argparse.Namespace, base: Job, measured: dict, f: dict, clock: RunClock) -> dict:
+    """The results file: machine, parameters, config, each loop's figures, ratios and targets, every run."""
+    runs, loader, loader_augment = measured["runs"], measured["loader"], measured["loader_augment"]
+    config = runs[0]["config"]
+    for r in runs:
+        r.pop("config")
+    results = {
+        "benchmark": "train_throughput",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": _machine(runs, f, clock),
+        "params": _params(args, base, config, measured["prepared"], f),
+        "config": config,
+        "trainer": {"images_per_s": round(f["trainer_ips"], 3),
+                    "fit_wall_s": round(statistics.median(r["trainer"]["fit_wall_s"] for r in runs), 2),
+                    "fit_breakdown_s": f["breakdown"], "data_wait_fraction": round(f["wait_fraction"], 4),
+                    "from_step_times": f["trainer_steps"]},
+        "bare": {"images_per_s": round(f["bare_ips"], 3), "from_step_times": f["bare_steps"]},
+        "loader": {"images_per_s": round(f["loader_ips"], 1), "runs": loader},
+        "loader_with_config_augment": {"images_per_s": round(f["loader_augment_ips"], 1),
+                                       "augment": base.config_raw.get("augment") or [],
+                                       "runs": loader_augment} if loader_augment else None,
+        "same_work": {"max_abs_epoch_loss_difference": f["loss_gap"], "losses_match": f["loss_gap"] <= 1e-4},
+        "device": runs[0].get("device", "cpu"),
+        "cuda_peak_memory_bytes": {k: max(r["cuda_peak_memory_bytes"][k] for r in runs) for k in ("trainer", "bare")}
+        if "cuda_peak_memory_bytes" in runs[0] else None,
+        **_ratios_and_targets(f),
+        "runs": runs,
+        "seconds_total": clock.seconds(),
+        "note": _note(f),
+    }
+    if measured["profile"]:
+        results["profile_top"] = measured["profile"]
+    return results
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def print_summary(results: dict, f: dict, base: Job, repeats: int, out: Path) -> None:
+    config = results["config"]
+    loads = [v for r in results["runs"] + results["loader"]["runs"] for v in r["loadavg_1min"]]
+    ratio, robust, loader = f["ratio"], f["robust_ratio"], f["loader_over_trainer"]
+    print(f"training throughput, {config['name']} (batch {config['training']['batch_size']}, {repeats} runs x "
+          f"{base.epochs} epochs x {base.samples} slices, trainer and bare epochs interleaved), {os.cpu_count()} "
+          f"CPUs, {results['machine']['torch_threads']} torch threads, load avg {min(loads):.1f}-{max(loads):.1f}")
+    print(f"  {'':28s}{'images/s':>10s}{'fastest':>10s}   (median of {len(f['trainer_epochs'])} warm epochs; "
+          f"fastest of {f['trainer_steps']['steps']} steps)")
+    print(f"  {'trainer (fit, train loop)':28s}{f['trainer_ips']:10.2f}{f['trainer_steps']['fastest']:10.2f}   "
+          f"fit wall {results['trainer']['fit_wall_s']:.1f} s: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in f["breakdown"].items()))
+    print(f"  {'bare PyTorch loop':28s}{f['bare_ips']:10.2f}{f['bare_steps']['fastest']:10.2f}")
+    print(f"  {'DataLoader alone':28s}{f['loader_ips']:10.1f}")
+    if f["loader_augment_ips"] is not None:
+        augment = ", ".join(a["name"] for a in results["loader_with_config_augment"]["augment"])
+        print(f"  {'DataLoader, config augment':28s}{f['loader_augment_ips']:10.1f}   "
+              f"({augment}: not in the trainer/bare comparison)")
+    pairs = f["pair_ratios"]
+    print(f"  trainer/bare {ratio:.3f}, median of {len(pairs)} epoch pairs ({min(pairs):.2f}-{max(pairs):.2f}); "
+          f"ratio of medians {f['ratio_of_medians']:.3f} (target >= {RATIO_TARGET}: {_met(ratio >= RATIO_TARGET)})")
+    print(f"  trainer/bare load-robust (fastest steps) {robust:.3f} ({_met(robust >= RATIO_TARGET)})")
+    print(f"  loader/trainer {loader:.0f}x (target >= {LOADER_TARGET:.0f}x: {_met(loader >= LOADER_TARGET)}); "
+          f"loading {100 * f['load_fraction']:.2f}% of an epoch; measured wait for data inside fit "
+          f"{100 * f['wait_fraction']:.2f}%")
+    print(f"  epoch losses trainer vs bare: max difference {f['loss_gap']:.2g} "
+          f"({'same work' if f['loss_gap'] <= 1e-4 else 'DIFFER'})")
+    if f["busy"]:
+        print(f"  WARNING: other processes kept {statistics.median(f['others']):.1f} of {os.cpu_count()} cores busy "
+              "(median over runs): epoch figures swing with it, read the load-robust ratio; re-run on an idle machine")
+    print(f"  -> {out}  ({results['seconds_total']:.0f} s)")
+    if results.get("profile_top"):
+        print(results["profile_top"])
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 runs of 3 epochs x 48 slices (default 3 runs of 4 x 64)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 runs of 3 epochs x 48 slices (default 3 runs of 4 x 64)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default 4; quick 3); the first is warm-up")
     parser.add_argument("--samples", type=int, help="training.samples_per_epoch (default 64; quick 48)")
     parser.add_argument("--repeats", type=int,
                         help="runs, each a fresh process, orders TB/BT alternating (default 3; quick 2)")
     parser.add_argument("--threads", type=int, help="training.threads for both loops (default: the config's, "
                                                     "null = torch's default, the number of cores)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. training.batch_size=8 (repeatable)")
+    add_set_arg(parser, "config override, e.g. training.batch_size=8 (repeatable)")
     parser.add_argument("--config", type=Path, default=BASE_CONFIG, help="base config (default %(default)s)")
-    parser.add_argument("--data", type=Path, help="folder holding (or to receive) the synthetic task; reused when present")
+    parser.add_argument("--data", type=Path,
+                        help="folder holding (or to receive) the synthetic task; reused when present")
     parser.add_argument("--profile", action="store_true",
                         help="also run one fit (no bare loop) under cProfile and print the top")
-    parser.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/train_throughput[_quick].json)")
-    # internal: one measurement in a child process
-    parser.add_argument("--child", choices=tuple(CHILDREN), help=argparse.SUPPRESS)
-    parser.add_argument("--task", help=argparse.SUPPRESS)
-    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--overrides-json", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--order", choices=("TB", "BT"), default="TB", help=argparse.SUPPRESS)
-    parser.add_argument("--config-json", help=argparse.SUPPRESS)
-    parser.add_argument("--with-augment", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        sys.path.insert(0, str(REPO))
-        print(json.dumps(CHILDREN[args.child](args)))
-        return 0
+    add_out_arg(parser, "train_throughput[_quick].json")
+    return parser
 
-    args.epochs = args.epochs or (3 if args.quick else 4)
-    args.samples = args.samples or (48 if args.quick else 64)
-    args.repeats = args.repeats or (2 if args.quick else 3)
-    args.overrides = _parse_set(args.overrides)
-    args.config = args.config.resolve()
+
+def base_job(args: argparse.Namespace, overrides: dict) -> Job:
+    """What every child gets: the config as read now (even if the file is edited while the benchmark runs), the
+    epochs, samples, threads and overrides; the task and cache folder come once the work folder exists."""
     import yaml
 
-    # Read once: every child gets this text's config, even if the file is edited while the benchmark runs.
-    args.config_raw = yaml.safe_load(args.config.read_text()) or {}
-    config_augment = args.config_raw.get("augment") or []
-    out_path = args.out or REPO / "benchmarks" / "results" / f"train_throughput{'_quick' if args.quick else ''}.json"
+    config = args.config.resolve()
+    return Job(kind="run", task="", cache_dir="", config_file=str(config),
+               config_raw=yaml.safe_load(config.read_text()) or {}, epochs=args.epochs or (3 if args.quick else 4),
+               samples=args.samples or (48 if args.quick else 64), threads=args.threads, overrides=overrides)
 
-    load_start = [round(v, 2) for v in os.getloadavg()]
-    began = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="bench_train-"))
+
+def main(argv: list[str] | None = None) -> int:
+    job = child_job(argv)
+    if job is not None:
+        return print_child_result(CHILDREN[job["kind"]](Job(**job)))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from medseg.errors import ConfigError
+
     try:
-        data_dir = (args.data or workdir / "data").resolve()
-        task = data_dir if (data_dir / "metadata.json").exists() else next(
-            (p.parent for p in sorted(data_dir.glob("Task*/metadata.json"))), data_dir / "Task900_SynthLiverTumor")
-        cache_dir = workdir / "cache"
-        print(f"data in {task.parent}, work in {workdir}", flush=True)
-        prepared = _measure("prepare", args, task, cache_dir)
-        task = Path(prepared["task"])
-        print(f"  cache: {prepared['train_cases']} train cases ({prepared['train_slices']} slices), "
-              f"{prepared['val_cases']} val ({prepared['val_slices']} slices); built in {prepared['cache_build_s']:.1f} s",
-              flush=True)
-
-        runs, loader, loader_augment = [], [], []
-        for i in range(args.repeats):
-            runs.append(_measure("run", args, task, cache_dir, order="TB" if i % 2 == 0 else "BT"))
-            loader.append(_measure("loader", args, task, cache_dir))
-            if config_augment:
-                loader_augment.append(_measure("loader", args, task, cache_dir, with_augment=True))
-            r = runs[-1]
-            epochs = {k: " ".join(f"{v:5.2f}" for v in r[k]["per_epoch_images_per_s"]) for k in ("trainer", "bare")}
-            print(f"  run {i + 1} ({r['order']}): trainer {epochs['trainer']} | bare {epochs['bare']} img/s per epoch; "
-                  f"loader {statistics.median(_warm(loader[-1]['per_epoch_images_per_s'])):5.0f} img/s (load "
-                  f"{r['loadavg_1min'][1]:.2f}, other processes {r.get('other_processes_cores', float('nan')):.2f} cores)",
-                  flush=True)
-        profile = _measure("run", args, task, cache_dir, profile=True)["profile"] if args.profile else None
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    load_end = [round(v, 2) for v in os.getloadavg()]
-
-    config = runs[0]["config"]
-    for r in runs:
-        r.pop("config")
-    trainer_epochs = [v for r in runs for v in _warm(r["trainer"]["per_epoch_images_per_s"])]
-    bare_epochs = [v for r in runs for v in _warm(r["bare"]["per_epoch_images_per_s"])]
-    pair_ratios = [tr / ba for tr, ba in zip(trainer_epochs, bare_epochs)]  # the same epoch of the same run
-    trainer_ips, bare_ips = statistics.median(trainer_epochs), statistics.median(bare_epochs)
-    loader_ips = statistics.median(v for r in loader for v in _warm(r["per_epoch_images_per_s"]))
-    loader_augment_ips = statistics.median(v for r in loader_augment for v in _warm(r["per_epoch_images_per_s"])) \
-        if loader_augment else None
-    ratio = statistics.median(pair_ratios)
-    ratio_of_medians = trainer_ips / bare_ips
-    batch = config["training"]["batch_size"]
-    trainer_steps = _step_rates([s for r in runs for e in _warm(r["trainer"]["step_s"]) for s in e], batch)
-    bare_steps = _step_rates([s for r in runs for e in _warm(r["bare"]["step_s"]) for s in e], batch)
-    robust_ratio = trainer_steps["fastest"] / bare_steps["fastest"]
-    loader_over_trainer = loader_ips / trainer_ips
-    # Share of an epoch spent loading when loading and compute run one after the other (num_workers 0):
-    # seconds per image loading / (loading + bare compute).
-    load_fraction = (1 / loader_ips) / (1 / loader_ips + 1 / bare_ips)
-    breakdown = {k: round(statistics.median(r["trainer"]["fit_breakdown_s"][k] for r in runs), 2)
-                 for k in runs[0]["trainer"]["fit_breakdown_s"]}
-    wait_fraction = statistics.median(r["trainer"]["data_wait_fraction"] for r in runs)
-    # Same init, batches and arithmetic: equal epoch losses show the bare loop does the trainer's work, no less.
-    loss_gap = max(abs(a - b) for r in runs for a, b in zip(r["trainer"]["train_loss"], r["bare"]["train_loss"]))
-    threads = sorted({r["torch_threads"] for r in runs})
-    others = [r["other_processes_cores"] for r in runs if "other_processes_cores" in r]
-    busy = bool(others) and statistics.median(others) > BUSY_CORES
-
-    results = {
-        "benchmark": "train_throughput",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpu_count": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(),
-                    "torch_threads": threads[0] if len(threads) == 1 else threads,
-                    "interop_threads": runs[0]["interop_threads"], **_versions(),
-                    "loadavg_start": load_start, "loadavg_end": load_end,
-                    "other_processes_cores": {"median": statistics.median(others), "max": max(others)} if others else None,
-                    "busy": busy},
-        "params": {"config_file": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
-                   "overrides": args.overrides, "threads": args.threads,
-                   "augment_removed": config_augment,  # trainer, bare and loader run without the config's augmentation
-                   "epochs": args.epochs,
-                   "samples_per_epoch": args.samples, "batch_size": config["training"]["batch_size"],
-                   "repeats": args.repeats, "quick": args.quick, "task": TASK_ARGS,
-                   "data": {k: prepared[k] for k in ("train_cases", "train_slices", "val_cases", "val_slices")},
-                   "warm_epochs": "2.." if args.epochs > 1 else "all", "epoch_pairs": len(pair_ratios)},
-        "config": config,
-        "trainer": {"images_per_s": round(trainer_ips, 3),
-                    "fit_wall_s": round(statistics.median(r["trainer"]["fit_wall_s"] for r in runs), 2),
-                    "fit_breakdown_s": breakdown, "data_wait_fraction": round(wait_fraction, 4),
-                    "from_step_times": trainer_steps},
-        "bare": {"images_per_s": round(bare_ips, 3), "from_step_times": bare_steps},
-        "loader": {"images_per_s": round(loader_ips, 1), "runs": loader},
-        "loader_with_config_augment": {"images_per_s": round(loader_augment_ips, 1), "augment": config_augment,
-                                       "runs": loader_augment} if loader_augment else None,
-        "same_work": {"max_abs_epoch_loss_difference": loss_gap, "losses_match": loss_gap <= 1e-4},
-        "device": runs[0].get("device", "cpu"),
-        "cuda_peak_memory_bytes": {k: max(r["cuda_peak_memory_bytes"][k] for r in runs) for k in ("trainer", "bare")}
-        if "cuda_peak_memory_bytes" in runs[0] else None,
-        "ratios": {"trainer_over_bare": round(ratio, 3), "trainer_over_bare_per_pair": [round(p, 3) for p in pair_ratios],
-                   "trainer_over_bare_of_medians": round(ratio_of_medians, 3),
-                   "trainer_over_bare_fastest_step": round(robust_ratio, 3),
-                   "loader_over_trainer": round(loader_over_trainer, 1),
-                   "loading_fraction_of_epoch": round(load_fraction, 4)},
-        "targets": {"trainer_over_bare": {"target": f">= {RATIO_TARGET}", "value": round(ratio, 3),
-                                          "met": ratio >= RATIO_TARGET},
-                    "trainer_over_bare_load_robust": {"target": f">= {RATIO_TARGET}", "value": round(robust_ratio, 3),
-                                                      "met": robust_ratio >= RATIO_TARGET,
-                                                      "basis": "fastest step, warm epochs of all runs pooled"},
-                    "loader_over_trainer": {"target": f">= {LOADER_TARGET}", "value": round(loader_over_trainer, 1),
-                                            "met": loader_over_trainer >= LOADER_TARGET}},
-        "runs": runs,
-        "seconds_total": round(time.perf_counter() - began, 1),
-        "note": ("MEASURED ON A BUSY MACHINE (other processes kept a median of "
-                 f"{statistics.median(others):.1f} cores busy): indicative only, re-run on an idle one. " if busy else "")
-                + "Images/s are medians over warm epochs (2..) of all runs; trainer_over_bare is the median over epoch "
-                  "pairs (a trainer epoch and its interleaved bare twin); the load-robust target compares the fastest "
-                  "steps (from_step_times: warm epochs of all runs pooled). Per run: loadavg_1min (before, after), "
-                  "other_processes_cores (cores used by everything else while it ran), cpu_utilisation.",
-    }
-    if profile:
-        results["profile_top"] = profile
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=2) + "\n")
-
-    loads = [v for r in runs + loader for v in r["loadavg_1min"]]
-    print(f"training throughput, {config['name']} (batch {config['training']['batch_size']}, {args.repeats} runs x "
-          f"{args.epochs} epochs x {args.samples} slices, trainer and bare epochs interleaved), {os.cpu_count()} CPUs, "
-          f"{results['machine']['torch_threads']} torch threads, load avg {min(loads):.1f}-{max(loads):.1f}")
-    print(f"  {'':28s}{'images/s':>10s}{'fastest':>10s}   (median of {len(trainer_epochs)} warm epochs; "
-          f"fastest of {trainer_steps['steps']} steps)")
-    print(f"  {'trainer (fit, train loop)':28s}{trainer_ips:10.2f}{trainer_steps['fastest']:10.2f}   "
-          f"fit wall {results['trainer']['fit_wall_s']:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()))
-    print(f"  {'bare PyTorch loop':28s}{bare_ips:10.2f}{bare_steps['fastest']:10.2f}")
-    print(f"  {'DataLoader alone':28s}{loader_ips:10.1f}")
-    if loader_augment:
-        print(f"  {'DataLoader, config augment':28s}{loader_augment_ips:10.1f}   "
-              f"({', '.join(a['name'] for a in config_augment)}: not in the trainer/bare comparison)")
-    print(f"  trainer/bare {ratio:.3f}, median of {len(pair_ratios)} epoch pairs "
-          f"({min(pair_ratios):.2f}-{max(pair_ratios):.2f}); "
-          f"ratio of medians {ratio_of_medians:.3f} (target >= {RATIO_TARGET}: {'met' if ratio >= RATIO_TARGET else 'MISSED'})")
-    print(f"  trainer/bare load-robust (fastest steps) {robust_ratio:.3f} "
-          f"({'met' if robust_ratio >= RATIO_TARGET else 'MISSED'})")
-    print(f"  loader/trainer {loader_over_trainer:.0f}x (target >= {LOADER_TARGET:.0f}x: "
-          f"{'met' if loader_over_trainer >= LOADER_TARGET else 'MISSED'}); loading {100 * load_fraction:.2f}% of an "
-          f"epoch; measured wait for data inside fit {100 * wait_fraction:.2f}%")
-    print(f"  epoch losses trainer vs bare: max difference {loss_gap:.2g} ({'same work' if loss_gap <= 1e-4 else 'DIFFER'})")
-    if busy:
-        print(f"  WARNING: other processes kept {statistics.median(others):.1f} of {os.cpu_count()} cores busy (median over "
-              "runs): epoch figures swing with it, read the load-robust ratio; re-run on an idle machine")
-    print(f"  -> {out_path}  ({results['seconds_total']:.0f} s)")
-    if profile:
-        print(profile)
+        overrides = parse_sets(args.sets)
+    except ConfigError as err:
+        parser.error(str(err))
+    args.config = args.config.resolve()
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    base = base_job(args, overrides)
+    clock = RunClock()
+    measured = measure_all(base, data=args.data, repeats=args.repeats, profile=args.profile)
+    f = figures(measured)
+    results = results_json(args, base, measured, f, clock)
+    out = out_path(args, f"train_throughput{'_quick' if args.quick else ''}")
+    write_json(out, results)
+    print_summary(results, f, base, args.repeats, out)
     return 0
 
 

@@ -22,10 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from machine import machine_info, write_results  # noqa: E402  (benchmarks/machine.py)
+from benchmarks.common import (
+    REPO,
+    RunClock,
+    add_out_arg,
+    add_set_arg,
+    ensure_synthetic_task,
+    machine_info,
+    out_path,
+    repo_relative,
+    study_work_overrides,
+    write_results,
+)
 
 QUICK = ["num_samples=2", "overrides.training.epochs=1", "asha.max_t=1", "asha.grace_period=1"]
 
@@ -36,7 +44,8 @@ def trial_order(outcome) -> list[dict]:
     from medseg.tracking import get_client
 
     client = get_client(outcome.tracking_uri)
-    started = {t["trial_id"]: client.get_run(t["run_id"]).info.start_time if t.get("run_id") else float("inf") for t in outcome.trials}
+    started = {t["trial_id"]: client.get_run(t["run_id"]).info.start_time if t.get("run_id") else float("inf")
+               for t in outcome.trials}
     return sorted(outcome.trials, key=lambda t: started[t["trial_id"]])
 
 
@@ -55,38 +64,37 @@ def _best(values: list[float | None], mode: str) -> float | None:
 
 def study_record(outcome, seconds: float) -> dict:
     trials = trial_order(outcome)
+    keys = ("trial_id", "params", "status", "epochs_used", "best_value", "best_dice")
     return {"name": outcome.name, "seconds": round(seconds, 1), "epochs": sum(t["epochs_used"] for t in trials),
-            "warm_start": outcome.warm_start,
-            "trials": [{k: t[k] for k in ("trial_id", "params", "status", "epochs_used", "best_value", "best_dice")} for t in trials]}
+            "warm_start": outcome.warm_start, "trials": [{k: t[k] for k in keys} for t in trials]}
 
 
 def run(space_path: Path, *, quick: bool, work: Path, sets: list[str] | None = None, second_seed: int = 1) -> dict:
     from medseg.search_space import load_space
     from medseg.tuning import run_study
 
-    os.chdir(ROOT)  # the space's relative paths (data/synthetic, cache/) are the project's own
-    if not (ROOT / "data" / "synthetic" / "Task900_SynthLiverTumor" / "metadata.json").exists():
-        from medseg.data.synthetic import generate_task
-
-        generate_task(ROOT / "data" / "synthetic")
-    overrides = [f"storage_path={work / 'ray'}", f"tracking_uri=sqlite:///{work / 'mlflow.db'}", f"reports_dir={work / 'reports'}"]
-    overrides += (QUICK if quick else []) + list(sets or [])
+    os.chdir(REPO)  # the space's relative paths (data/synthetic, cache/) are the project's own
+    ensure_synthetic_task()
+    overrides = study_work_overrides(work) + (QUICK if quick else []) + list(sets or [])
     studies = {}
-    plan = (("first", [], False), ("warm", [f"optuna_seed={second_seed}"], False), ("cold", [f"optuna_seed={second_seed}"], True))
+    second = [f"optuna_seed={second_seed}"]
+    plan = (("first", [], False), ("warm", second, False), ("cold", second, True))
     for label, extra, cold in plan:  # warm before cold: the warm study must see the first study's trials only
         space = load_space(space_path, overrides=overrides + extra)
         started = time.perf_counter()
         outcome = run_study(space, name=f"bench-warmstart-{label}", cold=cold)
         studies[label] = study_record(outcome, time.perf_counter() - started)
-        print(f"{label}: {len(outcome.trials)} trials, {studies[label]['epochs']} epochs, {studies[label]['seconds']:.0f} s, "
-              f"best {space.metric} {outcome.best['best_value'] if outcome.best else float('nan'):.4f}", flush=True)
+        best = outcome.best["best_value"] if outcome.best else float("nan")
+        print(f"{label}: {len(outcome.trials)} trials, {studies[label]['epochs']} epochs, "
+              f"{studies[label]['seconds']:.0f} s, best {space.metric} {best:.4f}", flush=True)
     mode, metric = space.mode, space.metric
     target = _best([t["best_value"] for t in studies["first"]["trials"]], mode)
     summary = {"metric": metric, "mode": mode, "first_study_best": target}
     for label in ("warm", "cold"):
         values = [t["best_value"] for t in studies[label]["trials"]]
-        summary[label] = {"trials_to_reach_first_best": trials_to_reach(values, target, mode) if target is not None else None,
-                          "best_reached": _best(values, mode), "trials": len(values),
+        reach = trials_to_reach(values, target, mode) if target is not None else None
+        summary[label] = {"trials_to_reach_first_best": reach, "best_reached": _best(values, mode),
+                          "trials": len(values),
                           "running_best": [_best(values[:i], mode) for i in range(1, len(values) + 1)]}
     summary["warm_start_used"] = (studies["warm"]["warm_start"] or {}).get("used")
     return {"studies": studies, "summary": summary}
@@ -94,22 +102,20 @@ def run(space_path: Path, *, quick: bool, work: Path, sets: list[str] | None = N
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", default=None, help="default: search_spaces/default.yaml (--quick: search_spaces/smoke.yaml)")
+    parser.add_argument("--space", default=None,
+                        help="default: search_spaces/default.yaml (--quick: search_spaces/smoke.yaml)")
     parser.add_argument("--quick", action="store_true", help="smoke.yaml, 2 trials of 1 epoch per study")
     parser.add_argument("--second-seed", type=int, default=1, help="Optuna seed of both second studies")
-    parser.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE", help="search-space keys for all studies")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "warmstart.json"))
+    add_set_arg(parser, "search-space keys for all studies")
+    add_out_arg(parser, "warmstart.json")
     args = parser.parse_args()
-    space_path = Path(args.space or ROOT / "search_spaces" / ("smoke.yaml" if args.quick else "default.yaml")).resolve()
-    load_before = os.getloadavg()
-    started = time.perf_counter()
+    space_path = Path(args.space or REPO / "search_spaces" / ("smoke.yaml" if args.quick else "default.yaml")).resolve()
+    clock = RunClock()
     with tempfile.TemporaryDirectory(prefix="bench-warmstart-") as tmp:
         report = run(space_path, quick=args.quick, work=Path(tmp), sets=args.sets, second_seed=args.second_seed)
-    report.update(space=str(space_path.relative_to(ROOT)) if space_path.is_relative_to(ROOT) else str(space_path), quick=args.quick,
-                  sets=args.sets, machine=machine_info(("torch", "ray", "optuna", "segmentation-models-pytorch")),
-                  load_average_before=load_before, load_average_after=os.getloadavg(),
-                  total_seconds=round(time.perf_counter() - started, 1), date=time.strftime("%Y-%m-%d %H:%M:%S"))
-    write_results(args.out, report)
+    report.update(space=repo_relative(space_path), quick=args.quick, sets=args.sets,
+                  machine=machine_info(("torch", "ray", "optuna", "segmentation-models-pytorch")), **clock.record())
+    write_results(out_path(args, "warmstart"), report)
     return 0
 
 

@@ -81,6 +81,13 @@ def _tail(path: Path, chars: int = 2500) -> str:
     return text[-chars:]
 
 
+def _smi_lines(query: str) -> list[str]:
+    """nvidia-smi's CSV answer to one query, line by line (no header, no units)."""
+    done = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                          timeout=10)
+    return done.stdout.strip().splitlines()
+
+
 class GpuPoller:
     """Samples nvidia-smi's compute processes and used memory every ``every`` seconds while a step runs (how many
     trials shared the GPU); a machine whose nvidia-smi cannot list processes reports 0 processes."""
@@ -92,12 +99,11 @@ class GpuPoller:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                      capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
-                used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader,nounits"],
-                                      capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+                apps = _smi_lines("--query-compute-apps=pid,used_memory")
+                used = _smi_lines("--query-gpu=memory.used,utilization.gpu")
                 mem, util = (float(v) for v in used[0].split(",")[:2]) if used else (math.nan, math.nan)
-                self.samples.append({"processes": len([a for a in apps if a.strip()]), "memory_used_mib": mem, "util_pct": util})
+                self.samples.append({"processes": len([a for a in apps if a.strip()]), "memory_used_mib": mem,
+                                     "util_pct": util})
             except (OSError, subprocess.SubprocessError, ValueError):
                 pass
             self._stop.wait(self.every)
@@ -141,13 +147,13 @@ class Check:
             "settings": {"budget_s": self.budget_s, "sizes": list(self.sizes), "python": self.py,
                          "profile": {k: v for k, v in self.profile.items() if k not in ("sizes", "budget")}},
             "steps": {}, "summary": {},
-            "notes": ("steps.*.wall_s is each step's wall time (process start and imports included); timeout_s the limit "
-                      "it ran under (its default cut to what was left of budget_s). bench_*: bench_train.py's figures, "
-                      "trainer_over_bare the median over interleaved epoch pairs (warm epochs), peak_gpu_memory_bytes "
-                      "per loop (each peak includes the other loop's resident weights and optimizer state). "
-                      "determinism: per-epoch metrics of two identical runs compared for equality, timing keys left out. "
-                      "tune_smoke: the study report's trials and champion decision; gpu_poll: nvidia-smi samples "
-                      "during the study (max_processes 0 where nvidia-smi cannot list processes)."),
+            "notes": ("steps.*.wall_s is each step's wall time (process start and imports included); timeout_s the "
+                      "limit it ran under (its default cut to what was left of budget_s). bench_*: bench_train.py's "
+                      "figures, trainer_over_bare the median over interleaved epoch pairs (warm epochs), "
+                      "peak_gpu_memory_bytes per loop (each peak includes the other loop's resident weights and "
+                      "optimizer state). determinism: per-epoch metrics of two identical runs compared for equality, "
+                      "timing keys left out. tune_smoke: the study report's trials and champion decision; gpu_poll: "
+                      "nvidia-smi samples during the study (max_processes 0 where nvidia-smi cannot list processes)."),
         }
         if args.venv_rc is not None:
             venv = {"ran": True, "rc": args.venv_rc, "wall_s": args.venv_wall_s, "ok": args.venv_rc == 0,
@@ -156,8 +162,8 @@ class Check:
                 venv["error"] = _tail(Path(args.venv_log))
             self.result["steps"]["venv"] = venv
         else:
-            self.result["steps"]["venv"] = {"ran": False, "ok": True,
-                                            "note": "interpreter given by GPU_CHECK_PYTHON" if args.python_given else ".venv present"}
+            note = "interpreter given by GPU_CHECK_PYTHON" if args.python_given else ".venv present"
+            self.result["steps"]["venv"] = {"ran": False, "ok": True, "note": note}
         if args.python_fallback:  # the venv's (or GPU_CHECK_PYTHON's) interpreter does not run
             self.result["steps"]["venv"].update(ok=False, fallback_python=self.py,
                                                 error=self.result["steps"]["venv"].get("error", "") + "\nno runnable "
@@ -180,8 +186,9 @@ class Check:
         limit = min(timeout, self.left())
         rec: dict = {"command": shlex.join(str(c) for c in cmd), "timeout_s": round(max(0.0, limit), 1)}
         if limit < min_s:
-            rec.update(ok=False, skipped=True, error=f"skipped: {max(0, self.left()):.0f} s left of the {self.budget_s:.0f} s "
-                                                      f"budget, the step needs at least {min_s:.0f} s")
+            rec.update(ok=False, skipped=True, error=f"skipped: {max(0, self.left()):.0f} s left of the "
+                                                      f"{self.budget_s:.0f} s budget, the step needs at least "
+                                                      f"{min_s:.0f} s")
             print(f"   {name}: SKIPPED ({rec['error']})", flush=True)
             return rec
         log = self.work / f"{name}.log"
@@ -198,12 +205,15 @@ class Check:
                 rc = self._kill(proc)
             finally:
                 self.current = None
-        rec.update(rc=rc, wall_s=round(time.perf_counter() - started, 1), timed_out=timed_out, ok=rc == 0 and not timed_out)
+        rec.update(rc=rc, wall_s=round(time.perf_counter() - started, 1), timed_out=timed_out,
+                   ok=rc == 0 and not timed_out)
         if self.keep:
             rec["log"] = str(log)
         if not rec["ok"]:
-            rec["error"] = (f"timed out after {limit:.0f} s; " if timed_out else f"exit {rc}; ") + "log tail:\n" + _tail(log)
-            print(f"   {name}: FAILED ({'timeout' if timed_out else f'exit {rc}'}, {rec['wall_s']} s); last lines:", flush=True)
+            why = f"timed out after {limit:.0f} s; " if timed_out else f"exit {rc}; "
+            rec["error"] = why + "log tail:\n" + _tail(log)
+            print(f"   {name}: FAILED ({'timeout' if timed_out else f'exit {rc}'}, {rec['wall_s']} s); last lines:",
+                  flush=True)
             print("     " + "\n     ".join(_tail(log, 1500).splitlines()[-15:]), flush=True)
         return rec
 
@@ -259,8 +269,8 @@ class Check:
             "import json, platform, sys\n"
             "from importlib.metadata import version, PackageNotFoundError\n"
             "out = {'python': platform.python_version(), 'executable': sys.executable, 'packages': {}}\n"
-            "for p in ('torch', 'torchvision', 'segmentation-models-pytorch', 'timm', 'albumentations', 'ray', 'optuna',\n"
-            "          'mlflow', 'numpy', 'pydantic'):\n"
+            "for p in ('torch', 'torchvision', 'segmentation-models-pytorch', 'timm', 'albumentations', 'ray',\n"
+            "          'optuna', 'mlflow', 'numpy', 'pydantic'):\n"
             "    try: out['packages'][p] = version(p)\n"
             "    except PackageNotFoundError: out['packages'][p] = None\n"
             "import torch\n"
@@ -268,9 +278,10 @@ class Check:
             "           cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)\n"
             "if torch.cuda.is_available():\n"
             "    p = torch.cuda.get_device_properties(0)\n"
-            "    out.update(device_count=torch.cuda.device_count(), device_name=p.name, capability=f'{p.major}.{p.minor}',\n"
-            "               total_memory_gib=round(p.total_memory / 2**30, 1), multiprocessors=p.multi_processor_count)\n"
-            "    from medseg.training import native_bf16\n"
+            "    out.update(device_count=torch.cuda.device_count(), device_name=p.name,\n"
+            "               capability=f'{p.major}.{p.minor}', total_memory_gib=round(p.total_memory / 2**30, 1),\n"
+            "               multiprocessors=p.multi_processor_count)\n"
+            "    from medseg.models import native_bf16\n"
             "    out['amp_dtype'] = 'bfloat16' if native_bf16() else 'float16 (GradScaler)'\n"
             f"open({str(probe)!r}, 'w').write(json.dumps(out))\n"
         )
@@ -320,22 +331,26 @@ class Check:
             return rec
         r = json.loads(out.read_text())
         peak = r.get("cuda_peak_memory_bytes")
+        params, ratios = r["params"], r["ratios"]
         rec.update({
-            "batch_size": r["params"]["batch_size"], "epochs": r["params"]["epochs"], "samples_per_epoch": r["params"]["samples_per_epoch"],
-            "repeats": r["params"]["repeats"], "data": r["params"]["data"], "torch_threads": r["machine"]["torch_threads"],
-            "device_used": r.get("device"),
+            "batch_size": params["batch_size"], "epochs": params["epochs"],
+            "samples_per_epoch": params["samples_per_epoch"], "repeats": params["repeats"], "data": params["data"],
+            "torch_threads": r["machine"]["torch_threads"], "device_used": r.get("device"),
             "trainer_images_per_s": r["trainer"]["images_per_s"], "bare_images_per_s": r["bare"]["images_per_s"],
-            "trainer_over_bare": r["ratios"]["trainer_over_bare"],
-            "trainer_over_bare_of_medians": r["ratios"]["trainer_over_bare_of_medians"],
-            "trainer_over_bare_fastest_step": r["ratios"]["trainer_over_bare_fastest_step"],
+            "trainer_over_bare": ratios["trainer_over_bare"],
+            "trainer_over_bare_of_medians": ratios["trainer_over_bare_of_medians"],
+            "trainer_over_bare_fastest_step": ratios["trainer_over_bare_fastest_step"],
             "trainer_over_bare_target_met": r["targets"]["trainer_over_bare"]["met"],
-            "loader_images_per_s": r["loader"]["images_per_s"], "loader_over_trainer": r["ratios"]["loader_over_trainer"],
-            "data_wait_fraction": r["trainer"]["data_wait_fraction"], "fit_breakdown_s": r["trainer"]["fit_breakdown_s"],
+            "loader_images_per_s": r["loader"]["images_per_s"], "loader_over_trainer": ratios["loader_over_trainer"],
+            "data_wait_fraction": r["trainer"]["data_wait_fraction"],
+            "fit_breakdown_s": r["trainer"]["fit_breakdown_s"],
             "same_work": r["same_work"],
             "peak_gpu_memory_bytes": peak,
             "peak_gpu_memory_gib": {k: round(v / 2**30, 3) for k, v in peak.items()} if peak else None,
-            "per_run": [{"order": run["order"], "trainer_images_per_s": [round(v, 1) for v in run["trainer"]["per_epoch_images_per_s"]],
-                         "bare_images_per_s": [round(v, 1) for v in run["bare"]["per_epoch_images_per_s"]]} for run in r["runs"]],
+            "per_run": [{"order": run["order"],
+                         "trainer_images_per_s": [round(v, 1) for v in run["trainer"]["per_epoch_images_per_s"]],
+                         "bare_images_per_s": [round(v, 1) for v in run["bare"]["per_epoch_images_per_s"]]}
+                        for run in r["runs"]],
             "bench_seconds_total": r["seconds_total"],
         })
         if self.device == "cuda" and not peak:
@@ -350,7 +365,8 @@ class Check:
         for i in (1, 2):
             cmd = [self.py, "train.py", "--config", "configs/exp_000_baseline.yaml", "--quiet"]
             for k, v in {"training.device": self.device, "training.deterministic": "true", "training.amp": "true",
-                         "training.epochs": d["epochs"], "training.samples_per_epoch": d["samples"], "training.val_overlays": 0,
+                         "training.epochs": d["epochs"], "training.samples_per_epoch": d["samples"],
+                         "training.val_overlays": 0,
                          "dataset.cache_dir": self.work / "cache", "output.run_dir": root / f"run{i}",
                          "output.run_name": f"determinism-{i}", "output.experiment": "gpu-check-determinism",
                          "output.tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}.items():
@@ -398,8 +414,8 @@ class Check:
             rec["gpu_poll"] = poller.summary()
         else:
             rec = self.run(name, cmd, timeout=t["timeout"], min_s=t["min"])
-        rec.update(trials=t["trials"], max_concurrent=t["concurrent"], gpu_per_trial=t["gpu"], cpu_per_trial=cpu_per_trial,
-                   time_budget_s=sets["time_budget_s"])
+        rec.update(trials=t["trials"], max_concurrent=t["concurrent"], gpu_per_trial=t["gpu"],
+                   cpu_per_trial=cpu_per_trial, time_budget_s=sets["time_budget_s"])
         reports = sorted((root / "reports").glob("*.json"))
         if not reports:
             rec["ok"] = False
@@ -408,12 +424,14 @@ class Check:
         r = json.loads(reports[0].read_text())
         dec = r.get("decision") or {}
         rec.update({
-            "study": r["study"], "study_seconds": r["seconds"], "n_trials": r["n_trials"], "status_counts": r["status_counts"],
+            "study": r["study"], "study_seconds": r["seconds"], "n_trials": r["n_trials"],
+            "status_counts": r["status_counts"],
             "epochs_used": r["epochs_used"], "epochs_without_early_stopping": r["epochs_without_early_stopping"],
             "best_trial": r["best_trial"],
-            "trials": [{k: trial.get(k) for k in ("trial_id", "status", "params", "best_value", "epochs_used", "node_id")}
-                       for trial in r["trials"]],
-            "decision": {k: dec.get(k) for k in ("alias", "promoted", "reason", "registry_name", "version")} if dec else None,
+            "trials": [{k: trial.get(k) for k in ("trial_id", "status", "params", "best_value", "epochs_used",
+                                                  "node_id")} for trial in r["trials"]],
+            "decision": {k: dec.get(k) for k in ("alias", "promoted", "reason", "registry_name", "version")}
+            if dec else None,
             "candidate_dice": (dec.get("candidate") or {}).get("dice") if dec else None,
         })
         if not dec:
@@ -460,8 +478,8 @@ class Check:
         summ["torch"], summ["cuda"] = py.get("torch"), py.get("cuda")
         for k, v in s.items():
             if k.startswith("bench_") and "trainer_images_per_s" in v:
-                summ[k] = {"trainer_images_per_s": v["trainer_images_per_s"], "bare_images_per_s": v["bare_images_per_s"],
-                           "trainer_over_bare": v["trainer_over_bare"], "peak_gpu_memory_gib": v["peak_gpu_memory_gib"]}
+                summ[k] = {key: v[key] for key in ("trainer_images_per_s", "bare_images_per_s", "trainer_over_bare",
+                                                   "peak_gpu_memory_gib")}
         if "identical" in s.get("determinism", {}):
             summ["deterministic_runs_identical"] = s["determinism"]["identical"]
         tune = s.get("tune_smoke", {})
@@ -487,7 +505,8 @@ def compare_histories(a: list[dict], b: list[dict]) -> dict:
     """Per-epoch metrics of two runs (history.json), timing keys left out: equal to the bit, or where they differ."""
     diffs, max_abs = [], {}
     if len(a) != len(b):
-        return {"identical": False, "epochs": [len(a), len(b)], "differences": [{"error": "different numbers of epochs"}]}
+        return {"identical": False, "epochs": [len(a), len(b)],
+                "differences": [{"error": "different numbers of epochs"}]}
     for ea, eb in zip(a, b):
         for key in sorted((set(ea) | set(eb)) - TIMING_KEYS):
             va, vb = ea.get(key), eb.get(key)
@@ -497,8 +516,9 @@ def compare_histories(a: list[dict], b: list[dict]) -> dict:
                     max_abs[key] = max(max_abs.get(key, 0.0), abs(va - vb))
                 if len(diffs) < 10:
                     diffs.append({"epoch": ea.get("epoch"), "key": key, "run1": va, "run2": vb})
-    return {"identical": not diffs, "epochs": len(a), "keys_compared": sorted((set(a[0]) if a else set()) - TIMING_KEYS),
-            "differences": diffs, "max_abs_difference": max_abs}
+    return {"identical": not diffs, "epochs": len(a),
+            "keys_compared": sorted((set(a[0]) if a else set()) - TIMING_KEYS), "differences": diffs,
+            "max_abs_difference": max_abs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,9 +534,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv-log", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.out:
+        name = "gpu_check.json" if args.device == "cuda" else "gpu_check_cpu_dry.json"
         args.out = os.environ.get("GPU_CHECK_OUT") or (
             str(Path(os.environ["OUT"]) / "gpu_check.json") if os.environ.get("OUT") else
-            str(REPO / "benchmarks" / "results" / ("gpu_check.json" if args.device == "cuda" else "gpu_check_cpu_dry.json")))
+            str(REPO / "benchmarks" / "results" / name))
     return Check(args).main()
 
 

@@ -17,6 +17,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s.%N)
+# medseg and benchmarks.common importable by any interpreter: GPU_CHECK_PYTHON (or python3) has no editable install
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONHASHSEED=0 PYTHONUNBUFFERED=1
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 BUDGET=${GPU_CHECK_BUDGET_S:-$([ "$DEVICE" = cpu ] && echo 900 || echo 450)}

@@ -79,12 +79,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path}: refused: not a safe medseg checkpoint ({' '.join(str(err).split())[:200]})") from None
+        reason = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"{path}: refused: not a safe medseg checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: refused: not a medseg checkpoint (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint format version {payload.get('version')!r} (this medseg reads "
-                              f"version {VERSION}{_written_by(payload.get('meta'))}); re-train it, or use the medseg that wrote it")
+        raise CheckpointError(f"{path}: unsupported checkpoint format version {payload.get('version')!r} (this medseg "
+                              f"reads version {VERSION}{_written_by(payload.get('meta'))}); re-train it, or use the "
+                              "medseg that wrote it")
     state, meta = payload.get("state_dict"), payload.get("meta")
     if not isinstance(state, dict) or not isinstance(meta, dict):
         raise CheckpointError(f"{path}: refused: malformed checkpoint (missing weights or metadata)")
@@ -116,8 +118,8 @@ def checkpoint_config(path: str | os.PathLike, meta: dict[str, Any] | None = Non
     try:
         return config_from_dict(meta["config"], source="config", resolve=False)
     except ConfigError as err:
-        raise CheckpointError(f"{path}: its stored config no longer validates against this medseg ({version}; re-train it, "
-                              f"or use the medseg that wrote it): {err}") from None
+        raise CheckpointError(f"{path}: its stored config no longer validates against this medseg ({version}; "
+                              f"re-train it, or use the medseg that wrote it): {err}") from None
 
 
 def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -129,10 +131,12 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     cfg = checkpoint_config(path, meta)
     missing = [key for key in ("in_channels", "classes") if key not in meta]
     if missing:
-        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)} (checkpoint format version {VERSION}{_written_by(meta)})")
+        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)} "
+                              f"(checkpoint format version {VERSION}{_written_by(meta)})")
     model = build_model(cfg.model, in_channels=meta["in_channels"], classes=meta["classes"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: weights do not fit the model in its config "
+                              f"({str(err).splitlines()[0]})") from None
     return model.to(device).eval(), meta, cfg

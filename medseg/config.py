@@ -9,14 +9,24 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from medseg.errors import ConfigError
-from medseg.io_utils import stable_hash
+from medseg.io_utils import absolute_path, stable_hash
 
 
 class _Strict(BaseModel):
@@ -31,15 +41,19 @@ class Window(_Strict):
 
 
 class _OmitUnset(_Strict):
-    """Keys added after configs were first hashed (``_omit_unset``) are left out of every dump while None, so the
-    config hash, the split settings and their hashes of existing configs stay the same."""
+    """Keys added after configs were first hashed (``_omit_unset``) are left out of every dump while at their default
+    (None, or the value that does what configs did before the key existed), so the config hash, the split settings
+    and their hashes of existing configs stay the same."""
 
     _omit_unset: tuple[str, ...] = ()
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:
         data = handler(self)
-        return {k: v for k, v in data.items() if not (k in self._omit_unset and v is None)} if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        fields = type(self).model_fields
+        return {k: v for k, v in data.items() if not (k in self._omit_unset and getattr(self, k) == fields[k].default)}
 
 
 class SplitConfig(_OmitUnset):
@@ -48,9 +62,10 @@ class SplitConfig(_OmitUnset):
     test_fraction: float = Field(0.0, ge=0, lt=1)
     n_folds: int = Field(0, ge=0, description="0: one hold-out split; k >= 2: k-fold cross-validation")
     fold: int = Field(0, ge=0)
-    group_regex: str | None = Field(None, description="regex on the case file name; group(1) (or the match) is the patient key")
-    groups_file: str | None = Field(None, description="CSV 'case_id,group' giving every case its patient group; relative to "
-                                    "the config file's folder")
+    group_regex: str | None = Field(None, description="regex on the case file name; group(1) (or the match) is the "
+                                    "patient key")
+    groups_file: str | None = Field(None, description="CSV 'case_id,group' giving every case its patient group; "
+                                    "relative to the config file's folder")
     _omit_unset = ("groups_file",)
 
     @model_validator(mode="after")
@@ -78,21 +93,24 @@ class DatasetConfig(_OmitUnset):
     path: str = "data/synthetic"
     task: str | None = None
     allow_missing: bool = Field(False, description="skip (and list) cases whose image or mask is missing")
-    labels: list[int] | None = Field(None, description="foreground label values to learn; null: all non-zero labels of the task")
+    labels: list[int] | None = Field(None, description="foreground label values to learn; null: all non-zero labels "
+                                     "of the task")
     window: Window | None = Field(default_factory=Window, description="CT window; null: percentile normalisation")
     percentiles: tuple[float, float] = (0.5, 99.5)
     image_size: int = Field(128, ge=16, le=1024)
     context_slices: int = Field(0, ge=0, le=8, description="2.5D: k neighbouring slices each side as extra channels")
     cache_dir: str = "cache"
+    cache_workers: int | None = Field(None, ge=1, description="processes that build the cache, one case each at a "
+                                      "time; null: the cores available (one process for a small task)")
     split: SplitConfig = Field(default_factory=SplitConfig)
     # 2D folder layout only
     image_dir: str = "images"
     mask_dir: str = "masks"
     image_suffix: str = ""
     mask_suffix: str = ""
-    mask_threshold: float | None = Field(None, gt=0, description="binarise greyscale masks: value >= threshold -> label 1 "
-                                         "(JPEG masks: 128); null: mask values are label values")
-    _omit_unset = ("mask_threshold",)
+    mask_threshold: float | None = Field(None, gt=0, description="binarise greyscale masks: value >= threshold -> "
+                                         "label 1 (JPEG masks: 128); null: mask values are label values")
+    _omit_unset = ("mask_threshold", "cache_workers")
 
     @model_validator(mode="after")
     def _check_mask_threshold(self) -> "DatasetConfig":
@@ -139,20 +157,43 @@ class ModelConfig(_Strict):
             raise ValueError(f"unknown arch '{self.arch}'; allowed: {archs}")
         if not self.encoder.startswith("tu-") and self.encoder not in get_encoder_names():
             raise ValueError(f"unknown encoder '{self.encoder}'; allowed: {get_encoder_names()} or 'tu-<timm name>'")
-        if self.decoder_channels is not None and self.arch.lower() in ("unet", "unetplusplus") and len(self.decoder_channels) != self.encoder_depth:
-            raise ValueError(f"decoder_channels needs {self.encoder_depth} entries (encoder_depth), got {len(self.decoder_channels)}")
+        unet = self.arch.lower() in ("unet", "unetplusplus")
+        if self.decoder_channels is not None and unet and len(self.decoder_channels) != self.encoder_depth:
+            raise ValueError(f"decoder_channels needs {self.encoder_depth} entries (encoder_depth), "
+                             f"got {len(self.decoder_channels)}")
         return self
 
 
-class LossConfig(_Strict):
-    """Loss built from smp.losses. ``bce_dice`` = bce_weight * BCE (CE for multi-class) + dice_weight * Dice."""
+FOCAL_WEIGHT = 0.5  # focal_dice's focal weight before focal_weight existed: bce_weight's default
+
+
+class LossConfig(_OmitUnset):
+    """Loss built from smp.losses. ``bce_dice`` = bce_weight * BCE (CE for multi-class) + dice_weight * Dice;
+    ``focal_dice`` = focal_weight * Focal + dice_weight * Dice."""
 
     name: Literal["bce", "dice", "bce_dice", "focal", "tversky", "focal_dice"] = "bce_dice"
     bce_weight: float = Field(0.5, ge=0)
     dice_weight: float = Field(0.5, ge=0)
+    focal_weight: float = Field(FOCAL_WEIGHT, ge=0, description="weight of the focal term of focal_dice")
     focal_gamma: float = Field(2.0, ge=0)
     tversky_alpha: float = Field(0.3, ge=0, le=1, description="weight of false positives")
     tversky_beta: float = Field(0.7, ge=0, le=1, description="weight of false negatives (missed lesions)")
+    _omit_unset = ("focal_weight",)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _focal_weight_from_bce_weight(cls, data: Any, info: ValidationInfo) -> Any:
+        """Configs written before focal_weight existed weighted focal_dice's focal term with bce_weight: such a value
+        (other than the default both keys share, which changes nothing) moves to focal_weight, with a warning."""
+        if not (isinstance(data, dict) and data.get("name") == "focal_dice" and "focal_weight" not in data
+                and data.get("bce_weight", FOCAL_WEIGHT) != FOCAL_WEIGHT):
+            return data
+        source = (info.context or {}).get("source", "<config>")
+        warnings.warn(f"{source}: loss.bce_weight weights the focal term of focal_dice under its old name; "
+                      "read as loss.focal_weight (rename the key)", FutureWarning, stacklevel=2)
+        data = dict(data)
+        data["focal_weight"] = data.pop("bce_weight")
+        return data
 
 
 class AugmentConfig(_Strict):
@@ -178,11 +219,14 @@ def build_transform(name: str, params: dict[str, Any]):
 
     cls = getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
-        dual = sorted(n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.DualTransform))
-        raise ValueError(f"unknown albumentations transform '{name}'; spatial ones include: {', '.join(dual[:40])}, ...")
+        dual = sorted(n for n in dir(A)
+                      if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.DualTransform))
+        raise ValueError(f"unknown albumentations transform '{name}'; spatial ones include: {', '.join(dual[:40])}, "
+                         "...")
     transform_3d = getattr(A, "Transform3D", None)
     if not issubclass(cls, (A.DualTransform, A.ImageOnlyTransform)) or (transform_3d and issubclass(cls, transform_3d)):
-        raise ValueError(f"albumentations.{name} is not a 2D image or image+mask transform; the pipeline converts to tensors itself")
+        raise ValueError(f"albumentations.{name} is not a 2D image or image+mask transform; the pipeline converts to "
+                         "tensors itself")
     try:
         with warnings.catch_warnings():
             # albumentations only warns about an unknown argument and runs on its defaults: a typo ('limt: 15')
@@ -197,8 +241,10 @@ def build_transform(name: str, params: dict[str, Any]):
 class TrainingConfig(_Strict):
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(16, ge=1)
-    samples_per_epoch: int | None = Field(None, ge=1, description="slices drawn per epoch; null: every training slice once")
-    fg_oversample: float = Field(0.0, ge=0, le=1, description="fraction of each epoch drawn from slices with foreground")
+    samples_per_epoch: int | None = Field(None, ge=1, description="slices drawn per epoch; null: every training "
+                                          "slice once")
+    fg_oversample: float = Field(0.0, ge=0, le=1, description="fraction of each epoch drawn from slices with "
+                                 "foreground")
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -207,13 +253,17 @@ class TrainingConfig(_Strict):
     poly_power: float = Field(0.9, gt=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="validate and checkpoint an exponential moving average of "
-                                    "the weights (per step, warmed up as min(decay, (1+n)/(10+n))); null: the raw weights")
-    monitor: str = Field("val/dice", pattern=r"^val/", description="validation metric that picks the best checkpoint (and early stopping)")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="validate and checkpoint an exponential moving "
+                                    "average of the weights (per step, warmed up as min(decay, (1+n)/(10+n))); "
+                                    "null: the raw weights")
+    monitor: str = Field("val/dice", pattern=r"^val/", description="validation metric that picks the best checkpoint "
+                         "(and early stopping)")
     monitor_mode: Literal["max", "min"] = "max"
-    patience: int | None = Field(None, ge=1, description="stop when the monitored metric has not improved for this many epochs")
+    patience: int | None = Field(None, ge=1, description="stop when the monitored metric has not improved for this "
+                                 "many epochs")
     num_workers: int = Field(0, ge=0)
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null: torch default (tune sets it per trial)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null: torch default (tune sets it "
+                                "per trial)")
     seed: int = 0
     deterministic: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -293,20 +343,17 @@ def resolve_paths(cfg: Config, base: Path | None = None, config_dir: Path | None
     """Make every path in the config absolute (relative ones are taken from ``base``, default the CWD), except
     ``dataset.split.groups_file``, which ships beside its config: relative to ``config_dir`` (default ``base``)."""
     base = Path(base or os.getcwd())
-
-    def absolute(p: str, root: Path = base) -> str:
-        return str((root / os.path.expanduser(p)).resolve()) if "://" not in p else p
-
-    cfg.dataset.path = absolute(cfg.dataset.path)
-    cfg.dataset.cache_dir = absolute(cfg.dataset.cache_dir)
+    cfg.dataset.path = absolute_path(cfg.dataset.path, base)
+    cfg.dataset.cache_dir = absolute_path(cfg.dataset.cache_dir, base)
     if cfg.dataset.split.groups_file is not None:
-        cfg.dataset.split.groups_file = absolute(cfg.dataset.split.groups_file, base / (config_dir or base))
-    cfg.output.run_dir = absolute(cfg.output.run_dir)
+        cfg.dataset.split.groups_file = absolute_path(cfg.dataset.split.groups_file, base / (config_dir or base))
+    cfg.output.run_dir = absolute_path(cfg.output.run_dir, base)
     return cfg
 
 
-def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", overrides: dict[str, Any] | list[str] | None = None,
-                     resolve: bool = True, config_dir: str | Path | None = None) -> Config:
+def config_from_dict(raw: dict[str, Any], *, source: str = "<config>",
+                     overrides: dict[str, Any] | list[str] | None = None, resolve: bool = True,
+                     config_dir: str | Path | None = None) -> Config:
     """Validate a raw dict (plus dotted overrides) into a Config; ``config_dir``: the folder of the config file it
     came from (see ``resolve_paths``)."""
     tree = copy.deepcopy(raw) if raw else {}
@@ -316,7 +363,7 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", overrides
     for key, value in items:
         set_dotted(tree, key, value)
     try:
-        cfg = Config.model_validate(tree)
+        cfg = Config.model_validate(tree, context={"source": source})
     except ValidationError as err:
         raise _format_error(err, source) from None
     return resolve_paths(cfg, config_dir=Path(config_dir) if config_dir is not None else None) if resolve else cfg

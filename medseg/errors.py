@@ -1,4 +1,9 @@
-"""Project-wide exception types. Every message is one line naming the file, key or case at fault."""
+"""Project-wide exception types. Every message is one line naming the file, key or case at fault.
+
+Command-line entry points turn them into exit codes (``medseg.cli``): ConfigError (UsageError included) 2,
+RunInterrupted 130, any other MedsegError 1. A DataError subclass says what is wrong with the data; its ``kind`` is
+the name the data audit (``python -m medseg.data check``) reports a case that fails with it under.
+"""
 
 
 class MedsegError(Exception):
@@ -8,13 +13,48 @@ class MedsegError(Exception):
 class DataError(MedsegError):
     """Bad input data: unreadable file, mismatching shapes, unknown labels, missing pairs."""
 
+    kind = "load_error"  # any fault without a subclass of its own
 
-class UnsafePickleError(DataError):
+    def __init_subclass__(cls, kind: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.kind = kind
+
+
+class UnknownLabelError(DataError, kind="unknown_label"):
+    """Label values the task's metadata (or dataset.labels of a 2D folder dataset) does not list."""
+
+
+class BadLabelError(DataError, kind="bad_label"):
+    """Values that are not labels: fractional or outside 0..255, a colour mask, a mask that cannot be thresholded."""
+
+
+class ShapeMismatchError(DataError, kind="shape_mismatch"):
+    """Image and label of one case differ in shape."""
+
+
+class CorruptFileError(DataError, kind="corrupt_file"):
+    """A file that cannot be read or decoded: NIfTI, zip member, gzip, pickle, image, JSON."""
+
+
+class UnsafePickleError(DataError, kind="unsafe_pickle"):
     """A pickle referenced a global outside the evalseg allow-list; nothing was executed."""
+
+
+class MissingPairError(DataError, kind="unpaired"):
+    """An image without its label, or a label without its image."""
+
+
+class LeakageError(DataError, kind="leakage"):
+    """A patient group on two sides of a split."""
 
 
 class ConfigError(MedsegError):
     """Invalid configuration; the message names the dotted key and the allowed values."""
+
+
+class UsageError(ConfigError):
+    """Command-line flags that do not fit together or with what is on disk; the message names the flag."""
 
 
 class CheckpointError(MedsegError):
@@ -23,3 +63,8 @@ class CheckpointError(MedsegError):
 
 class NonFiniteLossError(MedsegError):
     """The training loss became NaN or infinite."""
+
+
+class RunInterrupted(MedsegError):
+    """Ctrl-C stopped the work and it returned instead of raising KeyboardInterrupt (Ray Tune saves a study on the
+    first Ctrl-C): the message names how to continue. CLIs exit 130, as for Ctrl-C itself."""

@@ -17,9 +17,11 @@ import numpy as np
 from medseg import metrics as M
 from medseg.data.dataset import label_lut
 from medseg.errors import DataError, MedsegError
-from medseg.io_utils import atomic_path, atomic_write_json
+from medseg.io_utils import atomic_path, atomic_write_json, json_safe
+from medseg.io_utils import format_table as format_cells
 
-PREDICTION_SUFFIXES = (".pkl.gz", ".pkl", ".nii.gz", ".nii", "_mask.png", ".png", ".tif", ".tiff", ".gif", ".jpg", ".bmp")
+PREDICTION_SUFFIXES = (".pkl.gz", ".pkl", ".nii.gz", ".nii", "_mask.png", ".png", ".tif", ".tiff", ".gif", ".jpg",
+                       ".bmp")
 
 
 @dataclass
@@ -42,38 +44,33 @@ class EvalResult:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.rows)
-        atomic_write_json(out_dir / "per_case.json", _json_safe(self.rows))
-        atomic_write_json(out_dir / "summary.json", _json_safe({"name": self.name, "labels": self.labels, **self.info, "summary": self.summary}))
-        return {"per_case_csv": out_dir / "per_case.csv", "per_case_json": out_dir / "per_case.json", "summary": out_dir / "summary.json"}
+        atomic_write_json(out_dir / "per_case.json", json_safe(self.rows))
+        summary = {"name": self.name, "labels": self.labels, **self.info, "summary": self.summary}
+        atomic_write_json(out_dir / "summary.json", json_safe(summary))
+        return {"per_case_csv": out_dir / "per_case.csv", "per_case_json": out_dir / "per_case.json",
+                "summary": out_dir / "summary.json"}
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN -> None so the JSON is standard (NaN marks an empty-empty case, left out of the means)."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
-def score_case(case_id: str, pred: np.ndarray, target: np.ndarray, labels: Sequence[int], *, lesions: bool = True) -> dict[str, Any]:
+def score_case(case_id: str, pred: np.ndarray, target: np.ndarray, labels: Sequence[int], *,
+               lesions: bool = True) -> dict[str, Any]:
     """Metrics of one case from raw label volumes (the task's own label values); ``lesions`` adds lesion-wise
     detection (connected components: the slow part on large volumes)."""
     if pred.shape != target.shape:
         raise DataError(f"case {case_id}: prediction shape {pred.shape} != ground truth shape {target.shape}")
     lut = label_lut(labels)
     classes = list(range(1, len(labels) + 1))
-    return {"case_id": case_id, **M.case_metrics(lut[pred], lut[target], classes, lesion_labels=classes if lesions else None)}
+    metrics = M.case_metrics(lut[pred], lut[target], classes, lesion_labels=classes if lesions else None)
+    return {"case_id": case_id, **metrics}
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
-def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: bool = False, allow_split_mismatch: bool = False,
-                        batch_size: int = 16, device: str | None = None, progress: bool = True, data=None,
-                        postprocess: bool = True) -> EvalResult:
+def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: bool = False,
+                        allow_split_mismatch: bool = False, batch_size: int = 16, device: str | None = None,
+                        progress: bool = True, data=None, postprocess: bool = True) -> EvalResult:
     """Score a checkpoint on ``split`` of the config's dataset at full (original) resolution, with the post-processing
     it carries (``postprocess=False``: without)."""
     from tqdm import tqdm
@@ -86,7 +83,8 @@ def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: 
     trained_on = predictor.meta.get("split_hash")
     if trained_on != data.split.hash and not allow_split_mismatch:
         raise MedsegError(f"{ckpt}: trained with split {trained_on}, but the config gives split {data.split.hash} "
-                          f"({data.split.path}); scoring there may include its training cases (use --allow-split-mismatch to force)")
+                          f"({data.split.path}); scoring there may include its training cases "
+                          "(use --allow-split-mismatch to force)")
     labels = predictor.labels
     rows = []
     for cid in tqdm(data.split.cases(split), desc=f"eval {split}", unit="case", disable=not progress, leave=False):
@@ -94,8 +92,9 @@ def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: 
         rows.append(score_case(cid, predictor.predict(case.image), case.label, labels))
     if not rows:
         raise MedsegError(f"split '{split}' of {data.split.path} is empty")
-    info = {"checkpoint": str(Path(ckpt).resolve()), "split": split, "split_hash": data.split.hash, "flip_tta": flip_tta,
-            "tta_axes": predictor.tta_axes, "postprocessing": predictor.postprocessing, "dataset": str(data.source.root)}
+    info = {"checkpoint": str(Path(ckpt).resolve()), "split": split, "split_hash": data.split.hash,
+            "flip_tta": flip_tta, "tta_axes": predictor.tta_axes, "postprocessing": predictor.postprocessing,
+            "dataset": str(data.source.root)}
     return EvalResult(name=str(ckpt), rows=rows, summary=M.summarize(rows), labels=labels, info=info)
 
 
@@ -127,9 +126,9 @@ def read_prediction(path: Path, *, labels: dict[int, str] | None = None) -> np.n
     return read_mask(path, labels)
 
 
-def evaluate_predictions(source, pred_dir: str | Path, *, labels: Sequence[int] | None = None, case_ids: Sequence[str] | None = None,
-                         missing_as_empty: bool = False, name: str | None = None, progress: bool = True,
-                         lesions: bool = True) -> EvalResult:
+def evaluate_predictions(source, pred_dir: str | Path, *, labels: Sequence[int] | None = None,
+                         case_ids: Sequence[str] | None = None, missing_as_empty: bool = False,
+                         name: str | None = None, progress: bool = True, lesions: bool = True) -> EvalResult:
     """Score a folder of predictions (``<id>.pkl[.gz]``, ``<id>.nii[.gz]`` or ``<id>[_mask].png``) against the
     source's ground truth. Only ground truth is read, so tasks without CT volumes can be scored.
 
@@ -163,20 +162,24 @@ def evaluate_predictions(source, pred_dir: str | Path, *, labels: Sequence[int] 
         target = source.load_label(cid)
         pred = read_prediction(found[cid], labels=source.labels) if found[cid] else np.zeros_like(target)
         rows.append(score_case(cid, pred, target, labels, lesions=lesions))
-    info = {"predictions": str(pred_dir.resolve()), "missing": missing, "missing_scored_as_empty": missing_as_empty,
-            "dataset": str(source.root)}
+    info = {"predictions": str(pred_dir.resolve()), "missing": missing,
+            "missing_scored_as_empty": missing_as_empty, "dataset": str(source.root)}
     return EvalResult(name=name or pred_dir.name, rows=rows, summary=M.summarize(rows), labels=labels, info=info)
 
 
 def leaderboard(results: Sequence[EvalResult], case_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Rank methods by mean per-case Dice on one common case set (the intersection, or ``case_ids``)."""
-    common = set(case_ids) if case_ids is not None else set.intersection(*(set(r.per_case_dice()) for r in results))
+    if case_ids is not None:
+        common = set(case_ids)
+    else:
+        common = set.intersection(*(set(r.per_case_dice()) for r in results))
     table = []
     for r in results:
         rows = [row for row in r.rows if row["case_id"] in common]
         s = M.summarize(rows)
         table.append({"method": r.name, "dice": s["dice"], "iou": s["iou"], "dice_micro": s["dice_micro"],
-                      "lesion_recall": s.get("lesion_recall", float("nan")), "lesion_precision": s.get("lesion_precision", float("nan")),
+                      "lesion_recall": s.get("lesion_recall", float("nan")),
+                      "lesion_precision": s.get("lesion_precision", float("nan")),
                       "n_cases": s["n_cases"], "n_scored": s["n_scored"]})
     table.sort(key=lambda row: -row["dice"] if row["dice"] == row["dice"] else float("inf"))
     for rank, row in enumerate(table, start=1):
@@ -185,15 +188,11 @@ def leaderboard(results: Sequence[EvalResult], case_ids: Sequence[str] | None = 
 
 
 def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Aligned plain-text table (floats to 4 decimals)."""
+    """Aligned plain-text table of dict rows, one column per key of ``columns`` (floats to 4 decimals)."""
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+    return format_cells(columns, ([fmt(r.get(c, "")) for c in columns] for r in rows))
 
 
 # -------------------------------------------------------------------------------------------- tracking
@@ -201,19 +200,29 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 
 def log_eval_run(cfg, result: EvalResult, out_files: dict[str, Path], *, run_name: str | None = None) -> str:
     """An MLflow run for an evaluation, linked to the training run (tag ``training_run_id``)."""
-    from medseg.tracking import ensure_experiment, get_client, log_metrics, start_run, tags_of, tracked_run, tracking_uri
+    from medseg.tracking import (
+        ensure_experiment,
+        get_client,
+        log_metrics,
+        start_run,
+        tags_of,
+        tracked_run,
+        tracking_uri,
+    )
 
     uri = tracking_uri(cfg)
     client = get_client(uri)
     exp = ensure_experiment(uri, cfg.output.experiment)
     info = result.info
-    tags = tags_of(cfg, kind="eval", split=info.get("split", ""), checkpoint=info.get("checkpoint", info.get("predictions", "")))
+    tags = tags_of(cfg, kind="eval", split=info.get("split", ""),
+                   checkpoint=info.get("checkpoint", info.get("predictions", "")))
     if info.get("checkpoint"):
         from medseg.checkpoint import load_checkpoint
         from medseg.tracking import find_training_run
 
         experiments = [e.experiment_id for e in client.search_experiments()]
-        info["training_run_id"] = find_training_run(client, experiments, Path(info["checkpoint"]), load_checkpoint(info["checkpoint"])["meta"])
+        meta = load_checkpoint(info["checkpoint"])["meta"]
+        info["training_run_id"] = find_training_run(client, experiments, Path(info["checkpoint"]), meta)
     if info.get("training_run_id"):
         tags["training_run_id"] = info["training_run_id"]
         tags["mlflow.note.content"] = f"Evaluation of the checkpoint of training run {info['training_run_id']}"
@@ -242,13 +251,15 @@ def expected_mean_dice(result: EvalResult) -> tuple[float, int]:
 
 
 def dump_summary(result: EvalResult) -> str:
-    keys = ("dice", "iou", "dice_micro", "sensitivity", "precision", "lesion_recall", "lesion_precision", "n_cases", "n_scored", "n_empty_empty")
+    keys = ("dice", "iou", "dice_micro", "sensitivity", "precision", "lesion_recall", "lesion_precision", "n_cases",
+            "n_scored", "n_empty_empty")
     return json.dumps({k: result.summary.get(k) for k in keys}, default=lambda v: None if v != v else v)
 
 
 def default_eval_dir(ckpt: Path, split: str, tta: bool) -> Path:
-    """``<checkpoint folder>/eval-<split>``, except for a registered version (models/champion -> models/versions/<name>-vN,
-    marked by its MODEL_CARD.md), which stays as registered: its evaluations go to ``./eval/<name>-vN-<split>``."""
+    """``<checkpoint folder>/eval-<split>``, except for a registered version (models/champion ->
+    models/versions/<name>-vN, marked by its MODEL_CARD.md), which stays as registered: its evaluations go to
+    ``./eval/<name>-vN-<split>``."""
     folder = ckpt.resolve().parent
     leaf = f"eval-{split}{'-tta' if tta else ''}"
     if (folder / "MODEL_CARD.md").exists():
@@ -287,15 +298,17 @@ def dataset_config(data_dir: str | Path, *, overrides: Sequence[str] = ()):
         if (data_dir / "metadata.json").is_file():
             path, task = data_dir.parent, data_dir.name
         elif len(tasks := find_tasks(data_dir)) > 1:
-            raise DataError(f"--data {data_dir}: holds several tasks ({', '.join(t.name for t in tasks)}); pass --data <its task folder>")
+            raise DataError(f"--data {data_dir}: holds several tasks ({', '.join(t.name for t in tasks)}); "
+                            "pass --data <its task folder>")
     source = open_source(fmt, path, task=task)
     labels = sorted(int(k) for k in source.labels if int(k) != 0)
     raw = {"dataset": {"format": fmt, "path": str(path), "task": task, "labels": labels or None}}
     return config_from_dict(raw, source=f"defaults for {data_dir}", overrides=list(overrides))
 
 
-def eval_config(*, config: str | Path | None = None, overrides: Sequence[str] = (), ckpt: str | Path | None = None,
-                predictions: str | Path | None = None, data: str | Path | None = None):
+def eval_config(*, config: str | Path | None = None, overrides: Sequence[str] = (),
+                ckpt: str | Path | None = None, predictions: str | Path | None = None,
+                data: str | Path | None = None):
     """The Config eval.py runs with: ``config`` when given (as train.py); else the checkpoint's own stored config
     (``ckpt``); else defaults for the dataset folder ``data``; else defaults for the task folder of ``predictions``
     when it lies in the Kaggle layout (``<root>/<task>/Predictions/<method>``). ``overrides`` apply in every case."""
@@ -307,13 +320,15 @@ def eval_config(*, config: str | Path | None = None, overrides: Sequence[str] = 
         raise ConfigError("give --config or --data, not both (--data builds a config of defaults for that dataset; "
                           "with --config use --set dataset.path=...)")
     if ckpt and data:
-        raise ConfigError("--data applies to --predictions only: a checkpoint is scored on the dataset of its own stored "
-                          "config, or of --config")
+        raise ConfigError("--data applies to --predictions only: a checkpoint is scored on the dataset of its own "
+                          "stored config, or of --config")
     if config:
         return load_config(config, list(overrides))
     if ckpt:
         cfg = checkpoint_config(ckpt)
-        return config_from_dict(cfg.to_dict(), source="--set", overrides=list(overrides), resolve=False) if overrides else cfg
+        if not overrides:
+            return cfg
+        return config_from_dict(cfg.to_dict(), source="--set", overrides=list(overrides), resolve=False)
     if data:
         return dataset_config(data, overrides=overrides)
     if predictions is None:
@@ -322,16 +337,16 @@ def eval_config(*, config: str | Path | None = None, overrides: Sequence[str] = 
         raise DataError(f"{predictions}: predictions folder not found")
     task = kaggle_task_of(predictions)
     if task is None:
-        raise ConfigError(f"--predictions {predictions}: not in a Kaggle layout (<root>/<task>/Predictions/<method>, the task "
-                          f"folder holding metadata.json and GroundTruth/), so the ground truth is unknown: pass --data "
-                          f"DATASET_DIR or --config CONFIG")
+        raise ConfigError(f"--predictions {predictions}: not in a Kaggle layout (<root>/<task>/Predictions/<method>, "
+                          f"the task folder holding metadata.json and GroundTruth/), so the ground truth is unknown: "
+                          f"pass --data DATASET_DIR or --config CONFIG")
     return dataset_config(task, overrides=overrides)
 
 
-def run_eval_cli(cfg, *, ckpt: str | Path | None = None, predictions: str | Path | None = None, split: str = "val",
-                 flip_tta: bool = False, allow_split_mismatch: bool = False, missing_as_empty: bool = False,
-                 with_leaderboard: bool = False, out: str | Path | None = None, mlflow: bool = True, postprocess: bool = True,
-                 robustness: bool = False) -> str:
+def run_eval_cli(cfg, *, ckpt: str | Path | None = None, predictions: str | Path | None = None,
+                 split: str = "val", flip_tta: bool = False, allow_split_mismatch: bool = False,
+                 missing_as_empty: bool = False, with_leaderboard: bool = False, out: str | Path | None = None,
+                 mlflow: bool = True, postprocess: bool = True, robustness: bool = False) -> str:
     """eval.py's job: score ``ckpt`` on ``split`` and/or the ``predictions`` folder (on the checkpoint's cases when
     both are given), optionally rank them among the task's Predictions/<method> folders; writes the tables under
     ``out`` (defaults: see eval.py --help) and returns the text to print. ``robustness``: also the checkpoint's
@@ -341,52 +356,81 @@ def run_eval_cli(cfg, *, ckpt: str | Path | None = None, predictions: str | Path
     out_lines = []
     results: list[EvalResult] = []
     if ckpt:
-        result = evaluate_checkpoint(ckpt, cfg, split=split, flip_tta=flip_tta, allow_split_mismatch=allow_split_mismatch,
-                                     postprocess=postprocess)
-        out_dir = Path(out) if out else default_eval_dir(Path(ckpt), split, flip_tta)
-        files = result.write(out_dir)
-        if mlflow:
-            result.info["mlflow_run_id"] = log_eval_run(cfg, result, files)
-        out_lines.append(f"{result.name} on {split}: {dump_summary(result)}\nper-case table: {files['per_case_csv']}")
-        if result.info.get("postprocessing"):
-            from medseg.postprocess import active, describe
-
-            post = result.info["postprocessing"]
-            out_lines.append(f"post-processing chosen on validation: {describe(post)}{', applied' if active(post) else ''}")
-        if robustness:
-            out_lines.append(_robustness(cfg, ckpt, result, out_dir, split=split, flip_tta=flip_tta, postprocess=postprocess,
-                                         allow_split_mismatch=allow_split_mismatch, mlflow=mlflow))
+        result, text = _checkpoint_part(cfg, ckpt, out, split=split, flip_tta=flip_tta, mlflow=mlflow,
+                                        allow_split_mismatch=allow_split_mismatch, postprocess=postprocess,
+                                        robustness=robustness)
+        out_lines.append(text)
         results.append(result)
     source = None
     if predictions:
         source = open_source_from_config(cfg.dataset)
-        case_ids = results[0].per_case_dice().keys() if results else None
-        result = evaluate_predictions(source, predictions, labels=cfg.dataset.labels, case_ids=list(case_ids) if case_ids else None,
-                                      missing_as_empty=missing_as_empty)
-        pred_dir = f"eval-{Path(predictions).name}"
         # with a checkpoint too, ``out`` already holds the checkpoint's tables: the predictions' go to a subfolder
-        files = result.write(Path(out) / pred_dir if out and ckpt else Path(out or pred_dir))
-        if mlflow:
-            result.info["mlflow_run_id"] = log_eval_run(cfg, result, files)
-        out_lines.append(f"{result.name}: {dump_summary(result)}\nper-case table: {files['per_case_csv']}")
+        pred_out = f"eval-{Path(predictions).name}"
+        pred_out = Path(out) / pred_out if out and ckpt else Path(out or pred_out)
+        result, text = _predictions_part(cfg, source, predictions, pred_out, results, mlflow=mlflow,
+                                         missing_as_empty=missing_as_empty)
+        out_lines.append(text)
         results.append(result)
     if with_leaderboard:
         source = source or open_source_from_config(cfg.dataset)
-        methods = getattr(source, "predictions_methods", lambda: [])()
-        if not methods:
-            raise MedsegError(f"{source.root}: no Predictions/<method> folders to rank against")
-        case_ids = list(results[0].per_case_dice()) if results else None
-        for method in methods:
-            results.append(evaluate_predictions(source, Path(source.root) / "Predictions" / method, labels=cfg.dataset.labels,
-                                                case_ids=case_ids, missing_as_empty=missing_as_empty, name=method))
-        table = leaderboard(results)
-        out_lines.append(f"leaderboard on {len(case_ids) if case_ids else 'all'} cases:\n"
-                         + format_table(table, ["rank", "method", "dice", "iou", "dice_micro", "lesion_recall", "lesion_precision", "n_scored"]))
+        out_lines.append(_leaderboard_part(cfg, source, results, missing_as_empty=missing_as_empty))
     return "\n".join(out_lines)
 
 
+def _checkpoint_part(cfg, ckpt: str | Path, out: str | Path | None, *, split: str, flip_tta: bool, mlflow: bool,
+                     allow_split_mismatch: bool, postprocess: bool, robustness: bool) -> tuple[EvalResult, str]:
+    """run_eval_cli on a checkpoint: its tables (in ``out`` or ``default_eval_dir``), eval run, text."""
+    result = evaluate_checkpoint(ckpt, cfg, split=split, flip_tta=flip_tta, allow_split_mismatch=allow_split_mismatch,
+                                 postprocess=postprocess)
+    out_dir = Path(out) if out else default_eval_dir(Path(ckpt), split, flip_tta)
+    files = result.write(out_dir)
+    if mlflow:
+        result.info["mlflow_run_id"] = log_eval_run(cfg, result, files)
+    lines = [f"{result.name} on {split}: {dump_summary(result)}\nper-case table: {files['per_case_csv']}"]
+    if result.info.get("postprocessing"):
+        from medseg.postprocess import active, describe
+
+        post = result.info["postprocessing"]
+        lines.append(f"post-processing chosen on validation: {describe(post)}{', applied' if active(post) else ''}")
+    if robustness:
+        lines.append(_robustness(cfg, ckpt, result, out_dir, split=split, flip_tta=flip_tta, postprocess=postprocess,
+                                 allow_split_mismatch=allow_split_mismatch, mlflow=mlflow))
+    return result, "\n".join(lines)
+
+
+def _predictions_part(cfg, source, predictions: str | Path, out_dir: Path, scored: list[EvalResult], *,
+                      mlflow: bool, missing_as_empty: bool) -> tuple[EvalResult, str]:
+    """run_eval_cli on a predictions folder (on the cases of ``scored[0]`` when there is one): tables, run, text."""
+    case_ids = list(scored[0].per_case_dice()) if scored else None
+    result = evaluate_predictions(source, predictions, labels=cfg.dataset.labels, case_ids=case_ids or None,
+                                  missing_as_empty=missing_as_empty)
+    files = result.write(out_dir)
+    if mlflow:
+        result.info["mlflow_run_id"] = log_eval_run(cfg, result, files)
+    return result, f"{result.name}: {dump_summary(result)}\nper-case table: {files['per_case_csv']}"
+
+
+LEADERBOARD_COLUMNS = ["rank", "method", "dice", "iou", "dice_micro", "lesion_recall", "lesion_precision", "n_scored"]
+
+
+def _leaderboard_part(cfg, source, scored: list[EvalResult], *, missing_as_empty: bool) -> str:
+    """``scored`` ranked among the source's Predictions/<method> folders, on the cases of ``scored[0]``."""
+    methods = getattr(source, "predictions_methods", lambda: [])()
+    if not methods:
+        raise MedsegError(f"{source.root}: no Predictions/<method> folders to rank against")
+    case_ids = list(scored[0].per_case_dice()) if scored else None
+    results = list(scored)
+    for method in methods:
+        results.append(evaluate_predictions(source, Path(source.root) / "Predictions" / method,
+                                            labels=cfg.dataset.labels, case_ids=case_ids,
+                                            missing_as_empty=missing_as_empty, name=method))
+    return (f"leaderboard on {len(case_ids) if case_ids else 'all'} cases:\n"
+            + format_table(leaderboard(results), LEADERBOARD_COLUMNS))
+
+
 def _robustness(cfg, ckpt, result: EvalResult, out_dir: Path, *, mlflow: bool, **kwargs) -> str:
-    """The robustness set of ``ckpt``: robustness.json next to the eval tables, metrics on the eval run; its text table."""
+    """The robustness set of ``ckpt``: robustness.json next to the eval tables, metrics on the eval run; its text
+    table."""
     from medseg.robustness import evaluate_robustness, format_robustness, log_robustness, write_robustness
 
     summary = evaluate_robustness(ckpt, cfg, **kwargs)
@@ -395,5 +439,6 @@ def _robustness(cfg, ckpt, result: EvalResult, out_dir: Path, *, mlflow: bool, *
         from medseg.tracking import get_client, tracking_uri
 
         log_robustness(get_client(tracking_uri(cfg)), result.info["mlflow_run_id"], summary, path)
-    return (f"robustness on {summary['split']} ({summary['n_cases']} cases, {summary['seconds']:.0f} s): worst Dice drop "
-            f"{summary['worst_drop']:.4f} ({summary['worst']})\n{format_robustness(summary)}\nrobustness table: {path}")
+    return (f"robustness on {summary['split']} ({summary['n_cases']} cases, {summary['seconds']:.0f} s): worst Dice "
+            f"drop {summary['worst_drop']:.4f} ({summary['worst']})\n{format_robustness(summary)}\n"
+            f"robustness table: {path}")

@@ -1,13 +1,14 @@
 """Export a champion as a small, committed deliverable: half-precision checkpoint, config, card, metrics, overlays.
 
-    python -m medseg.export --ckpt models/champion/checkpoint.pt --out docs/champion   # [--config CONFIG] [--set KEY=VALUE]
+    python -m medseg.export --ckpt models/champion/checkpoint.pt --out docs/champion
+                            [--config CONFIG] [--set KEY=VALUE]
 
 The weights are stored in float16 (half the size); the export re-scores both the original and the float16
 checkpoint on the validation split and refuses to write when their mean per-case Dice differ in the third
 decimal. ``config.yaml`` holds the champion's config with the dataset and cache paths relative to the repository
 root (in ``config.yaml`` and in the checkpoint itself), so ``make data`` then ``eval.py --ckpt <out>/checkpoint.pt``
-reproduces the figures from a fresh clone. Overlays show image, ground truth and prediction of a few validation cases chosen by
-their Dice (best, quartiles, worst, and a lesion-free case when there is one), not the flattering ones only.
+reproduces the figures from a fresh clone. Overlays show image, ground truth and prediction of a few validation cases
+chosen by their Dice (best, quartiles, worst, and a lesion-free case when there is one), not the flattering ones only.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from medseg.checkpoint import load_checkpoint
 from medseg.errors import MedsegError
-from medseg.io_utils import atomic_write_json, atomic_write_text
+from medseg.io_utils import atomic_write_json, atomic_write_text, json_safe, sha256_bytes
 
 DICE_DECIMALS = 3
 
@@ -31,7 +32,8 @@ def half_precision_copy(ckpt: Path, dest: Path, config: dict[str, Any] | None = 
     from medseg.checkpoint import model_from_checkpoint, save_checkpoint
 
     model, meta, _ = model_from_checkpoint(ckpt)
-    meta = {**meta, "weights_dtype": "float16", "exported_from": Path(ckpt).name, **({"config": config} if config else {})}
+    meta = {**meta, "weights_dtype": "float16", "exported_from": Path(ckpt).name,
+            **({"config": config} if config else {})}
     return save_checkpoint(dest, model.half(), meta)
 
 
@@ -51,7 +53,8 @@ def _truth_empty(row: dict[str, Any]) -> bool:
 
 
 def pick_cases(rows: list[dict[str, Any]], n: int = 5) -> list[str]:
-    """Case ids spanning the Dice distribution: best, quartiles and worst case with a lesion, plus one lesion-free case."""
+    """Case ids spanning the Dice distribution: best, quartiles and worst case with a lesion, plus one lesion-free
+    case."""
     scored = sorted((r for r in rows if not _truth_empty(r)), key=lambda r: -r["dice"])
     chosen = [scored[round(q * (len(scored) - 1))]["case_id"] for q in np.linspace(0, 1, n - 1)] if scored else []
     return list(dict.fromkeys(chosen + [r["case_id"] for r in rows if _truth_empty(r)][:1]))
@@ -62,13 +65,17 @@ def overlay_triptych(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, pat
     from medseg.plots import _pyplot, save_figure
 
     plt = _pyplot()
-    low, high = (window["level"] - window["width"] / 2, window["level"] + window["width"] / 2) if window else np.percentile(image, [1, 99])
+    if window:
+        low, high = window["level"] - window["width"] / 2, window["level"] + window["width"] / 2
+    else:
+        low, high = np.percentile(image, [1, 99])
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
-    for ax, mask, name, colour in zip(axes, (None, truth, pred), ("image", "ground truth", "prediction"), ("", "lime", "red")):
+    panels = zip(axes, (None, truth, pred), ("image", "ground truth", "prediction"), ("", "lime", "red"))
+    for ax, mask, name, colour in panels:
         ax.imshow(image.T, cmap="gray", origin="lower", vmin=low, vmax=high)
         if mask is not None and mask.any():
-            ax.imshow(np.ma.masked_equal((mask > 0).T.astype(float), 0), cmap=plt.matplotlib.colors.ListedColormap([colour]),
-                      origin="lower", alpha=0.45)
+            ax.imshow(np.ma.masked_equal((mask > 0).T.astype(float), 0),
+                      cmap=plt.matplotlib.colors.ListedColormap([colour]), origin="lower", alpha=0.45)
             ax.contour((mask > 0).T.astype(float), levels=[0.5], colors=[colour], linewidths=0.8, origin="lower")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
@@ -89,8 +96,10 @@ def write_overlays(ckpt: Path, data, case_ids: list[str], rows: dict[str, dict],
         image, truth, pred = (np.moveaxis(a, -1, 0) for a in (case.image, case.label, pred))  # (Z, X, Y)
         z = pick_slice(truth, pred)
         dice, lesion_free = rows[cid]["dice"], _truth_empty(rows[cid])
-        verdict = ("no lesion, none predicted" if dice != dice else "no lesion: a false positive scores Dice 0") if lesion_free \
-            else f"Dice {dice:.3f}"
+        if not lesion_free:
+            verdict = f"Dice {dice:.3f}"
+        else:
+            verdict = "no lesion, none predicted" if dice != dice else "no lesion: a false positive scores Dice 0"
         title = f"case {cid}, slice {z}: {verdict}"
         paths.append(overlay_triptych(image[z], truth[z], pred[z], out_dir / f"case_{cid}_z{z:03d}.png", title, window))
     return paths
@@ -101,13 +110,14 @@ def export_champion(ckpt: str | Path, cfg, out_dir: str | Path, *, root: Path, c
     """Write ``out_dir``: checkpoint.pt (float16), config.yaml, metrics.json, MODEL_CARD.md, eval/ and overlays/."""
     import yaml
 
-    from medseg.evaluation import _json_safe, evaluate_checkpoint
+    from medseg.evaluation import evaluate_checkpoint
     from medseg.training import prepare_data
 
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     data = prepare_data(cfg, progress=progress)
     with tempfile.TemporaryDirectory(prefix="medseg-export-") as tmp:
-        half = half_precision_copy(ckpt, Path(tmp) / "checkpoint.pt", relative_config(cfg, root))  # eval.py --ckpt alone works
+        # with the relative config stored in it, eval.py --ckpt alone works
+        half = half_precision_copy(ckpt, Path(tmp) / "checkpoint.pt", relative_config(cfg, root))
         full = evaluate_checkpoint(ckpt, cfg, data=data, progress=progress)
         exported = evaluate_checkpoint(half, cfg, data=data, progress=progress)
         if round(full.summary["dice"], DICE_DECIMALS) != round(exported.summary["dice"], DICE_DECIMALS):
@@ -122,31 +132,28 @@ def export_champion(ckpt: str | Path, cfg, out_dir: str | Path, *, root: Path, c
     meta = load_checkpoint(out_dir / "checkpoint.pt")["meta"]
     keys = ("dice", "iou", "dice_micro", "lesion_recall", "lesion_precision", "n_cases", "n_scored", "n_empty_empty")
     metrics = {"split": "val", "split_hash": data.split.hash, "dataset_fingerprint": data.source.fingerprint(),
-               "source_checkpoint_sha256": _sha256(ckpt), "weights_dtype": "float16",
+               "source_checkpoint_sha256": sha256_bytes(ckpt.read_bytes()), "weights_dtype": "float16",
                "val": {k: exported.summary.get(k) for k in keys}, "val_float32": {k: full.summary.get(k) for k in keys},
                "mlflow_run_id": meta.get("mlflow_run_id") or _mirror_run_id(champion_dir), "epoch": meta.get("epoch"),
                "overlays": [p.name for p in overlays]}
-    atomic_write_json(out_dir / "metrics.json", _json_safe(metrics))
+    atomic_write_json(out_dir / "metrics.json", json_safe(metrics))
     card = Path(champion_dir or ckpt.parent) / "MODEL_CARD.md"
     if card.is_file():  # paths of the exporting machine become paths relative to the repository root
         text = card.read_text().replace(f"{Path(root).resolve()}/", "")
-        atomic_write_text(out_dir / "MODEL_CARD.md", text + f"\nThis copy: float16 weights (`{out_dir.name}/checkpoint.pt`), validation "
-                          f"Dice {metrics['val']['dice']:.4f} (float32 {metrics['val_float32']['dice']:.4f}); see metrics.json.\n")
+        atomic_write_text(out_dir / "MODEL_CARD.md",
+                          text + f"\nThis copy: float16 weights (`{out_dir.name}/checkpoint.pt`), validation "
+                          f"Dice {metrics['val']['dice']:.4f} (float32 {metrics['val_float32']['dice']:.4f}); "
+                          "see metrics.json.\n")
     return metrics
 
 
 def _mirror_run_id(champion_dir: Path | None) -> str | None:
-    """The MLflow run of a mirrored champion (``models/champion/metrics.json``): a trial's checkpoint does not hold it."""
+    """The MLflow run of a mirrored champion (``models/champion/metrics.json``): a trial's checkpoint does not hold
+    it."""
     import json
 
     path = Path(champion_dir or "") / "metrics.json"
     return json.loads(path.read_text()).get("candidate", {}).get("run_id") if champion_dir and path.is_file() else None
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,11 +164,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m medseg.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint to export (models/champion/checkpoint.pt)")
-    parser.add_argument("--config", help="config whose dataset and split the checkpoint was validated on (default: its stored config)")
+    parser.add_argument("--config", help="config whose dataset and split the checkpoint was validated on "
+                        "(default: its stored config)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="docs/champion", help="output folder (committed)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides) if args.config else eval_config(ckpt=args.ckpt, overrides=args.overrides)
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        cfg = eval_config(ckpt=args.ckpt, overrides=args.overrides)
     metrics = export_champion(args.ckpt, cfg, args.out, root=Path.cwd(), champion_dir=Path(args.ckpt).resolve().parent)
     print(f"{args.out}: val Dice {metrics['val']['dice']:.4f} (float32 {metrics['val_float32']['dice']:.4f}), "
           f"IoU {metrics['val']['iou']:.4f}; overlays: {', '.join(metrics['overlays'])}")

@@ -2,7 +2,8 @@
 
 Steps, each a function below, all under a per-space lock (``<storage_path>/improve-<space>.lock``):
 
-1. ``audit_data``: the audit of ``python -m medseg.data check`` on the space's base config; hard errors stop here (exit 1);
+1. ``audit_data``: the audit of ``python -m medseg.data check`` on the space's base config; hard errors stop here
+   (exit 1);
 2. ``change_key`` / ``unchanged``: (data fingerprint, hash of the validated space, code commit) against the key of the
    last completed improve run of this space (``<storage_path>/improve-<space>.json``); the same key stops here (exit 0)
    unless ``force``;
@@ -10,9 +11,9 @@ Steps, each a function below, all under a per-space lock (``<storage_path>/impro
    reported;
 4. ``record``: the key of the completed run, written atomically (and tagged ``improve_key`` on the study run).
 
-Exit codes: 0 done (promoted or not: the decision is in the report and MLflow) or nothing changed; 1 hard data errors;
-2 a failure (MedsegError, via ``cli.run_cli``); ``EXIT_LOCKED`` (75, sysexits' EX_TEMPFAIL) another improve run of the
-same space holds the lock.
+Exit codes (``medseg.cli``'s contract): 0 done (promoted or not: the decision is in the report and MLflow) or nothing
+changed; 1 hard data errors or a failed job; 2 a bad command line or config; ``EXIT_LOCKED`` (75, sysexits'
+EX_TEMPFAIL) another improve run of the same space holds the lock.
 
 The JSON file is the source of truth for "last decision": it sits next to the lock under the space's
 ``storage_path``, is read without querying the tracking store, and is written only after ``run_and_promote``
@@ -27,8 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-EXIT_AUDIT = 1
-EXIT_LOCKED = 75  # EX_TEMPFAIL: a scheduler may retry later; distinct from success and from failure (2)
+from medseg.cli import EXIT_DATA_ERRORS as EXIT_AUDIT
+from medseg.cli import EXIT_LOCKED  # EX_TEMPFAIL: a scheduler may retry later; distinct from success and failure
+
 DEFAULT_BUDGET_S = 1800.0
 LOCK_TIMEOUT_S = 5.0
 # Fields of a validated space that do not change what a study trains or how it is judged: where it was loaded from,
@@ -113,10 +115,8 @@ def data_fingerprint(space) -> str:
 def with_budget(space, budget_s: float | None):
     """The space with ``time_budget_s`` set as ``--set time_budget_s=...`` would (and in its resume command)."""
     budget = float(budget_s or space.time_budget_s or DEFAULT_BUDGET_S)
-    out = space.model_copy(deep=True)
-    out.time_budget_s = budget
-    out.cli_overrides = [o for o in out.cli_overrides if not o.startswith("time_budget_s=")] + [f"time_budget_s={budget:g}"]
-    return out
+    sets = [o for o in space.cli_overrides if not o.startswith("time_budget_s=")] + [f"time_budget_s={budget:g}"]
+    return space.updated(time_budget_s=budget, cli_overrides=sets)
 
 
 def record(state_path: Path, key: ChangeKey, outcome, decision) -> dict[str, Any]:
@@ -128,7 +128,8 @@ def record(state_path: Path, key: ChangeKey, outcome, decision) -> dict[str, Any
            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(state_path, rec)
     try:
-        get_client(outcome.tracking_uri).set_tag(outcome.parent_run_id, "improve_key", json.dumps(asdict(key), sort_keys=True))
+        get_client(outcome.tracking_uri).set_tag(outcome.parent_run_id, "improve_key",
+                                                 json.dumps(asdict(key), sort_keys=True))
     except Exception:  # informative only: the file is the source of truth
         pass
     return rec
@@ -166,9 +167,9 @@ def _improve_locked(space, state_path: Path, *, force, budget_s, address, num_cp
     key = change_key(space, data_fingerprint(space))
     previous = last_record(state_path)
     if unchanged(key, previous) and not force:
-        print(f"improve: nothing changed since the last decision of space '{space.name}' (study {previous.get('study')}, "
-              f"{previous.get('decision')}, {previous.get('decided_at')}): same data fingerprint, search space and code "
-              f"commit; --force runs anyway", flush=True)
+        print(f"improve: nothing changed since the last decision of space '{space.name}' "
+              f"(study {previous.get('study')}, {previous.get('decision')}, {previous.get('decided_at')}): "
+              "same data fingerprint, search space and code commit; --force runs anyway", flush=True)
         return 0
     why = "--force" if force and unchanged(key, previous) else "; ".join(key.diff(last_key(previous)))
     space = with_budget(space, budget_s)

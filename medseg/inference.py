@@ -1,8 +1,10 @@
-"""Checkpoint + input volume/image -> mask with the input's geometry.
+"""Checkpoint + input volume/image -> mask with the input's geometry; the one batched slice prediction.
 
-The preprocessing is the checkpoint's own (window or percentiles, in-plane size, 2.5D context), run through
-the same functions that built the training cache; probabilities are resized back to each slice's original
-size before thresholding, so masks line up voxel for voxel with the input.
+``slice_logits`` runs a normalised (Z, S, S) volume through a model in batches of 2.5D slices (with mirror TTA):
+training's validation (``predict_volume``, on the cached resolution) and ``Predictor`` (eval.py, infer.py) both
+predict through it. The ``Predictor``'s preprocessing is the checkpoint's own (window or percentiles, in-plane size,
+2.5D context), run through the same functions that built the training cache; probabilities are resized back to each
+slice's original size before thresholding, so masks line up voxel for voxel with the input.
 """
 from __future__ import annotations
 
@@ -19,11 +21,58 @@ from medseg.checkpoint import model_from_checkpoint
 from medseg.data.cache import make_normaliser, resize_slice
 from medseg.data.dataset import stack_context
 from medseg.errors import DataError, MedsegError
-from medseg.training import autocast
+from medseg.models import autocast, predict_classes
 from medseg.tta import mirrored_logits, mirrors_from_augment
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
+
+
+# ----------------------------------------------------------------------------------------- slice batches
+
+
+@torch.no_grad()
+def slice_logits(model: torch.nn.Module, volume: np.ndarray, *, context: int, device: torch.device, batch_size: int,
+                 amp: bool = False, tta_axes: list[list[int]] | None = None) -> Iterator[tuple[range, torch.Tensor]]:
+    """(Z, S, S) normalised volume -> per batch of consecutive slices: (their z indices, (n, C, S, S) float32
+    logits), each slice stacked with ``context`` neighbours on either side (2k+1 channels).
+
+    ``tta_axes`` (mirrors, see ``medseg.tta``) averages probabilities over the identity and those mirrors.
+    """
+    model.eval()
+    n = volume.shape[0]
+    for start in range(0, n, batch_size):
+        zs = range(start, min(n, start + batch_size))
+        x = torch.from_numpy(np.stack([stack_context(volume, z, context) for z in zs])).to(device)
+        with autocast(device, amp):
+            logits = model(x).float()
+            if tta_axes:
+                logits = mirrored_logits(model, x, logits, tta_axes)
+        yield zs, logits
+
+
+@torch.no_grad()
+def predict_volume(model: torch.nn.Module, volume: np.ndarray, *, context: int, device: torch.device, batch_size: int,
+                   threshold: float = 0.5, amp: bool = False, tta_axes: list[list[int]] | None = None,
+                   target: np.ndarray | None = None, loss_fn=None) -> tuple[np.ndarray, float | None]:
+    """(Z, S, S) normalised volume -> (Z, S, S) uint8 class map, slice batches through the model (``slice_logits``).
+
+    With ``target`` (class indices) and ``loss_fn``, also returns the mean loss over slices.
+    """
+    n = volume.shape[0]
+    out = np.empty((n, volume.shape[1], volume.shape[2]), np.uint8)
+    with_loss = target is not None and loss_fn is not None
+    loss_sum = 0.0
+    for zs, logits in slice_logits(model, volume, context=context, device=device, batch_size=batch_size, amp=amp,
+                                   tta_axes=tta_axes):
+        if with_loss:
+            y = torch.from_numpy(np.ascontiguousarray(target[zs.start:zs.stop]).astype(np.int64)).to(device)
+            loss_sum += float(loss_fn(logits, y)) * len(zs)
+        out[zs.start:zs.stop] = predict_classes(logits, threshold).cpu().numpy()
+    return out, (loss_sum / n if with_loss else None)
+
+
+# ------------------------------------------------------------------------------------------- predictor
 
 
 class Predictor:
@@ -42,12 +91,13 @@ class Predictor:
         self.batch_size = batch_size
         self.flip_tta = flip_tta
         # the mirrors training showed the model (checkpoint metadata; derived from its stored config when older)
-        self.trained_mirrors = self.meta["tta_axes"] if "tta_axes" in self.meta else mirrors_from_augment(self.cfg.augment)
+        self.trained_mirrors = (self.meta["tta_axes"] if "tta_axes" in self.meta
+                                else mirrors_from_augment(self.cfg.augment))
         self.tta_axes = [list(m) for m in self.trained_mirrors] if flip_tta else []
         if flip_tta and not self.tta_axes:
             logging.getLogger(__name__).warning(
-                "%s: --tta: trained without flips (augment: %s), so no mirror is one it has seen; predicting without TTA",
-                self.ckpt, ", ".join(a.name for a in self.cfg.augment) or "none")
+                "%s: --tta: trained without flips (augment: %s), so no mirror is one it has seen; predicting without "
+                "TTA", self.ckpt, ", ".join(a.name for a in self.cfg.augment) or "none")
         self.threshold = self.cfg.training.threshold
         self.amp = self.cfg.training.amp
         # post-processing chosen on validation after training (medseg.postprocess); None: the checkpoint has none
@@ -60,23 +110,23 @@ class Predictor:
         norm, _ = make_normaliser(image, self.settings)
         size = self.settings["image_size"]
         # float16 like the cache, so a checkpoint sees exactly the values it was trained and validated on
-        return np.stack([resize_slice(norm(image[:, :, z]), size, is_label=False) for z in range(image.shape[2])]).astype(np.float16).astype(np.float32)
+        planes = [resize_slice(norm(image[:, :, z]), size, is_label=False) for z in range(image.shape[2])]
+        return np.stack(planes).astype(np.float16).astype(np.float32)
 
     @torch.no_grad()
+    def batch_probabilities(self, image: np.ndarray) -> Iterator[tuple[range, torch.Tensor]]:
+        """Per batch of slices: (their z indices, (n, C, X, Y) probabilities at the input's in-plane size)."""
+        size = tuple(image.shape[:2])
+        for zs, logits in slice_logits(self.model, self.preprocess(image), context=self.context, device=self.device,
+                                       batch_size=self.batch_size, amp=self.amp, tta_axes=self.tta_axes):
+            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+            if size != tuple(probs.shape[2:]):
+                probs = torch.nn.functional.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+            yield zs, probs
+
     def probabilities(self, image: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (z, probabilities (C, X, Y)) per slice at the input's in-plane size, computed in batches."""
-        volume = self.preprocess(image)
-        n, (height, width) = volume.shape[0], image.shape[:2]
-        for start in range(0, n, self.batch_size):
-            zs = range(start, min(n, start + self.batch_size))
-            x = torch.from_numpy(np.stack([stack_context(volume, z, self.context) for z in zs])).to(self.device)
-            with autocast(self.device, self.amp):
-                logits = self.model(x).float()
-                if self.tta_axes:
-                    logits = mirrored_logits(self.model, x, logits, self.tta_axes)
-            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
-            if (height, width) != tuple(probs.shape[2:]):
-                probs = torch.nn.functional.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+        for zs, probs in self.batch_probabilities(image):
             for i, z in enumerate(zs):
                 yield z, probs[i].cpu().numpy()
 
@@ -85,9 +135,9 @@ class Predictor:
         if image.ndim != 3:
             raise DataError(f"expected an (X, Y, Z) volume, got shape {image.shape}")
         out = np.zeros(image.shape, np.uint8)
-        for z, probs in self.probabilities(image):
-            classes = (probs[0] > self.threshold).astype(np.uint8) if probs.shape[0] == 1 else probs.argmax(axis=0).astype(np.uint8)
-            out[:, :, z] = self.class_to_label[classes]
+        for zs, probs in self.batch_probabilities(image):
+            classes = predict_classes(probs, self.threshold, probabilities=True).cpu().numpy()  # (n, X, Y)
+            out[:, :, zs.start:zs.stop] = np.moveaxis(self.class_to_label[classes], 0, 2)
         if postprocess.active(self.postprocessing):
             size = int(self.postprocessing.get("image_size", self.settings["image_size"]))
             out = postprocess.apply(out, self.postprocessing, voxel_scale=image.shape[0] * image.shape[1] / size**2)
@@ -212,7 +262,8 @@ def run_inference(ckpt: str | Path, input_path: str | Path, out_dir: str | Path,
         if overlays:
             z = pick_slice(np.moveaxis(mask, 2, 0), np.moveaxis(mask, 2, 0))
             norm, _ = make_normaliser(item.image, predictor.settings)
-            record["overlay"] = str(overlay_png(norm(item.image[:, :, z]), None, mask[:, :, z], out_dir / "overlays" / f"{item.name}_z{z:03d}.png",
+            record["overlay"] = str(overlay_png(norm(item.image[:, :, z]), None, mask[:, :, z],
+                                                out_dir / "overlays" / f"{item.name}_z{z:03d}.png",
                                                 title=f"{item.name}, slice {z}: red prediction"))
         records.append(record)
     return records

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 
 def _current_umask() -> int:
@@ -76,3 +76,36 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     """Short sha256 of a JSON-serialisable object with sorted keys (for settings and split hashes)."""
     text = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def json_safe(obj: Any) -> Any:
+    """Strict-JSON copy: NaN and infinity to None (NaN marks an undefined metric, e.g. Dice of an empty-empty case,
+    left out of the means), numpy scalars to Python, mapping keys to str, tuples to lists."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "") -> str:
+    """Aligned plain-text table: one header line, then one line per row; cells are str() of the values (format
+    numbers before), columns two spaces apart, trailing spaces stripped."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def absolute_path(path: str, base: str | os.PathLike) -> str:
+    """``path`` (``~`` expanded) resolved against ``base`` when relative; URIs (``scheme://``) unchanged."""
+    if "://" in path:
+        return path
+    return str((Path(base) / os.path.expanduser(path)).resolve())

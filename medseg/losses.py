@@ -48,7 +48,7 @@ def build_loss(loss_cfg, classes: int) -> nn.Module:
     if name == "focal":
         return WeightedSum([(1.0, focal)])
     if name == "focal_dice":
-        return WeightedSum([(loss_cfg.bce_weight, focal), (loss_cfg.dice_weight, dice)])
+        return WeightedSum([(loss_cfg.focal_weight, focal), (loss_cfg.dice_weight, dice)])
     if name == "tversky":
         return WeightedSum([(1.0, L.TverskyLoss(mode, alpha=loss_cfg.tversky_alpha, beta=loss_cfg.tversky_beta))])
     raise ValueError(f"unknown loss '{name}'")

@@ -21,7 +21,8 @@ def cpu_model() -> str:
 
 
 def host_description() -> str:
-    """One line: CPU model, cores this process may use, and the accelerator torch sees, e.g. 'AMD EPYC, 2 cores, CPU only'."""
+    """One line: CPU model, cores this process may use, and the accelerator torch sees, e.g. 'AMD EPYC, 2 cores,
+    CPU only'."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -184,7 +184,8 @@ def confusion_counts(pred: np.ndarray, target: np.ndarray, labels: Sequence[int]
     return _counts_from_matrix(matrix, index, label_list, int(pred.size))
 
 
-def _counts_from_matrix(matrix: np.ndarray, index: Mapping[int, int], labels: Sequence[int], total: int) -> dict[int, Counts]:
+def _counts_from_matrix(matrix: np.ndarray, index: Mapping[int, int], labels: Sequence[int],
+                        total: int) -> dict[int, Counts]:
     """``{L: Counts}`` from a joint histogram ``matrix[truth code, predicted code]``; ``index`` maps each label to its
     code (a label without a code has no voxels)."""
     counts: dict[int, Counts] = {}
@@ -334,7 +335,7 @@ def _covered_fraction_ok(labelled: np.ndarray, n_components: int, own_mask: np.n
     return int(np.count_nonzero(covered / sizes >= min_overlap))
 
 
-def _foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+def foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Bounding box of a bool mask as slices, None when empty; np.any projections, ~30x faster than find_objects."""
     box = []
     for axis in range(mask.ndim):
@@ -385,7 +386,7 @@ def lesion_detection(pred_mask: np.ndarray, target_mask: np.ndarray, *, min_over
 
     # Lesions are small next to a CT volume: label only the box holding all foreground. No component crosses
     # the box edge, since no foreground lies outside it.
-    box = _foreground_box(pred_mask | target_mask)
+    box = foreground_box(pred_mask | target_mask)
     if box is None:
         return LesionCounts(0, 0, 0, 0)
     pred_mask, target_mask = pred_mask[box], target_mask[box]
@@ -490,6 +491,35 @@ def summarize(per_case: Sequence[Mapping[str, object]]) -> dict[str, float | int
             ``iou_micro/L``, ``sensitivity/L``, ``precision/L``, ``n_scored/L``, ``n_empty_empty/L`` and, with
             lesions, ``lesion_recall/L``, ``lesion_precision/L``, ``lesion_n_true/L``, ``lesion_n_pred/L``.
     """
+    labels, lesion_labels = _summary_labels(per_case)
+    per_label: dict[int, dict[str, float | int]] = {}
+    case_scored = np.zeros(len(per_case), dtype=bool)
+    for label in labels:
+        per_label[label], scored = _label_summary(per_case, label)
+        case_scored |= scored
+    for label in lesion_labels:
+        per_label[label].update(_lesion_summary(per_case, label))
+
+    summary: dict[str, float | int] = {}
+    for name in ("dice", "iou", "dice_micro", "iou_micro", "sensitivity", "precision"):
+        summary[name] = _nanmean(per_label[label][name] for label in labels)[0]
+    if lesion_labels:
+        for name in ("lesion_recall", "lesion_precision"):
+            summary[name] = _nanmean(per_label[label][name] for label in lesion_labels)[0]
+        for name in ("lesion_n_true", "lesion_n_pred"):
+            summary[name] = sum(int(per_label[label][name]) for label in lesion_labels)
+    summary["n_cases"] = len(per_case)
+    summary["n_scored"] = int(case_scored.sum())
+    summary["n_empty_empty"] = len(per_case) - int(case_scored.sum())
+    if len(labels) > 1:
+        for label in labels:
+            for name, value in per_label[label].items():
+                summary[f"{name}/{label}"] = value
+    return summary
+
+
+def _summary_labels(per_case: Sequence[Mapping[str, object]]) -> tuple[list[int], list[int]]:
+    """(labels, lesion labels) that every case dict carries counts for; ValueError when they differ or are none."""
     if not per_case:
         raise ValueError("summarize needs at least one case")
     labels = _labels_with(per_case[0], "tp")
@@ -500,55 +530,37 @@ def summarize(per_case: Sequence[Mapping[str, object]]) -> dict[str, float | int
                              f"{_labels_with(row, 'lesion_n_true')}); case 0 has {labels} (lesions {lesion_labels})")
     if not labels:
         raise ValueError("the per-case dicts carry no counts (tp/<label> keys); build them with case_metrics")
+    return labels, lesion_labels
 
-    def case_counts(row: Mapping[str, object], label: int) -> Counts:
-        return Counts(*(int(row[f"{name}/{label}"]) for name in COUNT_NAMES))  # type: ignore[arg-type]
 
-    per_label: dict[int, dict[str, float | int]] = {}
-    case_scored = np.zeros(len(per_case), dtype=bool)
-    for label in labels:
-        counts = [case_counts(row, label) for row in per_case]
-        case_dice = [dice(c) for c in counts]
-        case_scored |= ~np.isnan(case_dice)
-        mean_dice, n_scored = _nanmean(case_dice)
-        pooled = sum(counts, Counts(0, 0, 0, 0))
-        per_label[label] = {
-            "dice": mean_dice,
-            "iou": _nanmean(iou(c) for c in counts)[0],  # IoU is NaN exactly when Dice is: same cases left out
-            "dice_micro": dice(pooled),
-            "iou_micro": iou(pooled),
-            "sensitivity": sensitivity(pooled),
-            "precision": precision(pooled),
-            "n_scored": n_scored,
-            "n_empty_empty": len(per_case) - n_scored,
-        }
-    for label in lesion_labels:
-        pooled_lesions = sum((LesionCounts(*(int(row[f"lesion_{name}/{label}"])  # type: ignore[arg-type]
-                                             for name in LESION_COUNT_NAMES)) for row in per_case),
-                             LesionCounts(0, 0, 0, 0))
-        per_label[label].update({
-            "lesion_recall": lesion_recall(pooled_lesions),
-            "lesion_precision": lesion_precision(pooled_lesions),
-            "lesion_n_true": pooled_lesions.n_true,
-            "lesion_n_pred": pooled_lesions.n_pred,
-        })
+def _label_summary(per_case: Sequence[Mapping[str, object]],
+                   label: int) -> tuple[dict[str, float | int], np.ndarray]:
+    """One label's summary over the cases, and which cases it scores (Dice defined): (dict, (n_cases,) bool)."""
+    counts = [Counts(*(int(row[f"{name}/{label}"]) for name in COUNT_NAMES))  # type: ignore[arg-type]
+              for row in per_case]
+    case_dice = [dice(c) for c in counts]
+    mean_dice, n_scored = _nanmean(case_dice)
+    pooled = sum(counts, Counts(0, 0, 0, 0))
+    summary = {
+        "dice": mean_dice,
+        "iou": _nanmean(iou(c) for c in counts)[0],  # IoU is NaN exactly when Dice is: same cases left out
+        "dice_micro": dice(pooled),
+        "iou_micro": iou(pooled),
+        "sensitivity": sensitivity(pooled),
+        "precision": precision(pooled),
+        "n_scored": n_scored,
+        "n_empty_empty": len(per_case) - n_scored,
+    }
+    return summary, ~np.isnan(case_dice)
 
-    summary: dict[str, float | int] = {}
-    for name in ("dice", "iou", "dice_micro", "iou_micro", "sensitivity", "precision"):
-        summary[name] = _nanmean(per_label[label][name] for label in labels)[0]
-    if lesion_labels:
-        summary["lesion_recall"] = _nanmean(per_label[label]["lesion_recall"] for label in lesion_labels)[0]
-        summary["lesion_precision"] = _nanmean(per_label[label]["lesion_precision"] for label in lesion_labels)[0]
-        summary["lesion_n_true"] = sum(int(per_label[label]["lesion_n_true"]) for label in lesion_labels)
-        summary["lesion_n_pred"] = sum(int(per_label[label]["lesion_n_pred"]) for label in lesion_labels)
-    summary["n_cases"] = len(per_case)
-    summary["n_scored"] = int(case_scored.sum())
-    summary["n_empty_empty"] = len(per_case) - int(case_scored.sum())
-    if len(labels) > 1:
-        for label in labels:
-            for name, value in per_label[label].items():
-                summary[f"{name}/{label}"] = value
-    return summary
+
+def _lesion_summary(per_case: Sequence[Mapping[str, object]], label: int) -> dict[str, float | int]:
+    """One label's lesion detection pooled over the cases."""
+    pooled = sum((LesionCounts(*(int(row[f"lesion_{name}/{label}"])  # type: ignore[arg-type]
+                                 for name in LESION_COUNT_NAMES)) for row in per_case),
+                 LesionCounts(0, 0, 0, 0))
+    return {"lesion_recall": lesion_recall(pooled), "lesion_precision": lesion_precision(pooled),
+            "lesion_n_true": pooled.n_true, "lesion_n_pred": pooled.n_pred}
 
 
 # ----------------------------------------------------------------------------------------------- comparison
@@ -572,30 +584,13 @@ def paired_bootstrap(a, b, *, n_resamples: int = 10000, seed: int = 0) -> dict[s
         (among resamples where both are defined); ``ci_low``, ``ci_high``: 2.5 / 97.5 percentiles of the
         resampled deltas; ``n_cases``; ``n_resamples``.
     """
-    def as_matrix(values) -> np.ndarray:
-        rows = [[np.nan if v is None else v for v in (row if isinstance(row, (list, tuple, np.ndarray)) else [row])] for row in values]
-        return np.array(rows, dtype=float).reshape(len(rows), -1) if rows else np.zeros((0, 1))
-
-    scores_a, scores_b = as_matrix(a), as_matrix(b)
-    if scores_a.shape != scores_b.shape:
-        raise ValueError(f"a has {scores_a.shape[0]} cases but b has {scores_b.shape[0]}: they must score the same cases"
-                         if scores_a.shape[0] != scores_b.shape[0] else f"a has shape {scores_a.shape}, b {scores_b.shape}")
-    if scores_a.shape[0] == 0:
-        raise ValueError("paired_bootstrap needs at least one case")
+    scores_a, scores_b = _paired_scores(a, b)
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     n_cases, n_labels = scores_a.shape
-
-    def statistic(filled: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """(..., n_cases, n_labels) -> (...): per label the mean over scored cases, then the mean over labels."""
-        with np.errstate(invalid="ignore", divide="ignore"):  # nothing scored -> NaN, left out or dropped
-            per_label = filled.sum(axis=-2) / valid.sum(axis=-2)
-            counted = ~np.isnan(per_label)
-            return np.where(counted, per_label, 0.0).sum(axis=-1) / counted.sum(axis=-1)
-
     valid_a, valid_b = ~np.isnan(scores_a), ~np.isnan(scores_b)
     filled_a, filled_b = np.where(valid_a, scores_a, 0.0), np.where(valid_b, scores_b, 0.0)
-    observed = float(statistic(filled_b, valid_b) - statistic(filled_a, valid_a))
+    observed = float(_bootstrap_statistic(filled_b, valid_b) - _bootstrap_statistic(filled_a, valid_a))
 
     # every resample through one index matrix, in blocks bounded to ~32 MB for large test sets
     rng = np.random.default_rng(seed)
@@ -604,7 +599,8 @@ def paired_bootstrap(a, b, *, n_resamples: int = 10000, seed: int = 0) -> dict[s
     for start in range(0, n_resamples, rows_per_block):
         stop = min(start + rows_per_block, n_resamples)
         index = rng.integers(0, n_cases, size=(stop - start, n_cases))
-        deltas[start:stop] = statistic(filled_b[index], valid_b[index]) - statistic(filled_a[index], valid_a[index])
+        deltas[start:stop] = (_bootstrap_statistic(filled_b[index], valid_b[index])
+                              - _bootstrap_statistic(filled_a[index], valid_a[index]))
     deltas = deltas[~np.isnan(deltas)]
     if deltas.size == 0:
         prob_better = ci_low = ci_high = float("nan")
@@ -613,3 +609,31 @@ def paired_bootstrap(a, b, *, n_resamples: int = 10000, seed: int = 0) -> dict[s
         ci_low, ci_high = (float(q) for q in np.percentile(deltas, [2.5, 97.5]))
     return {"delta": observed, "prob_better": prob_better, "ci_low": ci_low, "ci_high": ci_high,
             "n_cases": int(n_cases), "n_resamples": int(n_resamples)}
+
+
+def _score_matrix(values) -> np.ndarray:
+    """Per-case scores (scalars or per-label rows; None = NaN) -> (n_cases, n_labels) float."""
+    rows = [[np.nan if v is None else v for v in (row if isinstance(row, (list, tuple, np.ndarray)) else [row])]
+            for row in values]
+    return np.array(rows, dtype=float).reshape(len(rows), -1) if rows else np.zeros((0, 1))
+
+
+def _paired_scores(a, b) -> tuple[np.ndarray, np.ndarray]:
+    """Both models' (n_cases, n_labels) score matrices; ValueError unless they score the same, non-zero cases."""
+    scores_a, scores_b = _score_matrix(a), _score_matrix(b)
+    if scores_a.shape != scores_b.shape:
+        if scores_a.shape[0] != scores_b.shape[0]:
+            raise ValueError(f"a has {scores_a.shape[0]} cases but b has {scores_b.shape[0]}: they must score the "
+                             "same cases")
+        raise ValueError(f"a has shape {scores_a.shape}, b {scores_b.shape}")
+    if scores_a.shape[0] == 0:
+        raise ValueError("paired_bootstrap needs at least one case")
+    return scores_a, scores_b
+
+
+def _bootstrap_statistic(filled: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(..., n_cases, n_labels) -> (...): per label the mean over scored cases, then the mean over labels."""
+    with np.errstate(invalid="ignore", divide="ignore"):  # nothing scored -> NaN, left out or dropped
+        per_label = filled.sum(axis=-2) / valid.sum(axis=-2)
+        counted = ~np.isnan(per_label)
+        return np.where(counted, per_label, 0.0).sum(axis=-1) / counted.sum(axis=-1)

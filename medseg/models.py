@@ -1,4 +1,4 @@
-"""Model factory over segmentation_models_pytorch.create_model."""
+"""Model factory over segmentation_models_pytorch.create_model, mixed precision, and logits -> class maps."""
 from __future__ import annotations
 
 import torch
@@ -20,10 +20,12 @@ def build_model(model_cfg, *, in_channels: int, classes: int) -> torch.nn.Module
     if model_cfg.decoder_channels is not None:
         kwargs["decoder_channels"] = list(model_cfg.decoder_channels)
     try:
-        model = smp.create_model(model_cfg.arch, encoder_name=model_cfg.encoder, encoder_weights=model_cfg.encoder_weights,
-                                 in_channels=in_channels, classes=classes, **kwargs)
+        model = smp.create_model(model_cfg.arch, encoder_name=model_cfg.encoder,
+                                 encoder_weights=model_cfg.encoder_weights, in_channels=in_channels, classes=classes,
+                                 **kwargs)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise ConfigError(f"model: smp.create_model({model_cfg.arch}, {model_cfg.encoder}, {kwargs}): {' '.join(str(err).split())[:400]}") from None
+        call = f"smp.create_model({model_cfg.arch}, {model_cfg.encoder}, {kwargs})"
+        raise ConfigError(f"model: {call}: {' '.join(str(err).split())[:400]}") from None
     drop_unused_encoder_stages(model, in_channels)
     return model
 
@@ -39,7 +41,8 @@ def drop_unused_encoder_stages(model: torch.nn.Module, in_channels: int) -> list
     if encoder is None:
         return []
     called: set[str] = set()
-    hooks = [child.register_forward_hook(lambda *_, name=name: called.add(name)) for name, child in encoder.named_children()]
+    hooks = [child.register_forward_hook(lambda *_, name=name: called.add(name))
+             for name, child in encoder.named_children()]
     was_training = model.training
     try:
         model.eval()
@@ -49,14 +52,32 @@ def drop_unused_encoder_stages(model: torch.nn.Module, in_channels: int) -> list
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    unused = [name for name, child in encoder.named_children() if name not in called and any(True for _ in child.parameters())]
+    unused = [name for name, child in encoder.named_children()
+              if name not in called and any(True for _ in child.parameters())]
     for name in unused:
         setattr(encoder, name, torch.nn.Identity())
     return unused
 
 
-def predict_classes(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """(N, C, H, W) logits -> (N, H, W) class indices: sigmoid > threshold for C == 1, argmax otherwise."""
-    if logits.shape[1] == 1:
-        return (torch.sigmoid(logits[:, 0]) > threshold).to(torch.uint8)
-    return logits.argmax(dim=1).to(torch.uint8)
+def native_bf16() -> bool:
+    """bf16 in hardware (Ampere and later). ``is_bf16_supported()`` alone also says yes for emulated bf16 on
+    T4/V100, where fp16 with a GradScaler is the fast path."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """The mixed-precision context of training and prediction: bf16 where native, else fp16; off on the CPU."""
+    if device.type != "cuda" or not enabled:
+        return torch.autocast(device_type="cpu", enabled=False)
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if native_bf16() else torch.float16)
+
+
+def predict_classes(scores: torch.Tensor, threshold: float = 0.5, *, probabilities: bool = False) -> torch.Tensor:
+    """(N, C, H, W) logits -> (N, H, W) class indices: sigmoid > threshold for C == 1, argmax otherwise.
+
+    ``probabilities``: ``scores`` are already sigmoid / softmax outputs (e.g. resized to the input's size), so one
+    channel is compared with the threshold as it is and several are argmaxed as probabilities."""
+    if scores.shape[1] == 1:
+        foreground = scores[:, 0] if probabilities else torch.sigmoid(scores[:, 0])
+        return (foreground > threshold).to(torch.uint8)
+    return scores.argmax(dim=1).to(torch.uint8)

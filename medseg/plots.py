@@ -39,9 +39,11 @@ def learning_curve_png(history: list[dict[str, Any]], path: Path) -> Path:
         for split, style in (("train", "--"), ("val", "-")):
             ax_score.plot(epochs, [h.get(f"{split}/{key}", np.nan) for h in history], linestyle=style, color=colour,
                           marker="o", label=f"{split}/{key}")
-    ax_score.plot(epochs, [h.get("val/dice_micro", np.nan) for h in history], marker="o", color="C2", label="val/dice_micro")
+    ax_score.plot(epochs, [h.get("val/dice_micro", np.nan) for h in history], marker="o", color="C2",
+                  label="val/dice_micro")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_score.set(xlabel="epoch", ylabel="score", title="Dice / IoU (train: micro over patches; val: per-case mean)", ylim=(0, 1))
+    ax_score.set(xlabel="epoch", ylabel="score", title="Dice / IoU (train: micro over patches; val: per-case mean)",
+                 ylim=(0, 1))
     for ax in (ax_loss, ax_score):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -116,11 +116,14 @@ def choose(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarr
     chosen: dict[str, Any] = {}
     for index, label in enumerate(labels, start=1):
         stats = [_case_stats(np.asarray(predictions[c]) == index, np.asarray(targets[c]) == index) for c in ids]
-        ops = [{"op": "none"}, {"op": "keep_largest"}] + [{"op": "remove_below", "min_voxels": int(k)} for k in sizes.get(label, [])]
+        ops = [{"op": "none"}, {"op": "keep_largest"}]
+        ops += [{"op": "remove_below", "min_voxels": int(k)} for k in sizes.get(label, [])]
         scores = [(_score(op, stats), op) for op in ops]
         before = scores[0][0]
-        best_score, best = max(scores[1:], key=lambda s: -math.inf if math.isnan(s[0]) else s[0], default=(math.nan, None))
-        take = best is not None and not math.isnan(best_score) and (math.isnan(before) or best_score >= before + min_gain)
+        best_score, best = max(scores[1:], key=lambda s: -math.inf if math.isnan(s[0]) else s[0],
+                               default=(math.nan, None))
+        take = (best is not None and not math.isnan(best_score)
+                and (math.isnan(before) or best_score >= before + min_gain))
         op = best if take else {"op": "none"}
         chosen[str(label)] = {**op, "dice_before": before, "dice_after": best_score if take else before,
                               "tried": {describe_op(o): s for s, o in scores}}
@@ -188,6 +191,7 @@ def describe(choice: Mapping[str, Any] | None) -> str:
         return "none (not chosen for this checkpoint)"
     parts = []
     for label, op in choice["labels"].items():
-        what = {"none": "none", "keep_largest": "keep the largest component"}.get(op["op"]) or f"remove components < {op['min_voxels']} voxels"
+        what = ({"none": "none", "keep_largest": "keep the largest component"}.get(op["op"])
+                or f"remove components < {op['min_voxels']} voxels")
         parts.append(f"label {label}: {what}")
     return f"{'; '.join(parts)} (val Dice {choice['dice_before']:.4f} -> {choice['dice_after']:.4f})"

@@ -68,12 +68,15 @@ def download_checkpoint(version, uri: str, dest: Path) -> Path:
 
 def _eval_record(result, run_id: str | None, checkpoint: str) -> dict[str, Any]:
     s = result.summary
-    return {"run_id": run_id, "checkpoint": checkpoint, "dice": s["dice"], "iou": s["iou"], "dice_micro": s["dice_micro"],
-            "lesion_recall": s.get("lesion_recall"), "lesion_precision": s.get("lesion_precision"), "n_cases": s["n_cases"],
-            "n_scored": s["n_scored"], "split_hash": result.info.get("split_hash"), "per_case_dice": result.per_case_dice(),
-            "labels": list(result.labels), "postprocessing": result.info.get("postprocessing"),  # applied in these scores
-            # per case and label: what the reported Dice averages (per label over cases, then over labels)
-            "per_case_label_dice": {r["case_id"]: [float(r[f"dice/{label}"]) for label in result.labels] for r in result.rows}}
+    # per case and label: what the reported Dice averages (per label over cases, then over labels)
+    per_case_label = {r["case_id"]: [float(r[f"dice/{label}"]) for label in result.labels] for r in result.rows}
+    return {"run_id": run_id, "checkpoint": checkpoint, "dice": s["dice"], "iou": s["iou"],
+            "dice_micro": s["dice_micro"], "lesion_recall": s.get("lesion_recall"),
+            "lesion_precision": s.get("lesion_precision"), "n_cases": s["n_cases"], "n_scored": s["n_scored"],
+            "split_hash": result.info.get("split_hash"), "per_case_dice": result.per_case_dice(),
+            "labels": list(result.labels),
+            "postprocessing": result.info.get("postprocessing"),  # applied in these scores
+            "per_case_label_dice": per_case_label}
 
 
 # Metrics of an evaluation record (``_eval_record``) a promotion guard can name, as ``val/<key>`` or ``<key>``; all of
@@ -107,8 +110,8 @@ def guard_failures(champion: dict[str, Any], candidate: dict[str, Any], guards: 
         if ours is None:
             failed.append(f"guard {name} held it back: the candidate has no {key} (champion {theirs:.4f})")
         elif theirs - ours > tolerance + 1e-9:
-            failed.append(f"guard {name} held it back: {key} {ours:.4f} is {theirs - ours:.4f} below the champion's {theirs:.4f} "
-                          f"(tolerance {tolerance:.4f})")
+            failed.append(f"guard {name} held it back: {key} {ours:.4f} is {theirs - ours:.4f} below the champion's "
+                          f"{theirs:.4f} (tolerance {tolerance:.4f})")
     return failed
 
 
@@ -121,7 +124,8 @@ def compare(champion: dict[str, Any], candidate: dict[str, Any], rule) -> tuple[
     key = "per_case_dice"
     if len(candidate.get("labels") or []) > 1:
         if champion.get("labels") != candidate["labels"] or "per_case_label_dice" not in champion:
-            return False, f"champion and candidate were scored on different labels ({champion.get('labels')} vs {candidate['labels']})", {}
+            return False, (f"champion and candidate were scored on different labels ({champion.get('labels')} vs "
+                           f"{candidate['labels']})"), {}
         key = "per_case_label_dice"  # several labels: bootstrap the reported statistic, not each case's label average
     boot = M.paired_bootstrap([champion[key][i] for i in ids], [candidate[key][i] for i in ids],
                               n_resamples=rule.bootstrap_resamples, seed=rule.seed)
@@ -132,13 +136,15 @@ def compare(champion: dict[str, Any], candidate: dict[str, Any], rule) -> tuple[
     if not prob >= rule.min_probability:
         failed.append(f"P(better) {prob:.3f} is below {rule.min_probability:.2f}")
     failed += guard_failures(champion, candidate, getattr(rule, "guards", None) or {})
-    summary = f"Dice {candidate['dice']:.4f} vs champion {champion['dice']:.4f} (gain {delta:+.4f}, 95% CI [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}], P(better) {prob:.3f})"
+    summary = (f"Dice {candidate['dice']:.4f} vs champion {champion['dice']:.4f} (gain {delta:+.4f}, "
+               f"95% CI [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}], P(better) {prob:.3f})")
     if failed:
         return False, f"kept the champion: {'; '.join(failed)}. {summary}", boot
     return True, f"promoted: {summary}", boot
 
 
-def decide_and_register(*, checkpoint: str | Path, run_id: str, cfg, rule, uri: str, data=None, progress: bool = True) -> Decision:
+def decide_and_register(*, checkpoint: str | Path, run_id: str, cfg, rule, uri: str, data=None,
+                        progress: bool = True) -> Decision:
     """Re-evaluate the candidate (and the current champion) on the validation split, decide, register, mirror."""
     from filelock import FileLock
 
@@ -170,18 +176,21 @@ def _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, 
             champ_ckpt = download_checkpoint(champion_version, uri, Path(tmp))
             champ_split = load_checkpoint(champ_ckpt)["meta"].get("split_hash")
             if champ_split != data.split.hash:
-                champion_before = {"version": champion_version.version, "run_id": champion_version.run_id, "split_hash": champ_split}
+                champion_before = {"version": champion_version.version, "run_id": champion_version.run_id,
+                                   "split_hash": champ_split}
                 promoted = False
-                reason = (f"kept the champion: it was validated on split {champ_split}, the candidate on {data.split.hash}; "
-                          "scores on different splits are not comparable")
+                reason = (f"kept the champion: it was validated on split {champ_split}, the candidate on "
+                          f"{data.split.hash}; scores on different splits are not comparable")
             else:
                 champ_eval = evaluate_checkpoint(champ_ckpt, cfg, split="val", data=data, progress=progress)
-                champion_before = {**_eval_record(champ_eval, champion_version.run_id, champion_version.source), "version": champion_version.version}
+                champion_before = {**_eval_record(champ_eval, champion_version.run_id, champion_version.source),
+                                   "version": champion_version.version}
                 promoted, reason, boot = compare(champion_before, candidate, rule)
     version = register_version(client, rule.registry_name, run_id, candidate, promoted, reason, bootstrap=boot)
     alias = CHAMPION if promoted else CHALLENGER
-    decision = Decision(promoted=promoted, alias=alias, reason=reason, registry_name=rule.registry_name, version=version,
-                        candidate=candidate, champion_before=champion_before, bootstrap=boot, rule=rule.model_dump())
+    decision = Decision(promoted=promoted, alias=alias, reason=reason, registry_name=rule.registry_name,
+                        version=version, candidate=candidate, champion_before=champion_before, bootstrap=boot,
+                        rule=rule.model_dump())
     if promoted:  # mirror first: if it fails, the alias still names the champion that models/champion holds
         try:
             decision.mirror = str(mirror_champion(Path(rule.models_dir), checkpoint, cfg, decision))
@@ -201,16 +210,19 @@ def register_version(client, name: str, run_id: str, candidate: dict[str, Any], 
     from mlflow.exceptions import MlflowException
 
     boot_tags = {} if not bootstrap else {"gain": f"{bootstrap['delta']:.6f}", "ci_low": f"{bootstrap['ci_low']:.6f}",
-                                          "ci_high": f"{bootstrap['ci_high']:.6f}", "prob_better": f"{bootstrap['prob_better']:.6f}"}
+                                          "ci_high": f"{bootstrap['ci_high']:.6f}",
+                                          "prob_better": f"{bootstrap['prob_better']:.6f}"}
     try:
         client.get_registered_model(name)
     except MlflowException as e:
         if e.error_code not in NOT_FOUND:
             raise
-        client.create_registered_model(name, description="medseg segmentation models; alias 'champion' is the one to use")
+        client.create_registered_model(name,
+                                       description="medseg segmentation models; alias 'champion' is the one to use")
+    tags = {"val_dice": f"{candidate['dice']:.6f}", "val_iou": f"{candidate['iou']:.6f}",
+            "split_hash": str(candidate["split_hash"]), "promoted": str(promoted).lower(), **boot_tags}
     mv = client.create_model_version(name, source=f"runs:/{run_id}/checkpoint", run_id=run_id, description=reason[:500],
-                                     tags={"val_dice": f"{candidate['dice']:.6f}", "val_iou": f"{candidate['iou']:.6f}",
-                                           "split_hash": str(candidate["split_hash"]), "promoted": str(promoted).lower(), **boot_tags})
+                                     tags=tags)
     return str(mv.version)
 
 
@@ -224,13 +236,16 @@ def model_card(decision: Decision, cfg) -> str:
         "",
         f"- Promoted: {time.strftime('%Y-%m-%d %H:%M:%S')}; {decision.reason}",
         f"- MLflow run: `{c['run_id']}`; registry: `models:/{decision.registry_name}@champion`",
-        f"- Data: `{cfg.dataset.path}` task `{cfg.dataset.task}`, labels {cfg.dataset.labels}; split hash `{c['split_hash']}`",
-        f"- Model: {cfg.model.arch} / {cfg.model.encoder} (depth {cfg.model.encoder_depth}, weights {cfg.model.encoder_weights}), "
-        f"input {cfg.dataset.image_size} px, 2.5D context {cfg.dataset.context_slices}",
-        f"- Training: loss {cfg.loss.name}, {cfg.training.optimizer} lr {cfg.training.lr:g}, {cfg.training.scheduler} schedule, "
-        f"{cfg.training.epochs} epochs, augmentations: {', '.join(a.name for a in cfg.augment) or 'none'}",
-        f"- Post-processing (chosen on validation after training, applied by eval.py and infer.py, included in the scores "
-        f"below): {describe(post) if post else 'none'}",
+        f"- Data: `{cfg.dataset.path}` task `{cfg.dataset.task}`, labels {cfg.dataset.labels}; "
+        f"split hash `{c['split_hash']}`",
+        f"- Model: {cfg.model.arch} / {cfg.model.encoder} (depth {cfg.model.encoder_depth}, "
+        f"weights {cfg.model.encoder_weights}), input {cfg.dataset.image_size} px, "
+        f"2.5D context {cfg.dataset.context_slices}",
+        f"- Training: loss {cfg.loss.name}, {cfg.training.optimizer} lr {cfg.training.lr:g}, "
+        f"{cfg.training.scheduler} schedule, {cfg.training.epochs} epochs, "
+        f"augmentations: {', '.join(a.name for a in cfg.augment) or 'none'}",
+        f"- Post-processing (chosen on validation after training, applied by eval.py and infer.py, included in the "
+        f"scores below): {describe(post) if post else 'none'}",
         "",
         "## Validation (full resolution, per case)",
         "",
@@ -239,14 +254,18 @@ def model_card(decision: Decision, cfg) -> str:
         f"| mean per-case Dice | {c['dice']:.4f} |",
         f"| mean per-case IoU | {c['iou']:.4f} |",
         f"| micro Dice | {c['dice_micro']:.4f} |",
-        f"| lesion recall | {c['lesion_recall'] if c['lesion_recall'] is None else round(c['lesion_recall'], 4)} |",
-        f"| lesion precision | {c['lesion_precision'] if c['lesion_precision'] is None else round(c['lesion_precision'], 4)} |",
+        f"| lesion recall | {_rounded(c['lesion_recall'])} |",
+        f"| lesion precision | {_rounded(c['lesion_precision'])} |",
         f"| cases (scored) | {c['n_cases']} ({c['n_scored']}) |",
         "",
         "Use: `python infer.py --ckpt models/champion/checkpoint.pt --input <volume or folder> --out <dir>`.",
         "Limits: trained on the data above only; not a medical device; check the per-case table before relying on it.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _rounded(value: float | None) -> float | None:
+    return value if value is None else round(value, 4)
 
 
 def mirror_champion(models_dir: Path, checkpoint: str | Path, cfg, decision: Decision) -> Path:

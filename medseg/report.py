@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.io_utils import atomic_write_json, atomic_write_text
+from medseg.io_utils import atomic_write_json, atomic_write_text, json_safe
 from medseg.plots import _pyplot, save_figure
 from medseg.tracking import ui_command, ui_url
 from medseg.tuning import resume_command
@@ -78,7 +78,8 @@ def parallel_coordinates_png(trials: list[dict[str, Any]], keys: list[str], metr
         norm = (scores - scores.min()) / (np.ptp(scores) or 1.0)
         cmap = plt.get_cmap("viridis")
         for row, n, t in zip(data, norm, rows):
-            ax.plot(range(len(axes)), row, color=cmap(n), linestyle=STATUS_STYLE.get(t["status"], "-"), marker="o", alpha=0.85)
+            ax.plot(range(len(axes)), row, color=cmap(n), linestyle=STATUS_STYLE.get(t["status"], "-"), marker="o",
+                    alpha=0.85)
         ax.set_xticks(range(len(axes)), labels, fontsize=7)
     ax.set_yticks([])
     ax.set_title(f"trials across searched parameters (colour: {metric_key}; dashed: stopped early)")
@@ -92,7 +93,8 @@ def curves_png(trials: list[dict[str, Any]], path: Path) -> Path:
     for index, t in enumerate(trials):
         h = t.get("history") or []
         style = dict(linestyle=STATUS_STYLE.get(t["status"], "-"), marker=".", color=f"C{index % 10}")
-        ax_val.plot([r["epoch"] for r in h], [r.get("val/dice") for r in h], label=f"{t['trial_id']} ({t['status']})", **style)
+        ax_val.plot([r["epoch"] for r in h], [r.get("val/dice") for r in h], label=f"{t['trial_id']} ({t['status']})",
+                    **style)
         ax_train.plot([r["epoch"] for r in h], [r.get("train/dice") for r in h], **style)
     ax_val.set(xlabel="epoch", ylabel="Dice", title="validation Dice per epoch (per-case mean)")
     ax_train.set(xlabel="epoch", title="training Dice per epoch (micro over patches)")
@@ -109,7 +111,8 @@ def budget_png(trials: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ids = [t["trial_id"] for t in trials]
     used = [t["epochs_used"] for t in trials]
-    colours = {"completed": "tab:green", "stopped_early": "tab:orange", "stopped_by_budget": "tab:purple", "failed": "tab:red"}
+    colours = {"completed": "tab:green", "stopped_early": "tab:orange", "stopped_by_budget": "tab:purple",
+               "failed": "tab:red"}
     ax.bar(range(len(ids)), used, color=[colours.get(t["status"], "grey") for t in trials])
     planned = [t["epochs_planned"] for t in trials]
     max_t = max(planned + [1])
@@ -140,10 +143,13 @@ def write_study_report(outcome, space, decision=None, *, out_dir: str | Path | N
         "budget": budget_png(trials, out_dir / f"{name}_budget.png"),
     }
     summary = {
-        "study": name, "space": space.source, "metric": metric, "mode": space.mode, "seconds": round(outcome.seconds, 1),
-        "parent_run_id": outcome.parent_run_id, "experiment_id": outcome.experiment_id, "tracking_uri": outcome.tracking_uri, "study_dir": str(outcome.study_dir),
+        "study": name, "space": space.source, "metric": metric, "mode": space.mode,
+        "seconds": round(outcome.seconds, 1), "parent_run_id": outcome.parent_run_id,
+        "experiment_id": outcome.experiment_id, "tracking_uri": outcome.tracking_uri,
+        "study_dir": str(outcome.study_dir),
         "n_trials": len(trials), "status_counts": {s: sum(t["status"] == s for t in trials) for s in STATUSES},
-        "epochs_used": sum(t["epochs_used"] for t in trials), "epochs_without_early_stopping": sum(t["epochs_planned"] for t in trials),
+        "epochs_used": sum(t["epochs_used"] for t in trials),
+        "epochs_without_early_stopping": sum(t["epochs_planned"] for t in trials),
         "best_trial": outcome.best["trial_id"] if outcome.best else None,
         "baseline_trial": baseline["trial_id"] if baseline else None,
         "decision": decision.to_dict() if decision else None,
@@ -152,47 +158,23 @@ def write_study_report(outcome, space, decision=None, *, out_dir: str | Path | N
         "plots": {k: str(v) for k, v in paths.items()},
         "robustness": robustness,
     }
-    atomic_write_json(out_dir / f"{name}.json", _json_safe(summary))
-    atomic_write_text(out_dir / f"{name}.md", _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, space,
-                                                        robustness))
+    atomic_write_json(out_dir / f"{name}.json", json_safe(summary))
+    markdown = _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, space, robustness)
+    atomic_write_text(out_dir / f"{name}.md", markdown)
     paths.update(markdown=out_dir / f"{name}.md", json=out_dir / f"{name}.json")
     return paths
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, space, robustness=None) -> str:
-    base_dice = baseline["best_dice"] if baseline else None
     base_name = f" `{baseline['trial_id']}`" if baseline else " (not in this study)"
-    lines = [f"# Study `{summary['study']}`", "",
-             f"Space `{summary['space']}`: {summary['n_trials']} trials in {summary['seconds']:.0f} s, "
-             f"metric `{summary['metric']}` ({summary['mode']}); "
-             f"{summary['status_counts']['completed']} completed, {summary['status_counts']['stopped_early']} stopped early by ASHA, "
-             + (f"{summary['status_counts']['stopped_by_budget']} stopped by the time budget, " if summary['status_counts']['stopped_by_budget'] else "")
-             + f"{summary['status_counts']['failed']} failed. Epochs used: {summary['epochs_used']} of "
-             f"{summary['epochs_without_early_stopping']} without early stopping.", ""]
+    lines = [f"# Study `{summary['study']}`", "", _counts_text(summary), ""]
     if summary.get("warm_start") is not None:
         from medseg.warmstart import note
 
         text = note(summary["warm_start"])
         lines += [f"{text[0].upper()}{text[1:]}.", ""]
     if decision:
-        c = decision.candidate
-        lines += ["## Champion decision", "",
-                  f"Best trial `{summary['best_trial']}` re-evaluated by the eval code on the full validation split: "
-                  f"Dice **{c['dice']:.4f}**, IoU {c['iou']:.4f}, lesion recall {_fmt(c['lesion_recall'])}, lesion precision {_fmt(c['lesion_precision'])} "
-                  f"({c['n_scored']} of {c['n_cases']} cases scored).", "",
-                  f"**{decision.alias.upper()}** (registry `{decision.registry_name}` v{decision.version}): {decision.reason}", ""]
-        if decision.mirror:
-            lines += [f"Mirrored to `{decision.mirror}` (checkpoint, config, metrics.json, MODEL_CARD.md).", ""]
+        lines += _decision_lines(summary, decision)
     if robustness:
         from medseg.robustness import robustness_markdown
 
@@ -200,22 +182,56 @@ def _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, s
     lines += ["## Trials", "",
               "Dice and IoU: best epoch's mean per-case validation score during training. "
               f"Δ baseline: against the base config's trial{base_name}; "
-              "Δ champion: against the previous champion's re-evaluated Dice.", "",
-              "| trial | status | " + " | ".join(keys) + " | Dice | IoU | best epoch | epochs | Δ baseline | Δ champion |",
-              "|" + "---|" * (len(keys) + 8)]
-    order = sorted(trials, key=lambda t: -(t["best_dice"] if t["best_dice"] is not None else -1))
-    for t in order:
-        params = " | ".join(_param(t["params"].get(k)) if not isinstance(t["params"].get(k), str) else f"`{Path(t['params'][k]).name}`" for k in keys)
-        status = t["status"] + (f": {t['error'][:60]}" if t.get("error") else "")
-        lines.append(f"| `{t['trial_id']}` | {status} | {params} | {_fmt(t['best_dice'])} | {_fmt(t['best_iou'])} | {_fmt(t['best_epoch'])} | "
-                     f"{t['epochs_used']} | {_delta(t['best_dice'], base_dice)} | {_delta(t['best_dice'], champion_dice)} |")
+              "Δ champion: against the previous champion's re-evaluated Dice.", ""]
+    lines += _trial_table(trials, keys, baseline["best_dice"] if baseline else None, champion_dice)
     lines += ["", "## Plots", ""] + [f"![{k}]({Path(p).name})" for k, p in paths.items()] + [
         "", "## Reproduce and inspect", "",
         f"- MLflow: `{ui_command(summary['tracking_uri'])}` (tracking URI `{summary['tracking_uri']}`), then "
-        f"{ui_url(summary['experiment_id'])}: study run `{summary['parent_run_id']}`; tick its child runs and press Compare "
-        "for the parallel-coordinates chart.",
-        f"- Study folder: `{summary['study_dir']}`; an interrupted study continues with `{resume_command(space, summary['study'])}`.", ""]
+        f"{ui_url(summary['experiment_id'])}: study run `{summary['parent_run_id']}`; tick its child runs and press "
+        "Compare for the parallel-coordinates chart.",
+        f"- Study folder: `{summary['study_dir']}`; an interrupted study continues with "
+        f"`{resume_command(space, summary['study'])}`.", ""]
     return "\n".join(lines)
+
+
+def _counts_text(summary) -> str:
+    """The study's opening sentence: trials by status and the epochs they used."""
+    counts = summary["status_counts"]
+    by_budget = f"{counts['stopped_by_budget']} stopped by the time budget, " if counts["stopped_by_budget"] else ""
+    return (f"Space `{summary['space']}`: {summary['n_trials']} trials in {summary['seconds']:.0f} s, "
+            f"metric `{summary['metric']}` ({summary['mode']}); "
+            f"{counts['completed']} completed, {counts['stopped_early']} stopped early by ASHA, {by_budget}"
+            f"{counts['failed']} failed. Epochs used: {summary['epochs_used']} of "
+            f"{summary['epochs_without_early_stopping']} without early stopping.")
+
+
+def _decision_lines(summary, decision) -> list[str]:
+    c = decision.candidate
+    lines = ["## Champion decision", "",
+             f"Best trial `{summary['best_trial']}` re-evaluated by the eval code on the full validation split: "
+             f"Dice **{c['dice']:.4f}**, IoU {c['iou']:.4f}, lesion recall {_fmt(c['lesion_recall'])}, "
+             f"lesion precision {_fmt(c['lesion_precision'])} ({c['n_scored']} of {c['n_cases']} cases scored).", "",
+             f"**{decision.alias.upper()}** (registry `{decision.registry_name}` v{decision.version}): "
+             f"{decision.reason}", ""]
+    if decision.mirror:
+        lines += [f"Mirrored to `{decision.mirror}` (checkpoint, config, metrics.json, MODEL_CARD.md).", ""]
+    return lines
+
+
+def _trial_table(trials, keys, base_dice, champion_dice) -> list[str]:
+    """Markdown rows of the trials, best Dice first."""
+    lines = ["| trial | status | " + " | ".join(keys)
+             + " | Dice | IoU | best epoch | epochs | Δ baseline | Δ champion |",
+             "|" + "---|" * (len(keys) + 8)]
+    order = sorted(trials, key=lambda t: -(t["best_dice"] if t["best_dice"] is not None else -1))
+    for t in order:
+        params = " | ".join(_param(t["params"].get(k)) if not isinstance(t["params"].get(k), str)
+                            else f"`{Path(t['params'][k]).name}`" for k in keys)
+        status = t["status"] + (f": {t['error'][:60]}" if t.get("error") else "")
+        lines.append(f"| `{t['trial_id']}` | {status} | {params} | {_fmt(t['best_dice'])} | {_fmt(t['best_iou'])} | "
+                     f"{_fmt(t['best_epoch'])} | {t['epochs_used']} | {_delta(t['best_dice'], base_dice)} | "
+                     f"{_delta(t['best_dice'], champion_dice)} |")
+    return lines
 
 
 # ------------------------------------------------------------------------- results table from the tracking store
@@ -235,7 +251,8 @@ def _best_epoch_scores(client, run_id: str) -> tuple[float | None, float | None,
 
 def _experiment_rows(client, experiment_ids: list[str], prefix: str) -> list[dict[str, Any]]:
     """The latest finished training or trial run of each config named ``<prefix>*``, best epoch's scores."""
-    runs = client.search_runs(experiment_ids, filter_string=f"params.name LIKE '{prefix}%' and attributes.status = 'FINISHED'",
+    runs = client.search_runs(experiment_ids,
+                              filter_string=f"params.name LIKE '{prefix}%' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1000)
     latest: dict[str, Any] = {}
     for run in runs:
@@ -245,9 +262,9 @@ def _experiment_rows(client, experiment_ids: list[str], prefix: str) -> list[dic
     for name in sorted(latest):
         run = latest[name]
         dice, iou, epoch = _best_epoch_scores(client, run.info.run_id)
-        rows.append({"experiment": f"`{name}`", "change": run.data.params.get("description", ""), "dice": dice, "iou": iou,
-                     "note": f"best of {len(client.get_metric_history(run.info.run_id, 'val/dice'))} epochs (epoch {epoch})",
-                     "run": run})
+        n_epochs = len(client.get_metric_history(run.info.run_id, "val/dice"))
+        rows.append({"experiment": f"`{name}`", "change": run.data.params.get("description", ""), "dice": dice,
+                     "iou": iou, "note": f"best of {n_epochs} epochs (epoch {epoch})", "run": run})
     return rows
 
 
@@ -284,20 +301,25 @@ def _registry_rows(client, registry_name: str) -> list[dict[str, Any]]:
 
 def _holdout_rows(client, experiment_ids: list[str], config_name: str) -> list[dict[str, Any]]:
     """The latest evaluation run of the held-out config: the champion's masks on cases nothing was chosen on."""
-    runs = client.search_runs(experiment_ids, filter_string=f"tags.kind = 'eval' and tags.config_name = '{config_name}' "
-                              "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=50)
+    runs = client.search_runs(experiment_ids,
+                              filter_string=f"tags.kind = 'eval' and tags.config_name = '{config_name}' "
+                              "and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
     for run in runs:
         if Path(run.data.params.get("eval.predictions", "")).name == "champion":
             m = run.data.metrics
-            return [{"experiment": "champion on held-out cases", "change": f"`{config_name}`: cases no run, trial or decision saw",
+            return [{"experiment": "champion on held-out cases",
+                     "change": f"`{config_name}`: cases no run, trial or decision saw",
                      "dice": m.get("eval/dice"), "iou": m.get("eval/iou"),
-                     "note": f"{int(m.get('eval/n_cases', 0))} cases, {int(m.get('eval/n_scored', 0))} scored", "run": run}]
+                     "note": f"{int(m.get('eval/n_cases', 0))} cases, {int(m.get('eval/n_scored', 0))} scored",
+                     "run": run}]
     return []
 
 
-def results_table(uri: str, *, registry_name: str = "medseg", prefix: str = "exp_", holdout_config: str = "holdout_synthetic",
-                  seed_spread: Path | None = None) -> str:
-    """Markdown: Experiment | Key change | Val Dice | Val IoU, from the tracking store (see ``python -m medseg.report table``)."""
+def results_table(uri: str, *, registry_name: str = "medseg", prefix: str = "exp_",
+                  holdout_config: str = "holdout_synthetic", seed_spread: Path | None = None) -> str:
+    """Markdown: Experiment | Key change | Val Dice | Val IoU, from the tracking store (see
+    ``python -m medseg.report table``)."""
     from medseg.tracking import get_client
 
     client = get_client(uri)
@@ -308,7 +330,8 @@ def results_table(uri: str, *, registry_name: str = "medseg", prefix: str = "exp
         raise MedsegError(f"{uri}: no run of a '{prefix}*' config, no '{registry_name}' model version and no held-out "
                           "evaluation: run `make experiments` (or `make demo`) first")
     lines = ["| Experiment | Key change | Val Dice | Val IoU | How measured |", "|---|---|---|---|---|"]
-    lines += [f"| {r['experiment']} | {r['change']} | {_fmt(r['dice'])} | {_fmt(r['iou'])} | {r['note']} |" for r in rows]
+    lines += [f"| {r['experiment']} | {r['change']} | {_fmt(r['dice'])} | {_fmt(r['iou'])} | {r['note']} |"
+              for r in rows]
     hosts = sorted({r["run"].data.tags.get("host", "unrecorded") for r in rows})
     lines += ["", f"Mean per-case Dice and IoU over the validation volumes (held-out row: its own cases). Runs from "
               f"{'; '.join(hosts)}. Generated by `python -m medseg.report table` from `{uri.split('/')[-1]}`."]
@@ -324,8 +347,9 @@ def _seed_spread_line(path: Path | None) -> str | None:
     data = json.loads(Path(path).read_text())
     s = data["summary"]
     return (f"Seed spread of one configuration (`benchmarks/bench_seed_spread.py`, {data['machine'].get('cpu', '?')}): "
-            f"best Dice {s['best_dice_min']:.3f}-{s['best_dice_max']:.3f} over {s['seeds']} seeds (range {s['best_dice_range']:.3f}, "
-            f"sd {s['best_dice_sd']:.3f}): differences smaller than that are not evidence about a configuration.")
+            f"best Dice {s['best_dice_min']:.3f}-{s['best_dice_max']:.3f} over {s['seeds']} seeds "
+            f"(range {s['best_dice_range']:.3f}, sd {s['best_dice_sd']:.3f}): differences smaller than that are not "
+            "evidence about a configuration.")
 
 
 def replace_block(path: Path, text: str, start: str = RESULTS_START, end: str = RESULTS_END) -> None:
@@ -391,7 +415,8 @@ def history_rows(client, registry_name: str) -> list[dict[str, Any]]:
             "bootstrap": version_bootstrap(version), "promoted": tags.get("promoted") == "true",
             "alias": aliases.get(version.version), "reason": version.description or "",
             "study": run.data.tags.get("study") or run.data.tags.get("config_name", "?"), "change": _sampled(run),
-            "fingerprint": _data_fingerprint(client, run), "split_hash": tags.get("split_hash"), "run_id": version.run_id,
+            "fingerprint": _data_fingerprint(client, run), "split_hash": tags.get("split_hash"),
+            "run_id": version.run_id,
         })
     return rows
 
@@ -406,7 +431,8 @@ def _interval(row: dict[str, Any]) -> str:
 def history_markdown(rows: list[dict[str, Any]], registry_name: str, uri: str, plot: Path | None = None) -> str:
     """Version | date | Dice | gain [95% CI], P(better) | decision | study: change | data."""
     lines = [f"# Registry history: `{registry_name}`", "",
-             "| Version | Date | Val Dice | Gain over champion [95% CI], P(better) | Decision | Study: config change | Data (fingerprint, split) |",
+             "| Version | Date | Val Dice | Gain over champion [95% CI], P(better) | Decision | Study: config change "
+             "| Data (fingerprint, split) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         verdict = "promoted" if r["promoted"] else "challenger"
@@ -415,7 +441,8 @@ def history_markdown(rows: list[dict[str, Any]], registry_name: str, uri: str, p
         data = f"`{(r['fingerprint'] or '?')[:12]}`, split `{(r['split_hash'] or '?')[:12]}`"
         lines.append(f"| v{r['version']} | {r['date']} | {_fmt(r['dice'])} | {_interval(r)} | **{verdict}**: {why} | "
                      f"`{r['study']}`: {r['change'] or '–'} | {data} |")
-    lines += ["", "Val Dice: the eval code's mean per-case validation Dice, re-evaluated at registration (tag `val_dice`). "
+    lines += ["", "Val Dice: the eval code's mean per-case validation Dice, re-evaluated at registration "
+              "(tag `val_dice`). "
               "Gain: paired bootstrap over validation cases against the champion of the day (tags `ci_low`/`ci_high`/"
               "`prob_better`, else the decision text); – when there was no champion to compare with. "
               f"Generated by `python -m medseg.report history` from `{uri.split('/')[-1]}`."]
@@ -440,8 +467,10 @@ def history_png(rows: list[dict[str, Any]], registry_name: str, path: Path) -> P
         b = r["bootstrap"]
         if b and all(math.isfinite(b[k]) for k in ("gain", "ci_low", "ci_high")):
             low, high = r["dice"] - b["gain"] + b["ci_low"], r["dice"] - b["gain"] + b["ci_high"]
-            ax.errorbar([x], [r["dice"]], yerr=[[r["dice"] - low], [high - r["dice"]]], color="grey", capsize=3, zorder=1)
-        ax.scatter([x], [r["dice"]], s=50, zorder=2, color="tab:green" if r["promoted"] else "white", edgecolors="tab:green")
+            ax.errorbar([x], [r["dice"]], yerr=[[r["dice"] - low], [high - r["dice"]]], color="grey", capsize=3,
+                        zorder=1)
+        ax.scatter([x], [r["dice"]], s=50, zorder=2, color="tab:green" if r["promoted"] else "white",
+                   edgecolors="tab:green")
         ax.annotate(f"v{r['version']}", (x, r["dice"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if champ_x:
         ax.step(champ_x, champ_y, where="post", color="tab:green", alpha=0.5, label="champion")
@@ -453,14 +482,18 @@ def history_png(rows: list[dict[str, Any]], registry_name: str, path: Path) -> P
     return save_figure(fig, path)
 
 
-def registry_history(uri: str, *, registry_name: str = "medseg", out: Path | None = None, plot: Path | None = None) -> str:
-    """The history Markdown (also written to ``out``) and its plot (``plot``, default next to ``out`` or in reports/)."""
+def registry_history(uri: str, *, registry_name: str = "medseg", out: Path | None = None,
+                     plot: Path | None = None) -> str:
+    """The history Markdown (also written to ``out``) and its plot (``plot``, default next to ``out`` or in
+    reports/)."""
     from medseg.tracking import get_client
 
     rows = history_rows(get_client(uri), registry_name)
     if not rows:
         raise MedsegError(f"{uri}: registry model '{registry_name}' has no version yet: run tune.py first")
-    plot = Path(plot) if plot else (Path(out).with_suffix(".png") if out else Path("reports") / f"{registry_name}_history.png")
+    if not plot:
+        plot = Path(out).with_suffix(".png") if out else Path("reports") / f"{registry_name}_history.png"
+    plot = Path(plot)
     plot.parent.mkdir(parents=True, exist_ok=True)
     history_png(rows, registry_name, plot)
     text = history_markdown(rows, registry_name, uri, plot)
@@ -470,31 +503,42 @@ def registry_history(uri: str, *, registry_name: str = "medseg", out: Path | Non
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+TRACKING_URI_HELP = "default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db"
+
+
+def _parser():
     import argparse
 
-    from medseg.tracking import default_tracking_uri
-
-    parser = argparse.ArgumentParser(prog="python -m medseg.report", description="Reports from the MLflow tracking store.")
+    parser = argparse.ArgumentParser(prog="python -m medseg.report",
+                                     description="Reports from the MLflow tracking store.")
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", help="the results table (Experiment | Key change | Val Dice | Val IoU)")
-    table.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+    table.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     table.add_argument("--registry-name", default="medseg")
     table.add_argument("--prefix", default="exp_", help="config names of the experiment ladder")
     table.add_argument("--holdout-config", default="holdout_synthetic", help="config name of the held-out evaluation")
     table.add_argument("--seed-spread", default="benchmarks/results/seed_spread.json", type=Path)
-    table.add_argument("--update", type=Path, metavar="FILE", help=f"write the table between {RESULTS_START} and {RESULTS_END} in FILE")
-    history = sub.add_parser("history", help="every registry version over time: Dice, bootstrap CI, decision, study, data")
-    history.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+    table.add_argument("--update", type=Path, metavar="FILE",
+                       help=f"write the table between {RESULTS_START} and {RESULTS_END} in FILE")
+    history = sub.add_parser("history",
+                             help="every registry version over time: Dice, bootstrap CI, decision, study, data")
+    history.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     history.add_argument("--registry-name", default="medseg")
     history.add_argument("--out", type=Path, metavar="FILE.md", help="also write the Markdown here")
-    history.add_argument("--plot", type=Path, metavar="FILE.png", help="default: FILE.png next to --out, else reports/<name>_history.png")
-    args = parser.parse_args(argv)
+    history.add_argument("--plot", type=Path, metavar="FILE.png",
+                         help="default: FILE.png next to --out, else reports/<name>_history.png")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medseg.tracking import default_tracking_uri
+
+    args = _parser().parse_args(argv)
+    uri = args.tracking_uri or default_tracking_uri()
     if args.command == "history":
-        print(registry_history(args.tracking_uri or default_tracking_uri(), registry_name=args.registry_name, out=args.out,
-                               plot=args.plot), end="")
+        print(registry_history(uri, registry_name=args.registry_name, out=args.out, plot=args.plot), end="")
         return 0
-    text = results_table(args.tracking_uri or default_tracking_uri(), registry_name=args.registry_name, prefix=args.prefix,
+    text = results_table(uri, registry_name=args.registry_name, prefix=args.prefix,
                          holdout_config=args.holdout_config, seed_spread=args.seed_spread)
     if args.update:
         replace_block(args.update, text)

@@ -24,13 +24,16 @@ WINDOW_SHIFT = "window_level"  # not an albumentations transform: a shift of the
 # name -> {severity label: spec}; a spec is {"transform": albumentations class name, "args": {...}} or, for the
 # window shift, {"level_shift": HU}. Severity labels become MLflow metric names (robust/<name>_<severity>/dice).
 PERTURBATIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "gaussian_noise": {s: {"transform": "GaussNoise", "args": {"std_range": (float(s), float(s)), "mean_range": (0.0, 0.0)}}
+    "gaussian_noise": {s: {"transform": "GaussNoise",
+                           "args": {"std_range": (float(s), float(s)), "mean_range": (0.0, 0.0)}}
                        for s in ("0.03", "0.06", "0.12")},
     "gaussian_blur": {s: {"transform": "GaussianBlur", "args": {"blur_limit": 0, "sigma_limit": (float(s), float(s))}}
                       for s in ("0.75", "1.5", "3")},
-    "contrast": {s: {"transform": "RandomBrightnessContrast", "args": {"brightness_limit": (0.0, 0.0), "contrast_limit": (float(s), float(s))}}
+    "contrast": {s: {"transform": "RandomBrightnessContrast",
+                     "args": {"brightness_limit": (0.0, 0.0), "contrast_limit": (float(s), float(s))}}
                  for s in ("-0.3", "0.3")},
-    "brightness": {s: {"transform": "RandomBrightnessContrast", "args": {"brightness_limit": (float(s), float(s)), "contrast_limit": (0.0, 0.0)}}
+    "brightness": {s: {"transform": "RandomBrightnessContrast",
+                       "args": {"brightness_limit": (float(s), float(s)), "contrast_limit": (0.0, 0.0)}}
                    for s in ("-0.1", "0.1")},
     # down then up again: area averaging down, bilinear up (cv2.INTER_AREA = 3, cv2.INTER_LINEAR = 1)
     "downsample": {s: {"transform": "Downscale", "args": {"scale_range": (float(s), float(s)),
@@ -73,7 +76,8 @@ class PerturbedPredictor(Predictor):
         return self.perturb(volume) if self.perturb is not None else volume
 
 
-def applicable(table: dict[str, dict[str, dict[str, Any]]], settings: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+def applicable(table: dict[str, dict[str, dict[str, Any]]],
+               settings: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """The table without window shifts when the checkpoint has no CT window (percentile normalisation)."""
     return {name: sev for name, sev in table.items()
             if settings.get("window") is not None or not any("level_shift" in s for s in sev.values())}
@@ -87,7 +91,8 @@ def _predict(predictor: PerturbedPredictor, image: np.ndarray, spec: dict[str, A
         elif "level_shift" in spec:
             predictor.perturb = None
             predictor.settings = copy.deepcopy(clean_settings)
-            predictor.settings["window"]["level"] = float(predictor.settings["window"]["level"]) + float(spec["level_shift"])
+            window = predictor.settings["window"]
+            window["level"] = float(window["level"]) + float(spec["level_shift"])
         else:
             predictor.perturb = lambda volume: perturb_volume(volume, spec, seed)
         return predictor.predict(image)
@@ -97,22 +102,24 @@ def _predict(predictor: PerturbedPredictor, image: np.ndarray, spec: dict[str, A
 
 def evaluate_robustness(ckpt: str | Path, cfg, *, split: str = "val", table: dict | None = None, seed: int = 0,
                         flip_tta: bool = False, postprocess: bool = True, allow_split_mismatch: bool = False,
-                        batch_size: int = 16, device: str | None = None, data=None, progress: bool = True) -> dict[str, Any]:
+                        batch_size: int = 16, device: str | None = None, data=None,
+                        progress: bool = True) -> dict[str, Any]:
     """Score ``ckpt`` on ``split`` clean and under every perturbation of ``table`` (default ``PERTURBATIONS``).
     Returns {"rows": [clean row, one per perturbation and severity], "worst_drop", "worst", "seconds", ...}."""
     from tqdm import tqdm
 
-    from medseg import metrics as M
     from medseg.errors import MedsegError
     from medseg.evaluation import score_case
     from medseg.training import prepare_data
 
     start = time.perf_counter()
-    predictor = PerturbedPredictor(ckpt, device=device, batch_size=batch_size, flip_tta=flip_tta, postprocess=postprocess)
+    predictor = PerturbedPredictor(ckpt, device=device, batch_size=batch_size, flip_tta=flip_tta,
+                                   postprocess=postprocess)
     data = data or prepare_data(cfg, progress=progress)
     if predictor.meta.get("split_hash") != data.split.hash and not allow_split_mismatch:
         raise MedsegError(f"{ckpt}: trained with split {predictor.meta.get('split_hash')}, but the config gives split "
-                          f"{data.split.hash}; scoring there may include its training cases (use --allow-split-mismatch to force)")
+                          f"{data.split.hash}; scoring there may include its training cases (use "
+                          "--allow-split-mismatch to force)")
     table = applicable(PERTURBATIONS if table is None else table, predictor.settings)
     keys = [("clean", "-", None)] + [(name, sev, spec) for name, sevs in table.items() for sev, spec in sevs.items()]
     per_case: dict[tuple[str, str], list[dict[str, Any]]] = {(n, s): [] for n, s, _ in keys}
@@ -124,12 +131,7 @@ def evaluate_robustness(ckpt: str | Path, cfg, *, split: str = "val", table: dic
         for name, sev, spec in keys:
             pred = _predict(predictor, case.image, spec, case_seed(seed, cid, name, sev))
             per_case[(name, sev)].append(score_case(cid, pred, case.label, predictor.labels))
-    rows = []
-    for name, sev, spec in keys:
-        s = M.summarize(per_case[(name, sev)])
-        rows.append({"perturbation": name, "severity": sev, "spec": spec, "dice": s["dice"],
-                     "lesion_recall": s.get("lesion_recall", float("nan")), "lesion_precision": s.get("lesion_precision", float("nan")),
-                     "n_scored": s["n_scored"], "n_cases": s["n_cases"]})
+    rows = [robustness_row(name, sev, spec, per_case[(name, sev)]) for name, sev, spec in keys]
     clean = rows[0]["dice"]
     for row in rows:
         row["dice_drop"] = clean - row["dice"]
@@ -140,6 +142,18 @@ def evaluate_robustness(ckpt: str | Path, cfg, *, split: str = "val", table: dic
             "clean_dice": clean, "worst_drop": worst["dice_drop"] if worst else float("nan"),
             "worst": f"{worst['perturbation']}_{worst['severity']}" if worst else None,
             "seconds": round(time.perf_counter() - start, 1), "rows": rows}
+
+
+def robustness_row(name: str, severity: str, spec: dict[str, Any] | None,
+                   scored: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of the table from the per-case scores of one perturbation and severity (``metrics.summarize``)."""
+    from medseg import metrics as M
+
+    s = M.summarize(scored)
+    return {"perturbation": name, "severity": severity, "spec": spec, "dice": s["dice"],
+            "lesion_recall": s.get("lesion_recall", float("nan")),
+            "lesion_precision": s.get("lesion_precision", float("nan")),
+            "n_scored": s["n_scored"], "n_cases": s["n_cases"]}
 
 
 def format_robustness(summary: dict[str, Any]) -> str:
@@ -160,13 +174,12 @@ def robustness_metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 def write_robustness(summary: dict[str, Any], out_dir: str | Path) -> Path:
     """robustness.json in ``out_dir`` (NaN as null)."""
-    from medseg.evaluation import _json_safe
-    from medseg.io_utils import atomic_write_json
+    from medseg.io_utils import atomic_write_json, json_safe
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "robustness.json"
-    atomic_write_json(path, _json_safe(summary))
+    atomic_write_json(path, json_safe(summary))
     return path
 
 
@@ -183,8 +196,10 @@ def robustness_markdown(summary: dict[str, Any], title: str = "Robustness (champ
     """Lines of a markdown section for a report."""
     lines = [f"## {title}", "",
              f"Validation split ({summary['n_cases']} cases) under fixed-seed perturbations (medseg/robustness.py); "
-             f"clean Dice {summary['clean_dice']:.4f}, worst drop {summary['worst_drop']:.4f} ({summary['worst']}).", "",
-             "| perturbation | severity | Dice | drop | lesion recall | lesion precision |", "|---|---|---|---|---|---|"]
+             f"clean Dice {summary['clean_dice']:.4f}, worst drop {summary['worst_drop']:.4f} ({summary['worst']}).",
+             "",
+             "| perturbation | severity | Dice | drop | lesion recall | lesion precision |",
+             "|---|---|---|---|---|---|"]
 
     def f(v):
         return "—" if v is None or v != v else f"{v:.4f}"

@@ -6,7 +6,6 @@ against the config tree by validating the base config with the domain's bounds o
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,10 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from medseg.config import Config, _format_error, config_from_dict, load_yaml
 from medseg.errors import ConfigError
+from medseg.io_utils import absolute_path
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # frozen: a space is validated with its final values (load_space, space_for_configs) and never changed after
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Domain(_Strict):
@@ -94,13 +95,15 @@ class ChampionRule(_Strict):
     AND no guarded metric below the champion's by more than its tolerance (``guards``)."""
 
     registry_name: str = "medseg"
-    margin: float = Field(0.01, ge=0, description="minimum gain in mean per-case validation Dice (the shipped spaces use 0.01 too)")
+    margin: float = Field(0.01, ge=0, description="minimum gain in mean per-case validation Dice "
+                                                 "(the shipped spaces use 0.01 too)")
     min_probability: float = Field(0.95, gt=0, le=1)
     bootstrap_resamples: int = Field(10000, ge=100)
     seed: int = 0
     models_dir: str = "models"
-    guards: dict[str, float] = Field(default_factory=dict, description="metric -> tolerance, e.g. {val/lesion_recall: 0.02}: "
-                                     "a challenger whose re-evaluated metric is below the champion's by more is not promoted")
+    guards: dict[str, float] = Field(default_factory=dict, description="metric -> tolerance, e.g. "
+                                     "{val/lesion_recall: 0.02}: a challenger whose re-evaluated metric is below the "
+                                     "champion's by more is not promoted")
 
     @model_validator(mode="after")
     def _check_guards(self) -> "ChampionRule":
@@ -119,7 +122,8 @@ class SearchSpace(_Strict):
     base_config: str
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys applied to the base config")
     params: dict[str, Domain] = Field(default_factory=dict)
-    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="trials to run first (after the base config's own values)")
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="trials to run first "
+                                                     "(after the base config's own values)")
     metric: str = "val/dice"
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(8, ge=1)
@@ -135,12 +139,17 @@ class SearchSpace(_Strict):
     reports_dir: str = "reports"
     champion: ChampionRule = Field(default_factory=ChampionRule)
 
-    # filled in by load_space / space_for_configs
+    # derived by load_space / space_for_configs, validated with the rest
     source: str = ""
     base: dict[str, Any] = Field(default_factory=dict)
-    fixed_configs: dict[str, dict[str, Any]] = Field(default_factory=dict, description="tune.py --configs: file -> config")
+    fixed_configs: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                     description="tune.py --configs: file -> config")
     cli_overrides: list[str] = Field(default_factory=list, description="the --set values it was loaded with")
     settings_file: str = Field("", description="tune.py --configs: the --space file that supplied the study settings")
+
+    def updated(self, **changes: Any) -> "SearchSpace":
+        """A copy with ``changes`` (top-level fields), validated again: a space is never changed in place."""
+        return _validated({**self.model_dump(exclude_unset=True), **changes}, self.source)
 
     def base_cfg(self) -> Config:
         return config_from_dict(self.base, source=self.source, resolve=False)
@@ -172,17 +181,32 @@ def _flat_values(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _absolute(path: str, base: Path) -> str:
-    return str((base / os.path.expanduser(path)).resolve()) if "://" not in path else path
-
-
 def load_space(path: str | Path, *, overrides: list[str] | None = None) -> SearchSpace:
-    """Load and validate a search-space file; the base config path is relative to the file itself."""
-    path = Path(path)
-    raw = load_yaml(path)
-    for text in overrides or []:
-        from medseg.config import parse_override, set_dotted
+    """Load and validate a search-space file; the base config path is relative to the file itself.
 
+    The file (with its --set values) is validated first; the returned space is validated once more with the
+    values derived from it: its source, the resolved base config, the --set values and absolute output paths."""
+    path = Path(path)
+    declared = _validated(_with_sets(load_yaml(path), overrides or [], path), str(path))
+    base_path = (path.parent / declared.base_config).resolve()
+    base_cfg = config_from_dict(load_yaml(base_path), source=str(base_path), overrides=dict(declared.overrides),
+                                config_dir=base_path.parent)
+    base = base_cfg.to_dict()
+    _check_points(declared, path)
+    _check_domains(declared, base, path)
+    space = _validated({**_values_with_absolute_paths(declared), "source": str(path), "base": base,
+                        "cli_overrides": list(overrides or [])}, str(path))
+    if space.asha.enabled and space.asha.max_t != base_cfg.training.epochs:
+        raise ConfigError(f"{path}: asha.max_t ({space.asha.max_t}) must equal the trial epochs training.epochs "
+                          f"({base_cfg.training.epochs}); set overrides: {{training.epochs: {space.asha.max_t}}}")
+    return space
+
+
+def _with_sets(raw: dict[str, Any], overrides: list[str], path: Path) -> dict[str, Any]:
+    """The file's mapping with tune.py's --set values applied (``overrides.<config key>`` adds a config override)."""
+    from medseg.config import parse_override, set_dotted
+
+    for text in overrides:
         key, value = parse_override(text)
         if key.startswith("overrides."):  # a config key applied to every trial: overrides.training.ema_decay=0.99
             if not isinstance(raw.get("overrides") or {}, dict):
@@ -190,52 +214,60 @@ def load_space(path: str | Path, *, overrides: list[str] | None = None) -> Searc
             raw["overrides"] = {**(raw.get("overrides") or {}), key.removeprefix("overrides."): value}
         else:
             set_dotted(raw, key, value)
+    return raw
+
+
+def _validated(values: dict[str, Any], source: str) -> SearchSpace:
     try:
-        space = SearchSpace.model_validate(raw)
+        return SearchSpace.model_validate(values)
     except ValidationError as err:
-        raise _format_error(err, str(path)) from None
-    base_path = (path.parent / space.base_config).resolve()
-    base_cfg = config_from_dict(load_yaml(base_path), source=str(base_path), overrides=dict(space.overrides),
-                                config_dir=base_path.parent)
-    space.source, space.base, space.cli_overrides = str(path), base_cfg.to_dict(), list(overrides or [])
+        raise _format_error(err, source) from None
+
+
+def _check_points(space: SearchSpace, path: Path) -> None:
+    """Every point of ``points_to_evaluate`` sets exactly the searched keys, each inside its domain."""
     for i, point in enumerate(space.points_to_evaluate):
         if set(point) != set(space.params):
-            raise ConfigError(f"{path}: points_to_evaluate.{i}: keys {sorted(point)} must be the searched keys {sorted(space.params)}")
+            raise ConfigError(f"{path}: points_to_evaluate.{i}: keys {sorted(point)} must be the searched keys "
+                              f"{sorted(space.params)}")
         outside = [k for k, v in point.items() if not space.params[k].contains(v)]
         if outside:
-            raise ConfigError(f"{path}: points_to_evaluate.{i}: {outside[0]}={point[outside[0]]!r} is outside its domain")
+            raise ConfigError(f"{path}: points_to_evaluate.{i}: {outside[0]}={point[outside[0]]!r} "
+                              "is outside its domain")
+
+
+def _check_domains(space: SearchSpace, base: dict[str, Any], path: Path) -> None:
+    """The base config with each domain's bounds (or each choice) applied is a valid config."""
     for key, domain in space.params.items():
         for value in domain.probe_values():
             try:
-                config_from_dict(space.base, source=f"{path}: params.{key}={value!r}", overrides={key: value}, resolve=False)
+                config_from_dict(base, source=f"{path}: params.{key}={value!r}", overrides={key: value}, resolve=False)
             except ConfigError as err:
                 raise ConfigError(str(err)) from None
+
+
+def _values_with_absolute_paths(space: SearchSpace) -> dict[str, Any]:
+    """The values ``space`` was validated from (defaults left to the next validation, so they keep their form in
+    dumps and hashes), with its output folders made absolute against the working directory: trials running in
+    other working directories or on other nodes write to the same places."""
     cwd = Path.cwd()
-    space.storage_path = _absolute(space.storage_path, cwd)
-    space.reports_dir = _absolute(space.reports_dir, cwd)
-    space.champion.models_dir = _absolute(space.champion.models_dir, cwd)
-    if space.asha.enabled and space.asha.max_t != base_cfg.training.epochs:
-        raise ConfigError(f"{path}: asha.max_t ({space.asha.max_t}) must equal the trial epochs training.epochs "
-                          f"({base_cfg.training.epochs}); set overrides: {{training.epochs: {space.asha.max_t}}}")
-    return space
+    champion = {**space.champion.model_dump(exclude_unset=True),
+                "models_dir": absolute_path(space.champion.models_dir, cwd)}
+    return {**space.model_dump(exclude_unset=True), "storage_path": absolute_path(space.storage_path, cwd),
+            "reports_dir": absolute_path(space.reports_dir, cwd), "champion": champion}
 
 
 def space_for_configs(config_paths: list[str], *, name: str, template: SearchSpace | None = None) -> SearchSpace:
-    """A 'study' over a fixed list of config files (tune.py --configs): one trial per file, no early stopping."""
+    """A 'study' over a fixed list of config files (tune.py --configs): one trial per file, no early stopping.
+    The study settings come from ``template`` (tune.py --space), else the defaults."""
     from medseg.config import load_config
 
     bases = [load_config(p).to_dict() for p in config_paths]
-    settings = template.model_dump(exclude={"params", "base", "source", "overrides", "base_config", "name", "fixed_configs",
-                                            "settings_file"}) if template else {}
-    space = SearchSpace.model_validate({**settings, "name": name, "base_config": config_paths[0]})
-    space.asha.enabled = False
-    space.num_samples = len(config_paths)
-    space.source = ", ".join(config_paths)
-    space.settings_file = template.source if template else ""
-    space.base = bases[0]
-    space.fixed_configs = {str(Path(p).resolve()): b for p, b in zip(config_paths, bases)}
-    cwd = Path.cwd()
-    space.storage_path = _absolute(space.storage_path, cwd)
-    space.reports_dir = _absolute(space.reports_dir, cwd)
-    space.champion.models_dir = _absolute(space.champion.models_dir, cwd)
-    return space
+    settings = template.model_dump(exclude={"params", "base", "source", "overrides", "base_config", "name",
+                                            "fixed_configs", "settings_file"}) if template else {}
+    declared = _validated({**settings, "name": name, "base_config": config_paths[0]}, "tune.py --configs")
+    asha = {**declared.asha.model_dump(exclude_unset=True), "enabled": False}
+    fixed = {str(Path(p).resolve()): b for p, b in zip(config_paths, bases)}
+    return _validated({**_values_with_absolute_paths(declared), "asha": asha, "num_samples": len(config_paths),
+                       "source": ", ".join(config_paths), "settings_file": template.source if template else "",
+                       "base": bases[0], "fixed_configs": fixed}, "tune.py --configs")

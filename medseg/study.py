@@ -22,15 +22,19 @@ def run_and_promote(space, *, resume: bool = False, name: str | None = None, add
             best = outcome.best
             if not best.get("checkpoint") or not best.get("run_id"):
                 raise MedsegError(f"best trial {best['trial_id']} left no checkpoint to evaluate")
-            decision = decide_and_register(checkpoint=best["checkpoint"], run_id=best["run_id"], cfg=trial_config(best["params"], space),
-                                           rule=space.champion, uri=outcome.tracking_uri, progress=progress)
+            decision = decide_and_register(checkpoint=best["checkpoint"], run_id=best["run_id"],
+                                           cfg=trial_config(best["params"], space), rule=space.champion,
+                                           uri=outcome.tracking_uri, progress=progress)
             client.set_tag(outcome.parent_run_id, "decision", decision.alias)
             client.log_metric(outcome.parent_run_id, "best/eval_dice", decision.candidate["dice"])
-            if decision.promoted:  # the new champion's robustness set (strongest severities), in the report and on the study run
+            # the new champion's robustness set (strongest severities), in the report and on the study run
+            if decision.promoted:
                 from medseg.robustness import champion_robustness
 
-                robustness = champion_robustness(best["checkpoint"], trial_config(best["params"], space), progress=progress)
-                log_metrics(client, outcome.parent_run_id, {"champion/robust_worst_drop": robustness["worst_drop"]}, step=0)
+                robustness = champion_robustness(best["checkpoint"], trial_config(best["params"], space),
+                                                 progress=progress)
+                log_metrics(client, outcome.parent_run_id, {"champion/robust_worst_drop": robustness["worst_drop"]},
+                            step=0)
         paths = write_study_report(outcome, space, decision, robustness=robustness)
         for key in ("markdown", "json", "parallel", "curves", "budget"):
             client.log_artifact(outcome.parent_run_id, str(paths[key]), "report")
@@ -39,6 +43,7 @@ def run_and_promote(space, *, resume: bool = False, name: str | None = None, add
         raise
     client.set_terminated(outcome.parent_run_id, "FINISHED")
     print(Path(paths["markdown"]).read_text())
-    print(f"report: {paths['markdown']}\nMLflow: {ui_command(outcome.tracking_uri)}, then {ui_url(outcome.experiment_id)} "
+    print(f"report: {paths['markdown']}\nMLflow: {ui_command(outcome.tracking_uri)}, "
+          f"then {ui_url(outcome.experiment_id)} "
           "(runs table; tick runs, Compare: parallel coordinates)")
     return outcome, decision, paths

@@ -89,15 +89,18 @@ def ensure_experiment(uri: str, name: str) -> str:
         try:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         except MlflowException as err:  # a UI hint only (e.g. a read-only server): never fail a run for it
-            logging.getLogger(__name__).warning("could not tag experiment %r with %s: %s", name, EXPERIMENT_KIND_TAG, err)
+            logging.getLogger(__name__).warning("could not tag experiment %r with %s: %s", name, EXPERIMENT_KIND_TAG,
+                                                err)
     return exp.experiment_id
 
 
 def git_commit() -> str:
     root = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -114,7 +117,8 @@ def tags_of(cfg: Config, data=None, **extra: str) -> dict[str, str]:
     tags = {"git_commit": git_commit(), "config_hash": cfg.hash(), "config_name": cfg.name, "host": host_description()}
     if data is not None:
         tags.update(dataset=str(Path(data.source.root).name), dataset_fingerprint=data.source.fingerprint(),
-                    split_hash=data.split.hash, split_fold=str(data.split.fold), preprocessing_hash=Path(data.cache.root).name)
+                    split_hash=data.split.hash, split_fold=str(data.split.fold),
+                    preprocessing_hash=Path(data.cache.root).name)
     tags.update({k: str(v) for k, v in extra.items()})
     return tags
 
@@ -126,7 +130,8 @@ def tta_tag(cfg: Config) -> str:
     return format_mirrors(mirrors_from_augment(cfg.augment))
 
 
-def start_run(client, experiment_id: str, *, run_name: str, params: dict[str, str], tags: dict[str, str], parent_run_id: str | None = None) -> str:
+def start_run(client, experiment_id: str, *, run_name: str, params: dict[str, str], tags: dict[str, str],
+              parent_run_id: str | None = None) -> str:
     from mlflow.entities import Param
 
     if parent_run_id:
@@ -158,8 +163,8 @@ def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None
 def log_run_artifacts(client, run_id: str, run_dir: Path) -> None:
     """Best checkpoint, curves, overlays, resolved config, splits.json and per-case CSV of a run folder."""
     run_dir = Path(run_dir)
-    for name, dest in (("best.pt", "checkpoint"), ("config.yaml", None), ("splits.json", None), ("val_per_case.csv", None),
-                       ("history.json", None), ("learning_curve.png", "plots")):
+    for name, dest in (("best.pt", "checkpoint"), ("config.yaml", None), ("splits.json", None),
+                       ("val_per_case.csv", None), ("history.json", None), ("learning_curve.png", "plots")):
         if (run_dir / name).exists():
             client.log_artifact(run_id, str(run_dir / name), dest)
     if (run_dir / "overlays").is_dir():
@@ -181,8 +186,10 @@ def log_postprocessing(client, run_id: str, run_dir: Path) -> None:
     choice = json.loads(path.read_text())
     client.log_artifact(run_id, str(path))
     client.set_tag(run_id, "postprocessing", describe(choice)[:5000])
-    log_metrics(client, run_id, {"val/dice_before_postprocessing": choice["dice_before"], "val/dice_postprocessed": choice["dice_after"],
-                                 "postprocessing_seconds": choice.get("seconds", float("nan"))}, step=int(choice.get("epoch", 0)))
+    log_metrics(client, run_id, {"val/dice_before_postprocessing": choice["dice_before"],
+                                 "val/dice_postprocessed": choice["dice_after"],
+                                 "postprocessing_seconds": choice.get("seconds", float("nan"))},
+                step=int(choice.get("epoch", 0)))
 
 
 @contextmanager
@@ -224,7 +231,8 @@ def train_tracked(cfg: Config, *, progress: bool = True) -> tuple[Any, str]:
         def on_epoch(report) -> None:
             log_metrics(client, run_id, report.metrics, step=report.epoch)
 
-        result = fit(cfg, on_epoch=on_epoch, run_dir=run_dir, data=data, progress=progress, checkpoint_meta={"mlflow_run_id": run_id})
+        result = fit(cfg, on_epoch=on_epoch, run_dir=run_dir, data=data, progress=progress,
+                     checkpoint_meta={"mlflow_run_id": run_id})
         log_metrics(client, run_id, {f"best/{k}": v for k, v in result.best_metrics.items()}, step=result.best_epoch)
         client.set_tag(run_id, "best_epoch", str(result.best_epoch))
         client.set_tag(run_id, "stop_reason", result.stop_reason)

@@ -2,7 +2,9 @@
 
 It knows nothing of Ray or MLflow: after each epoch it hands an ``EpochReport`` to ``on_epoch``, which
 ``tracking.py`` turns into MLflow calls and ``tuning.py`` into ``ray.tune.report``. Validation Dice is
-computed per case on whole volumes (slices stacked back), never averaged over batches.
+computed per case on whole volumes (slices stacked back by ``inference.predict_volume``), never averaged over
+batches. The epoch loop is linear: ``begin_epoch`` (seeds, LR), ``run_epoch`` (train, validate), ``record_epoch``
+(best.pt, last.pt, history), then the callback.
 """
 from __future__ import annotations
 
@@ -25,13 +27,13 @@ from torch.utils.data import DataLoader
 from medseg import metrics as M
 from medseg.checkpoint import library_versions, save_checkpoint
 from medseg.config import Config
-from medseg.data.dataset import EpochSampler, SliceDataset, build_augmentation, label_lut, seed_worker, stack_context
-from medseg.errors import MedsegError, NonFiniteLossError
+from medseg.data.dataset import EpochSampler, SliceDataset, build_augmentation, label_lut, seed_worker
+from medseg.errors import ConfigError, MedsegError, NonFiniteLossError
+from medseg.inference import predict_volume
 from medseg.io_utils import atomic_path, atomic_write_json
 from medseg.losses import build_loss
-from medseg.models import build_model, n_classes, predict_classes
-from medseg.tta import mirrored_logits, mirrors_from_augment
-
+from medseg.models import autocast, build_model, n_classes, native_bf16, predict_classes
+from medseg.tta import mirrors_from_augment
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -73,17 +75,25 @@ def resolve_labels(wanted: list[int] | None, source) -> list[int]:
         return known
     unknown = [v for v in wanted if v not in known]
     if unknown or not wanted:
-        raise MedsegError(f"dataset.labels: {unknown or wanted} not among the task's labels {known} ({source.root})")
+        raise ConfigError(f"dataset.labels: {unknown or wanted} not among the task's labels {known} ({source.root})")
+    if len(set(wanted)) != len(wanted):
+        raise ConfigError(f"dataset.labels: {wanted} repeats a label; list each label value once")
     return list(wanted)
 
 
 # ------------------------------------------------------------------------------------------ reproducibility
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The one seed of (run seed, epoch), for every random stream of an epoch (python, numpy, torch, the loader's
+    sampler, the augmentations): each epoch is reproducible on its own."""
+    return (seed * 1_000_003 + epoch) % 2**32
+
+
 def seed_everything(seed: int, epoch: int = 0) -> None:
     """Seed python, numpy and torch from (seed, epoch): each epoch is reproducible on its own, so a run
     resumed from a checkpoint continues exactly as the uninterrupted run would have."""
-    mixed = (seed * 1_000_003 + epoch) % 2**32
+    mixed = epoch_seed(seed, epoch)
     random.seed(mixed)
     np.random.seed(mixed)
     torch.manual_seed(mixed)
@@ -96,7 +106,7 @@ def configure_torch(cfg: Config) -> torch.device:
         torch.set_num_threads(t.threads)
     want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if t.device == "cuda" and not torch.cuda.is_available():
-        raise MedsegError("training.device: 'cuda' requested but no CUDA device is available")
+        raise ConfigError("training.device: 'cuda' requested but no CUDA device is available")
     if t.deterministic:
         # cuBLAS needs a fixed workspace for deterministic matmuls; harmless on CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -154,59 +164,22 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
-# ----------------------------------------------------------------------------------------- prediction
-
-
-def native_bf16() -> bool:
-    """bf16 in hardware (Ampere and later). ``is_bf16_supported()`` alone also says yes for emulated bf16 on
-    T4/V100, where fp16 with a GradScaler is the fast path."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def autocast(device: torch.device, enabled: bool):
-    if device.type != "cuda" or not enabled:
-        return torch.autocast(device_type="cpu", enabled=False)
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if native_bf16() else torch.float16)
-
-
-@torch.no_grad()
-def predict_volume(model: torch.nn.Module, volume: np.ndarray, *, context: int, device: torch.device, batch_size: int,
-                   threshold: float = 0.5, amp: bool = False, tta_axes: list[list[int]] | None = None,
-                   target: np.ndarray | None = None, loss_fn=None) -> tuple[np.ndarray, float | None]:
-    """(Z, S, S) normalised volume -> (Z, S, S) uint8 class map, slice batches through the model.
-
-    With ``target`` (class indices) and ``loss_fn``, also returns the mean loss over slices.
-    ``tta_axes`` (mirrors, see ``medseg.tta``) averages probabilities over the identity and those mirrors.
-    """
-    model.eval()
-    n = volume.shape[0]
-    out = np.empty((n, volume.shape[1], volume.shape[2]), np.uint8)
-    loss_sum = 0.0
-    for start in range(0, n, batch_size):
-        zs = range(start, min(n, start + batch_size))
-        x = torch.from_numpy(np.stack([stack_context(volume, z, context) for z in zs])).to(device)
-        with autocast(device, amp):
-            logits = model(x).float()
-            if tta_axes:
-                logits = mirrored_logits(model, x, logits, tta_axes)
-        if target is not None and loss_fn is not None:
-            y = torch.from_numpy(np.ascontiguousarray(target[start:start + len(zs)]).astype(np.int64)).to(device)
-            loss_sum += float(loss_fn(logits, y)) * len(zs)
-        out[start:start + len(zs)] = predict_classes(logits, threshold).cpu().numpy()
-    return out, (loss_sum / n if loss_fn is not None and target is not None else None)
+# ----------------------------------------------------------------------------------------- validation
 
 
 def validate(model, data: PreparedData, case_ids: list[str], cfg: Config, device: torch.device, *, loss_fn=None,
-             tta_axes: list[list[int]] | None = None, keep_predictions: bool = False) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
+             tta_axes: list[list[int]] | None = None,
+             keep_predictions: bool = False) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
     """Whole-volume, per-case metrics on the cached resolution. Returns (summary, per-case rows, predictions)."""
+    t = cfg.training
     lut = label_lut(data.labels)
     classes = list(range(1, len(data.labels) + 1))
     rows, losses, predictions = [], [], {}
     for cid in case_ids:
         target = lut[np.asarray(data.cache.label(cid))]
         pred, loss = predict_volume(model, data.cache.image(cid), context=cfg.dataset.context_slices, device=device,
-                                    batch_size=cfg.training.batch_size, threshold=cfg.training.threshold, amp=cfg.training.amp,
-                                    tta_axes=tta_axes, target=target, loss_fn=loss_fn)
+                                    batch_size=t.batch_size, threshold=t.threshold, amp=t.amp, tta_axes=tta_axes,
+                                    target=target, loss_fn=loss_fn)
         if loss is not None:
             losses.append(loss)
         rows.append({"case_id": cid, **M.case_metrics(pred, target, classes, lesion_labels=classes)})
@@ -245,10 +218,42 @@ class FitResult:
     stop_reason: str  # "max_epochs" | "patience" | "callback"
     per_case_csv: Path
     artifacts: list[Path] = field(default_factory=list)
-    postprocessing: dict[str, Any] | None = None  # chosen on validation after training (medseg.postprocess), also in best.pt
+    # chosen on validation after training (medseg.postprocess), also in best.pt
+    postprocessing: dict[str, Any] | None = None
 
 
 OnEpoch = Callable[[EpochReport], "bool | None"]
+
+
+@dataclass
+class TrainingParts:
+    """What a run trains with, built once by ``build_training``."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    scaler: torch.amp.GradScaler
+    transform: Any  # the augmentation pipeline, None without augmentation
+    sampler: EpochSampler
+    loader_gen: torch.Generator  # the loader's shuffling and worker seeds, reseeded per epoch
+    loader: DataLoader
+    classes: int  # output channels
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What is validated and checkpointed: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+@dataclass
+class RunState:
+    """The loop's record: per-epoch metrics, the best epoch so far (resumable from last.pt) and its predictions."""
+
+    sign: float  # compare sign * value of training.monitor: larger is better
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"value": -math.inf, "epoch": 0, "metrics": {}})
+    best_predictions: dict[str, np.ndarray] | None = None  # the best epoch's validation class maps
 
 
 def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | None = None,
@@ -268,87 +273,133 @@ def fit(cfg: Config, *, on_epoch: OnEpoch | None = None, run_dir: str | Path | N
     run_dir = Path(run_dir or Path(cfg.output.run_dir) / (cfg.output.run_name or cfg.name)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     data = data or prepare_data(cfg, progress=progress)
-    context = cfg.dataset.context_slices
-    classes = n_classes(data.labels)
-
-    seed_everything(t.seed)
-    model = build_model(cfg.model, in_channels=(2 * context + 1) * data.in_channels, classes=classes).to(device)
-    optimizer = build_optimizer(model, cfg)
-    ema = build_ema(model, cfg)
-    eval_model = ema.module if ema is not None else model  # what is validated and checkpointed
-    loss_fn = build_loss(cfg.loss, classes)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.amp and not native_bf16())  # fp16 needs it
-    transform = build_augmentation(cfg.augment, seed=t.seed)
-    train_set = SliceDataset(data.cache, data.split.train, labels=data.labels, context_slices=context, transform=transform)
-    sampler = EpochSampler(train_set.has_foreground(), n=t.samples_per_epoch, fg_fraction=t.fg_oversample, seed=t.seed)
-    loader_gen = torch.Generator()
-    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers, drop_last=len(sampler) > t.batch_size,
-                        worker_init_fn=seed_worker, generator=loader_gen, persistent_workers=False, pin_memory=device.type == "cuda")
-    meta_base = {
-        "config": cfg.to_dict(), "preprocessing": data.preprocessing(cfg), "labels": data.labels,
-        "in_channels": (2 * context + 1) * data.in_channels, "classes": classes, "split_hash": data.split.hash,
-        "split_fold": data.split.fold, "dataset_fingerprint": data.source.fingerprint(), "versions": library_versions(),
-        "tta_axes": mirrors_from_augment(cfg.augment),  # the mirrors training showed the model: what --tta may use
-        **(checkpoint_meta or {}),
-    }
+    parts = build_training(cfg, data, device)
+    meta_base = checkpoint_meta_base(cfg, data, parts.classes, checkpoint_meta)
     _write_run_files(run_dir, cfg, data)
-
-    history: list[dict[str, float]] = []
-    sign = 1.0 if t.monitor_mode == "max" else -1.0  # compare sign * value: larger is better
-    best = {"value": -math.inf, "epoch": 0, "metrics": {}}
-    start_epoch = 0
+    state, start_epoch = RunState(sign=1.0 if t.monitor_mode == "max" else -1.0), 0
     if resume_state is not None:
-        start_epoch, history, best = _load_state(resume_state, model, optimizer, scaler, ema)
-    stop_reason = "max_epochs"
-    artifacts: list[Path] | None = None
-    best_predictions: dict[str, np.ndarray] | None = None  # the best epoch's validation class maps, for post-processing
-    for epoch in range(start_epoch, t.epochs):
-        seed_everything(t.seed, epoch + 1)
-        loader_gen.manual_seed(t.seed * 1_000_003 + epoch)
-        sampler.set_epoch(epoch)
-        if transform is not None:
-            transform.set_random_seed(t.seed * 1_000_003 + epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = t.lr * lr_factor(epoch, cfg)
-        started = time.perf_counter()
-        train = train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg, epoch=epoch + 1, progress=progress,
-                                classes=classes, ema=ema)
-        val, rows, predictions = validate(eval_model, data, data.split.val, cfg, device, loss_fn=loss_fn, keep_predictions=True)
-        metrics = {f"train/{k}": v for k, v in train.items()}
-        metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        metrics["epoch_seconds"] = time.perf_counter() - started
-        if t.monitor not in metrics:
-            raise MedsegError(f"training.monitor: '{t.monitor}' is not a validation metric; available: {sorted(k for k in metrics if k.startswith('val/'))}")
-        value = sign * metrics[t.monitor]
-        is_best = not math.isnan(value) and value > best["value"]
-        if is_best:
-            best = {"value": value, "epoch": epoch + 1, "metrics": dict(metrics)}
-            save_checkpoint(run_dir / "best.pt", eval_model, {**meta_base, "epoch": epoch + 1, "metrics": metrics})
-            best_predictions = predictions
-            _write_per_case(run_dir / "val_per_case.csv", rows)
-        history.append({"epoch": epoch + 1, **metrics})
-        _save_state(run_dir / "last.pt", model, optimizer, scaler, epoch + 1, history, best, ema)
-        atomic_write_json(run_dir / "history.json", history)
-        patience_hit = t.patience is not None and epoch + 1 - best["epoch"] >= t.patience
-        final = epoch + 1 == t.epochs or patience_hit
+        start_epoch, state.history, state.best = _load_state(resume_state, parts.model, parts.optimizer, parts.scaler,
+                                                             parts.ema)
+    stop_reason, artifacts = "max_epochs", None
+    for epoch in range(start_epoch + 1, t.epochs + 1):  # 1-based
+        begin_epoch(parts, cfg, epoch)
+        metrics, rows, predictions = run_epoch(parts, data, cfg, device, epoch=epoch, progress=progress)
+        is_best = record_epoch(run_dir, parts, state, metrics, rows, predictions, epoch=epoch, cfg=cfg,
+                               meta_base=meta_base)
+        patience_hit = t.patience is not None and epoch - state.best["epoch"] >= t.patience
+        final = epoch == t.epochs or patience_hit
         if final:  # artifacts before the last callback: a scheduler may end the process at that report
-            artifacts = finish_run(run_dir, cfg, data, history, device, best_predictions=best_predictions)
-        report = EpochReport(epoch=epoch + 1, metrics=metrics, is_best=is_best, best_value=sign * best["value"],
-                             best_epoch=best["epoch"], checkpoint_dir=run_dir, final=final)
+            artifacts = finish_run(run_dir, cfg, data, state.history, device, best_predictions=state.best_predictions)
+        report = EpochReport(epoch=epoch, metrics=metrics, is_best=is_best, best_value=state.sign * state.best["value"],
+                             best_epoch=state.best["epoch"], checkpoint_dir=run_dir, final=final)
         if on_epoch is not None and on_epoch(report):
             stop_reason = "callback"
             break
         if patience_hit:
             stop_reason = "patience"
             break
-    if best["epoch"] == 0:
+    if state.best["epoch"] == 0:
         raise MedsegError(f"{run_dir}: no epoch produced a finite {t.monitor} (are all validation cases empty?)")
     if artifacts is None:  # stopped by the callback, or resumed after the last epoch
-        artifacts = finish_run(run_dir, cfg, data, history, device, best_predictions=best_predictions)
+        artifacts = finish_run(run_dir, cfg, data, state.history, device, best_predictions=state.best_predictions)
+    return fit_result(run_dir, state, stop_reason, artifacts)
+
+
+def build_training(cfg: Config, data: PreparedData, device: torch.device) -> TrainingParts:
+    """Model (initialised from ``training.seed``), optimizer, weight average, loss, grad scaler, augmentation,
+    sampler and loader of a run."""
+    t = cfg.training
+    context = cfg.dataset.context_slices
+    classes = n_classes(data.labels)
+    seed_everything(t.seed)
+    model = build_model(cfg.model, in_channels=(2 * context + 1) * data.in_channels, classes=classes).to(device)
+    optimizer = build_optimizer(model, cfg)
+    ema = build_ema(model, cfg)
+    loss_fn = build_loss(cfg.loss, classes)
+    # fp16 needs a GradScaler; bf16 and the CPU do not (disabled, it passes gradients through)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.amp and not native_bf16())
+    transform = build_augmentation(cfg.augment, seed=t.seed)
+    train_set = SliceDataset(data.cache, data.split.train, labels=data.labels, context_slices=context,
+                             transform=transform)
+    sampler = EpochSampler(train_set.has_foreground(), n=t.samples_per_epoch, fg_fraction=t.fg_oversample,
+                           seed=t.seed)
+    loader_gen = torch.Generator()
+    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+                        drop_last=len(sampler) > t.batch_size, worker_init_fn=seed_worker, generator=loader_gen,
+                        persistent_workers=False, pin_memory=device.type == "cuda")
+    return TrainingParts(model=model, optimizer=optimizer, ema=ema, loss_fn=loss_fn, scaler=scaler,
+                         transform=transform, sampler=sampler, loader_gen=loader_gen, loader=loader, classes=classes)
+
+
+def checkpoint_meta_base(cfg: Config, data: PreparedData, classes: int,
+                         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata every checkpoint of a run carries (each adds its ``epoch`` and ``metrics``)."""
+    return {
+        "config": cfg.to_dict(), "preprocessing": data.preprocessing(cfg), "labels": data.labels,
+        "in_channels": (2 * cfg.dataset.context_slices + 1) * data.in_channels, "classes": classes,
+        "split_hash": data.split.hash, "split_fold": data.split.fold, "dataset_fingerprint": data.source.fingerprint(),
+        "versions": library_versions(),
+        "tta_axes": mirrors_from_augment(cfg.augment),  # the mirrors training showed the model: what --tta may use
+        **(extra or {}),
+    }
+
+
+def begin_epoch(parts: TrainingParts, cfg: Config, epoch: int) -> None:
+    """Seed every random stream of the 1-based ``epoch`` (``epoch_seed``) and set its learning rate."""
+    t = cfg.training
+    seed_everything(t.seed, epoch)
+    parts.loader_gen.manual_seed(epoch_seed(t.seed, epoch - 1))
+    parts.sampler.set_epoch(epoch - 1)
+    if parts.transform is not None:
+        parts.transform.set_random_seed(epoch_seed(t.seed, epoch - 1))
+    for group in parts.optimizer.param_groups:
+        group["lr"] = t.lr * lr_factor(epoch - 1, cfg)
+
+
+def run_epoch(parts: TrainingParts, data: PreparedData, cfg: Config, device: torch.device, *, epoch: int,
+              progress: bool) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Train the 1-based ``epoch`` and validate. Returns (metrics: train/*, val/*, lr, epoch_seconds; the per-case
+    validation rows; the validation class maps)."""
+    started = time.perf_counter()
+    train = train_one_epoch(parts.model, parts.loader, parts.optimizer, parts.loss_fn, parts.scaler, device, cfg,
+                            epoch=epoch, progress=progress, classes=parts.classes, ema=parts.ema)
+    val, rows, predictions = validate(parts.eval_model, data, data.split.val, cfg, device, loss_fn=parts.loss_fn,
+                                      keep_predictions=True)
+    metrics = {f"train/{k}": v for k, v in train.items()}
+    metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
+    metrics["lr"] = parts.optimizer.param_groups[0]["lr"]
+    metrics["epoch_seconds"] = time.perf_counter() - started
+    if cfg.training.monitor not in metrics:
+        available = sorted(k for k in metrics if k.startswith("val/"))
+        raise ConfigError(f"training.monitor: '{cfg.training.monitor}' is not a validation metric; available: "
+                          f"{available}")
+    return metrics, rows, predictions
+
+
+def record_epoch(run_dir: Path, parts: TrainingParts, state: RunState, metrics: dict[str, float],
+                 rows: list[dict[str, Any]], predictions: dict[str, np.ndarray], *, epoch: int, cfg: Config,
+                 meta_base: dict[str, Any]) -> bool:
+    """Add the epoch to ``state``; on a new best write best.pt and val_per_case.csv; always write last.pt and
+    history.json. Returns whether the epoch is the best so far."""
+    value = state.sign * metrics[cfg.training.monitor]
+    is_best = not math.isnan(value) and value > state.best["value"]
+    if is_best:
+        state.best = {"value": value, "epoch": epoch, "metrics": dict(metrics)}
+        save_checkpoint(run_dir / "best.pt", parts.eval_model, {**meta_base, "epoch": epoch, "metrics": metrics})
+        state.best_predictions = predictions
+        _write_per_case(run_dir / "val_per_case.csv", rows)
+    state.history.append({"epoch": epoch, **metrics})
+    _save_state(run_dir / "last.pt", parts.model, parts.optimizer, parts.scaler, epoch, state.history, state.best,
+                parts.ema)
+    atomic_write_json(run_dir / "history.json", state.history)
+    return is_best
+
+
+def fit_result(run_dir: Path, state: RunState, stop_reason: str, artifacts: list[Path]) -> FitResult:
     choice = run_dir / POSTPROCESSING_FILE
-    return FitResult(run_dir=run_dir, best_checkpoint=run_dir / "best.pt", best_epoch=best["epoch"], best_metrics=best["metrics"],
-                     history=history, stop_reason=stop_reason, per_case_csv=run_dir / "val_per_case.csv", artifacts=artifacts,
+    return FitResult(run_dir=run_dir, best_checkpoint=run_dir / "best.pt", best_epoch=state.best["epoch"],
+                     best_metrics=state.best["metrics"], history=state.history, stop_reason=stop_reason,
+                     per_case_csv=run_dir / "val_per_case.csv", artifacts=artifacts,
                      postprocessing=json.loads(choice.read_text()) if choice.exists() else None)
 
 
@@ -372,7 +423,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Conf
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"epoch {epoch} step {step}: training loss is {loss.item()} (lr {optimizer.param_groups[0]['lr']:.3g}); "
+            raise NonFiniteLossError(f"epoch {epoch} step {step}: training loss is {loss.item()} "
+                                     f"(lr {optimizer.param_groups[0]['lr']:.3g}); "
                                      "lower training.lr or enable training.grad_clip")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -386,7 +438,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Conf
         counts.update(predict_classes(logits.detach(), cfg.training.threshold), y)
         total += loss.item() * len(x)
         seen += len(x)
-    return {"loss": total / max(seen, 1), **counts.summary(), "images_per_s": seen / max(time.perf_counter() - started, 1e-9)}
+    images_per_s = seen / max(time.perf_counter() - started, 1e-9)
+    return {"loss": total / max(seen, 1), **counts.summary(), "images_per_s": images_per_s}
 
 
 # --------------------------------------------------------------------------------------- state & files
@@ -394,8 +447,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Conf
 
 def _save_state(path: Path, model, optimizer, scaler, epoch: int, history, best, ema=None) -> None:
     """Resumable training state (weights_only-loadable: tensors and plain containers only)."""
-    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "history": history, "best": best}
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "history": history, "best": best}
     if ema is not None:
         state["ema"] = ema.state_dict()
     with atomic_path(path) as tmp:
@@ -407,7 +460,8 @@ def _load_state(path, model, optimizer, scaler, ema=None) -> tuple[int, list, di
     model.load_state_dict(state["model"])
     if ema is not None:
         if "ema" not in state:
-            raise MedsegError(f"{path}: no weight average in this state, but training.ema_decay is set; resume with the config it was saved with")
+            raise MedsegError(f"{path}: no weight average in this state, but training.ema_decay is set; resume with "
+                              "the config it was saved with")
         ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -448,8 +502,9 @@ def finish_run(run_dir: Path, cfg: Config, data: PreparedData, history, device,
     if cfg.training.val_overlays:
         cases = sorted(data.split.val)[: cfg.training.val_overlays]
         lut = label_lut(data.labels)
-        paths += overlay_pngs({cid: (np.asarray(data.cache.image(cid)), lut[np.asarray(data.cache.label(cid))], best_predictions[cid])
-                               for cid in cases}, run_dir / "overlays")
+        volumes = {cid: (np.asarray(data.cache.image(cid)), lut[np.asarray(data.cache.label(cid))],
+                         best_predictions[cid]) for cid in cases}
+        paths += overlay_pngs(volumes, run_dir / "overlays")
     return paths
 
 

@@ -73,10 +73,14 @@ def mirrors_from_augment(augment: Sequence[Any]) -> Mirrors:
 
     reached = {_key(_PROBE): _PROBE}
     for item in augment:
-        name, params = (item["name"], {k: v for k, v in item.items() if k != "name"}) if isinstance(item, dict) else (item.name, item.params())
+        if isinstance(item, dict):
+            name, params = item["name"], {k: v for k, v in item.items() if k != "name"}
+        else:
+            name, params = item.name, item.params()
         if name not in ORIENTATIONS:
             continue
-        p = float(getattr(build_transform(name, params), "p", 1.0))  # the transform's own default when the config omits p
+        # the transform's own default when the config omits p
+        p = float(getattr(build_transform(name, params), "p", 1.0))
         step = {}
         for a in reached.values():
             for ops in _outcomes(name, p):
@@ -93,7 +97,8 @@ def format_mirrors(mirrors: Mirrors) -> str:
     return json.dumps([list(m) for m in mirrors])
 
 
-def mirrored_logits(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, mirrors: Sequence[Sequence[int]]) -> torch.Tensor:
+def mirrored_logits(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor,
+                    mirrors: Sequence[Sequence[int]]) -> torch.Tensor:
     """Average the probabilities of ``logits`` (the model's output on ``x``) with those of each mirrored input,
     mirrored back; returned as logits (sigmoid or softmax inverted) so thresholds and argmax apply unchanged.
     With no mirrors, ``logits`` itself."""

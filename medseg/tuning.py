@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config import config_from_dict
-from medseg.errors import MedsegError
+from medseg.errors import RunInterrupted, UsageError
 from medseg.io_utils import atomic_write_json
 from medseg.search_space import SearchSpace
 
@@ -35,6 +35,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STATE_FILE = "medseg_study.json"
 LOGGED_PREFIXES = ("train/", "val/", "best/")
 LOGGED_KEYS = ("lr", "epoch_seconds")
+HISTORY_KEYS = ("epoch", "train/loss", "train/dice", "train/iou", "val/loss", "val/dice", "val/iou")  # trial records
 
 
 # ---------------------------------------------------------------------------------------------- trial
@@ -83,7 +84,8 @@ def train_trial(sampled: dict[str, Any], *, space_dict: dict[str, Any], artifact
     def on_epoch(report) -> None:
         metrics = {k: v for k, v in report.metrics.items() if isinstance(v, (int, float))}
         metrics.update({OBJECTIVE: report.best_value, "best/epoch": report.best_epoch, "epoch": report.epoch,
-                        "final": int(report.final), "epochs": cfg.training.epochs, "node_id": node_id, "run_dir": str(run_dir)})
+                        "final": int(report.final), "epochs": cfg.training.epochs, "node_id": node_id,
+                        "run_dir": str(run_dir)})
         with tempfile.TemporaryDirectory(prefix="medseg-ckpt-") as tmp:
             for name in ("last.pt", "best.pt"):
                 if (run_dir / name).exists():
@@ -109,8 +111,8 @@ class MlflowTrialCallback(_tune_callback_base()):
     re-created after a restore, and runs of restored trials are found again by their ``trial_id`` tag.
     """
 
-    def __init__(self, *, uri: str, experiment_id: str, parent_run_id: str, study: str, space_dict: dict[str, Any], artifacts_root: str,
-                 echo: bool = True):
+    def __init__(self, *, uri: str, experiment_id: str, parent_run_id: str, study: str, space_dict: dict[str, Any],
+                 artifacts_root: str, echo: bool = True):
         self.uri, self.experiment_id, self.parent_run_id, self.study = uri, experiment_id, parent_run_id, study
         self.space_dict, self.artifacts_root = space_dict, artifacts_root
         self.runs: dict[str, str] = {}
@@ -136,7 +138,8 @@ class MlflowTrialCallback(_tune_callback_base()):
         run_id = self.runs.get(trial.trial_id)
         if run_id:
             return run_id
-        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.trial_id = '{trial.trial_id}' and tags.study = '{self.study}'")
+        query = f"tags.trial_id = '{trial.trial_id}' and tags.study = '{self.study}'"
+        found = self.client.search_runs([self.experiment_id], filter_string=query)
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -144,10 +147,11 @@ class MlflowTrialCallback(_tune_callback_base()):
             space = SearchSpace.model_validate(self.space_dict)
             cfg = trial_config(trial.config, space)
             sampled = {k: v for k, v in trial.config.items()}
-            tags = tags_of(cfg, kind="trial", study=self.study, trial_id=trial.trial_id, sampled=json.dumps(sampled, default=str),
+            tags = tags_of(cfg, kind="trial", study=self.study, trial_id=trial.trial_id,
+                           sampled=json.dumps(sampled, default=str),
                            run_dir=str(Path(self.artifacts_root) / trial.trial_id), tta_axes=tta_tag(cfg))
-            run_id = start_run(self.client, self.experiment_id, run_name=f"{self.study}-{trial.trial_id}", params=params_of(cfg),
-                               tags=tags, parent_run_id=self.parent_run_id)
+            run_id = start_run(self.client, self.experiment_id, run_name=f"{self.study}-{trial.trial_id}",
+                               params=params_of(cfg), tags=tags, parent_run_id=self.parent_run_id)
         self.runs[trial.trial_id] = run_id
         return run_id
 
@@ -160,7 +164,8 @@ class MlflowTrialCallback(_tune_callback_base()):
     def on_trial_recover(self, iteration, trials, trial, **info):
         """The trial failed and Tune retries it from its last checkpoint (``max_failures``): count and keep why."""
         run_id = self._run_for(trial)
-        retries = int(self.client.get_run(run_id).data.tags.get("retries", "0")) + 1  # in MLflow: survives a driver restore
+        # counted in MLflow: survives a driver restore
+        retries = int(self.client.get_run(run_id).data.tags.get("retries", "0")) + 1
         error = _trial_error(trial)
         self.client.set_tag(run_id, "retries", str(retries))
         self.client.set_tag(run_id, f"retry_{retries}_error", error[:5000])
@@ -170,10 +175,11 @@ class MlflowTrialCallback(_tune_callback_base()):
         from medseg.tracking import log_metrics
 
         metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_PREFIXES) or k in LOGGED_KEYS}
-        log_metrics(self.client, self._run_for(trial), metrics, step=int(result.get("epoch", result.get("training_iteration", 0))))
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        log_metrics(self.client, self._run_for(trial), metrics, step=step)
         if "val/dice" in result:
-            self._say(trial, f"epoch {result.get('epoch', '?')}/{result.get('epochs', '?')}  val/dice {result['val/dice']:.4f}  "
-                             f"val/loss {result.get('val/loss', float('nan')):.4f}")
+            self._say(trial, f"epoch {result.get('epoch', '?')}/{result.get('epochs', '?')}  "
+                             f"val/dice {result['val/dice']:.4f}  val/loss {result.get('val/loss', float('nan')):.4f}")
 
     def _say(self, trial, text: str) -> None:
         """One progress line per event on the driver's stdout (Tune's own table is off: verbose=0)."""
@@ -186,7 +192,8 @@ class MlflowTrialCallback(_tune_callback_base()):
         stopped early by ASHA: FINISHED, tagged ``stopped_early``, its curve drawn from history.json."""
         last = trial.last_result or {}
         status = close_trial_run(self.client, self._run_for(trial), Path(self.artifacts_root) / trial.trial_id, last)
-        self._say(trial, f"{'stopped early by ASHA' if status == 'stopped_early' else 'completed'} after {last.get('epoch', 0)} epochs, "
+        ended = "stopped early by ASHA" if status == "stopped_early" else "completed"
+        self._say(trial, f"{ended} after {last.get('epoch', 0)} epochs, "
                          f"best {self.space_dict.get('metric', 'val/dice')} {last.get(OBJECTIVE, float('nan')):.4f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -304,12 +311,13 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     # Workers import medseg from the project folder (also on other nodes sharing the file system).
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-                                "PYTHONHASHSEED": "0"}}
+    python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    runtime_env = {"env_vars": {"PYTHONPATH": python_path, "PYTHONHASHSEED": "0"}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=False)
 
 
 def _param_space(space: SearchSpace) -> dict[str, Any]:
@@ -356,18 +364,19 @@ def _build_tuner(space: SearchSpace, trainable, callback, name: str, warm=None):
         from ray.tune.search.optuna import OptunaSearch
 
         if warm is not None and warm.points:  # earlier studies' trials: told, not re-run (medseg.warmstart)
-            search_alg = WarmOptunaSearch(seed=space.optuna_seed, points_to_evaluate=warm.points, evaluated_rewards=warm.rewards,
-                                          run_first=space.initial_points())
+            search_alg = WarmOptunaSearch(seed=space.optuna_seed, points_to_evaluate=warm.points,
+                                          evaluated_rewards=warm.rewards, run_first=space.initial_points())
         else:
             search_alg = OptunaSearch(seed=space.optuna_seed, points_to_evaluate=space.initial_points() or None)
     if space.asha.enabled:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=space.asha.max_t, grace_period=space.asha.grace_period,
-                                  reduction_factor=space.asha.reduction_factor)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=space.asha.max_t,
+                                  grace_period=space.asha.grace_period, reduction_factor=space.asha.reduction_factor)
     else:
         scheduler = FIFOScheduler()
     tune_config = tune.TuneConfig(metric=OBJECTIVE, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
-                                  num_samples=1 if space.fixed_configs else space.num_samples, max_concurrent_trials=space.max_concurrent,
-                                  time_budget_s=space.time_budget_s, trial_dirname_creator=lambda trial: trial.trial_id)
+                                  num_samples=1 if space.fixed_configs else space.num_samples,
+                                  max_concurrent_trials=space.max_concurrent, time_budget_s=space.time_budget_s,
+                                  trial_dirname_creator=lambda trial: trial.trial_id)
     run_config = tune.RunConfig(name=name, storage_path=space.storage_path, callbacks=[callback], verbose=0,
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                 failure_config=tune.FailureConfig(max_failures=space.max_failures))
@@ -387,19 +396,33 @@ def _prepare_all(space: SearchSpace) -> str | None:
     from medseg.training import prepare_data
 
     configs = list(space.fixed_configs.values()) or [space.base]
-    fingerprints = [prepare_data(config_from_dict(raw, resolve=False), progress=True).source.fingerprint() for raw in configs]
+    fingerprints = [prepare_data(config_from_dict(raw, resolve=False), progress=True).source.fingerprint()
+                    for raw in configs]
     return fingerprints[0] if fingerprints else None
 
 
-def _warm_start(space: SearchSpace, client, experiment_id: str, name: str, fingerprint: str | None, cold: bool):
-    """Earlier trials to tell the searcher (medseg.warmstart), or None without a searcher; prints one line."""
-    from medseg.warmstart import WarmStart, collect
+@dataclass
+class OpenStudy:
+    """A study ready to run: where it lives, its MLflow parent run and the state kept in ``medseg_study.json``."""
 
-    if not uses_searcher(space):
-        return None
-    warm = WarmStart(cold=True) if cold else collect(client, [experiment_id], space, study=name, fingerprint=fingerprint)
-    print(f"[{name}] {warm.note()}", flush=True)
-    return warm
+    name: str
+    study_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    client: Any
+    state: dict[str, Any]  # name, parent_run_id, space, resume_command, status, warm_start, fit_seconds, best_trial
+    resumed: bool = False
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.state["parent_run_id"]
+
+    @property
+    def artifacts_root(self) -> Path:
+        return self.study_dir / "artifacts"
+
+    def save(self) -> None:
+        atomic_write_json(self.study_dir / STATE_FILE, self.state)
 
 
 def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = None, address: str | None = None,
@@ -407,81 +430,156 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
     """Run (or resume) a study; returns the trial records. MLflow runs end with their final status.
 
     A new study's searcher is told the completed trials of earlier studies of the same searched keys, metric, mode
-    and data (medseg.warmstart) unless ``cold`` (``tune.py --cold``)."""
-    from ray import tune
-
-    from medseg.tracking import default_tracking_uri, ensure_experiment, get_client, start_run, tags_of
-
+    and data (medseg.warmstart) unless ``cold`` (``tune.py --cold``). Steps: ``open_study``, ``run_tuner``,
+    ``finish_study``."""
     started = time.perf_counter()
+    study = open_study(space, resume=resume, name=name)
+    try:
+        grid = run_tuner(study, space, address=address, num_cpus=num_cpus, cold=cold)
+    except BaseException:  # a second Ctrl-C (Tune did not get to save its state cleanly), a data error, a bad
+        # --address, an error in the callback: no run stays RUNNING, and --resume can continue the study
+        _mark_interrupted(study)
+        raise
+    return finish_study(study, space, grid, started=started)
+
+
+def open_study(space: SearchSpace, *, resume: bool = False, name: str | None = None) -> OpenStudy:
+    """A new study (parent MLflow run started, state file written), or with ``resume`` the named or latest
+    unfinished one of the space, checked to be resumable with this space (its parent run RUNNING again)."""
+    from medseg.tracking import default_tracking_uri, ensure_experiment, get_client
+
     uri = space.tracking_uri or default_tracking_uri()
     experiment_id = ensure_experiment(uri, space.experiment)  # once, on the driver, before any trial
     client = get_client(uri)
     if resume:
         name = name or latest_study(space)
         if not name:
-            raise MedsegError(f"--resume: no unfinished study of space '{space.name}' under {space.storage_path}")
+            raise UsageError(f"--resume: no unfinished study of space '{space.name}' under {space.storage_path}")
     name = name or new_study_name(space)
     study_dir = Path(space.storage_path) / name
-    state_path = study_dir / STATE_FILE
-    artifacts_root = study_dir / "artifacts"
     if resume:
-        if not state_path.exists() or not tune.Tuner.can_restore(str(study_dir)):
-            raise MedsegError(f"--resume: {study_dir} holds no resumable study")
-        state = json.loads(state_path.read_text())
-        if state.get("status") == "finished":
-            raise MedsegError(f"--resume: study {name} already finished (best trial {state.get('best_trial')}); "
-                              "start a new study instead of resuming it")
-        diffs = resume_mismatch(state.get("space", {}), space)
-        if diffs:  # restored trials would train another config than the finished ones did
-            more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-            raise MedsegError(f"--resume: {name}: the space differs from the one the study started with: {diffs[0]}{more}; "
-                              f"continue it with: {state.get('resume_command') or 'the same --space/--configs and --set values'}")
-        parent_run_id = state["parent_run_id"]
-        client.update_run(parent_run_id, status="RUNNING")
+        state = _resumable_state(space, client, name, study_dir)
     else:
-        if study_dir.exists():
-            raise MedsegError(f"{study_dir}: a study with this name exists; use --resume or another --name")
-        base_cfg = space.base_cfg()
-        parent_run_id = start_run(client, experiment_id, run_name=name,
-                                  params={"space." + k: json.dumps(v.model_dump(exclude_none=True)) for k, v in space.params.items()}
-                                  | {"space.num_samples": str(space.num_samples), "space.metric": space.metric,
-                                     "space.asha": json.dumps(space.asha.model_dump()), "space.max_concurrent": str(space.max_concurrent)},
-                                  tags=tags_of(base_cfg, kind="study", study=name, space_file=space.source))
-        state = {"name": name, "parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
-                 "space": space.model_dump(), "resume_command": resume_command(space, name), "status": "running"}
-        study_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(state_path, state)
+        state = _new_study_state(space, client, experiment_id, uri, name, study_dir)
+    return OpenStudy(name=name, study_dir=study_dir, tracking_uri=uri, experiment_id=experiment_id, client=client,
+                     state=state, resumed=resume)
+
+
+def _resumable_state(space: SearchSpace, client, name: str, study_dir: Path) -> dict[str, Any]:
+    """The stored state of a study to resume: Tune can restore it, it is not finished, and ``space`` trains and
+    scores its trials as the space it started with did. Its parent run is RUNNING again."""
+    from ray import tune
+
+    state_path = study_dir / STATE_FILE
+    if not state_path.exists() or not tune.Tuner.can_restore(str(study_dir)):
+        raise UsageError(f"--resume: {study_dir} holds no resumable study")
+    state = json.loads(state_path.read_text())
+    if state.get("status") == "finished":
+        raise UsageError(f"--resume: study {name} already finished (best trial {state.get('best_trial')}); "
+                         "start a new study instead of resuming it")
+    diffs = resume_mismatch(state.get("space", {}), space)
+    if diffs:  # restored trials would train another config than the finished ones did
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        command = state.get("resume_command") or "the same --space/--configs and --set values"
+        raise UsageError(f"--resume: {name}: the space differs from the one the study started with: {diffs[0]}{more}; "
+                         f"continue it with: {command}")
+    client.update_run(state["parent_run_id"], status="RUNNING")
+    return state
+
+
+def _new_study_state(space: SearchSpace, client, experiment_id: str, uri: str, name: str,
+                     study_dir: Path) -> dict[str, Any]:
+    """Start a new study's parent run and write its state file; returns the state."""
+    from medseg.tracking import start_run, tags_of
+
+    if study_dir.exists():
+        raise UsageError(f"{study_dir}: a study with this name exists; use --resume or another --name")
+    parent_run_id = start_run(client, experiment_id, run_name=name, params=_study_params(space),
+                              tags=tags_of(space.base_cfg(), kind="study", study=name, space_file=space.source))
+    state = {"name": name, "parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+             "space": space.model_dump(), "resume_command": resume_command(space, name), "status": "running"}
+    study_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(study_dir / STATE_FILE, state)
+    return state
+
+
+def _study_params(space: SearchSpace) -> dict[str, str]:
+    """MLflow params of a study run: the domains and the study settings."""
+    params = {"space." + k: json.dumps(v.model_dump(exclude_none=True)) for k, v in space.params.items()}
+    return params | {"space.num_samples": str(space.num_samples), "space.metric": space.metric,
+                     "space.asha": json.dumps(space.asha.model_dump()),
+                     "space.max_concurrent": str(space.max_concurrent)}
+
+
+def run_tuner(study: OpenStudy, space: SearchSpace, *, address: str | None = None, num_cpus: int | None = None,
+              cold: bool = False):
+    """Prepare the data on the driver, tell a new study's searcher earlier trials, then run a new tuner or restore
+    the study's own; returns Tune's ResultGrid. The state adds up the seconds spent in ``Tuner.fit``."""
+    from ray import tune
+
+    fingerprint = _prepare_all(space)
+    warm = None if study.resumed else _warm_start(study, space, fingerprint, cold)
+    _init_ray(address, num_cpus)
+    trainable = _trainable(space, study.artifacts_root)
+    if study.resumed:  # the callback comes back with Tune's experiment state
+        tuner = tune.Tuner.restore(str(study.study_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False)
+    else:
+        callback = MlflowTrialCallback(uri=study.tracking_uri, experiment_id=study.experiment_id,
+                                       parent_run_id=study.parent_run_id, study=study.name,
+                                       space_dict=space.model_dump(), artifacts_root=str(study.artifacts_root))
+        tuner = _build_tuner(space, trainable, callback, study.name, warm=warm)
+    fit_started = time.monotonic()
     try:
-        fingerprint = _prepare_all(space)
-        if not resume:
-            if fingerprint:  # what the warm start of a later study matches its trials' data on
-                client.set_tag(parent_run_id, "dataset_fingerprint", fingerprint)
-            warm = _warm_start(space, client, experiment_id, name, fingerprint, cold)
-            state["warm_start"] = warm.summary() if warm is not None else None
-            atomic_write_json(state_path, state)
-        _init_ray(address, num_cpus)
-        callback = MlflowTrialCallback(uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id, study=name,
-                                       space_dict=space.model_dump(), artifacts_root=str(artifacts_root))
-        trainable = _trainable(space, artifacts_root)
-        if resume:
-            tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            tuner = _build_tuner(space, trainable, callback, name, warm=warm)
-        fit_started = time.monotonic()
-        try:
-            grid = tuner.fit()
-        finally:  # Tune's time budget spans resumes (its stopper keeps the remaining budget), so the study's does too
-            state["fit_seconds"] = float(state.get("fit_seconds", 0.0)) + time.monotonic() - fit_started
-    except BaseException:  # a second Ctrl-C (Tune did not get to save its state cleanly), a data error, a bad
-        # --address, an error in the callback: no run stays RUNNING, and --resume can continue the study
-        _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
-        raise
-    budget_spent = space.time_budget_s is not None and state["fit_seconds"] >= space.time_budget_s
+        return tuner.fit()
+    finally:  # Tune's time budget spans resumes (its stopper keeps the remaining budget), so the study's does too
+        study.state["fit_seconds"] = float(study.state.get("fit_seconds", 0.0)) + time.monotonic() - fit_started
+
+
+def _warm_start(study: OpenStudy, space: SearchSpace, fingerprint: str | None, cold: bool):
+    """Earlier trials to tell a new study's searcher (medseg.warmstart), or None without a searcher; prints one line.
+    Tags the study run with the data fingerprint (what a later study's warm start matches its trials' data on)
+    and keeps the warm start's summary in the state."""
+    from medseg.warmstart import WarmStart, collect
+
+    if fingerprint:
+        study.client.set_tag(study.parent_run_id, "dataset_fingerprint", fingerprint)
+    warm = None
+    if uses_searcher(space):
+        warm = WarmStart(cold=True) if cold else collect(study.client, [study.experiment_id], space, study=study.name,
+                                                         fingerprint=fingerprint)
+        print(f"[{study.name}] {warm.note()}", flush=True)
+    study.state["warm_start"] = warm.summary() if warm is not None else None
+    study.save()
+    return warm
+
+
+def finish_study(study: OpenStudy, space: SearchSpace, grid, *, started: float) -> StudyOutcome:
+    """After ``Tuner.fit``: close the runs the time budget stopped, stop with the resume command when the study was
+    interrupted, build the trial records and pick the best; the state says finished. ``started``: perf_counter
+    at the start of the study."""
+    budget_spent = space.time_budget_s is not None and study.state["fit_seconds"] >= space.time_budget_s
     if budget_spent:
-        _close_budget_stopped(client, experiment_id, name, grid, artifacts_root)
-    # After a first Ctrl-C, Tune saves its state and returns normally: trials it stopped never reached the
-    # callback (their runs are still RUNNING), and trials not yet started are missing from the results.
-    runs = _study_runs(client, experiment_id, name)
+        _close_budget_stopped(study, grid)
+    never_started = _check_not_interrupted(study, space, grid, budget_spent)
+    trials = [t for t in _trial_records(grid, space, study) if t["trial_id"] not in never_started]
+    _close_leftover_runs(study.client, study.experiment_id, study.name)
+    best = _best_trial(trials, space.mode)
+    outcome = StudyOutcome(name=study.name, study_dir=study.study_dir, parent_run_id=study.parent_run_id,
+                           experiment_id=study.experiment_id, tracking_uri=study.tracking_uri, trials=trials, best=best,
+                           seconds=time.perf_counter() - started, warm_start=study.state.get("warm_start"))
+    study.state.update(status="finished", best_trial=best["trial_id"] if best else None)
+    study.save()
+    return outcome
+
+
+def _check_not_interrupted(study: OpenStudy, space: SearchSpace, grid, budget_spent: bool) -> set[str]:
+    """Raise (the study marked interrupted, the error naming the resume command) when a trial is unfinished;
+    returns the trials that never started because the time budget ran out (they are no trials of the study).
+
+    After a first Ctrl-C, Tune saves its state and returns normally: trials it stopped never reached the
+    callback (their runs are still RUNNING), and trials not yet started are missing from the results."""
+    runs = _study_runs(study.client, study.experiment_id, study.name)
     running = [r for r in runs if r.info.status == "RUNNING"]
     # a trial is done when the driver gave its run a final status tag; one created just before the Ctrl-C whose
     # worker never started has no run at all, yet counts among the results
@@ -493,21 +591,20 @@ def run_study(space: SearchSpace, *, resume: bool = False, name: str | None = No
     not_done = [t for t in trial_ids if t not in done and t not in never_started]
     expected = len(space.fixed_configs) or space.num_samples
     if running or not_done or (space.time_budget_s is None and len(grid) < expected):
-        _mark_interrupted(client, experiment_id, name, parent_run_id, state, state_path)
-        raise MedsegError(f"study {name} interrupted ({len(grid)} of {expected} trials started, {len(not_done)} unfinished); "
-                          f"continue it with: {resume_command(space, name)}")
-    outcome = StudyOutcome(name=name, study_dir=study_dir, parent_run_id=parent_run_id, experiment_id=experiment_id, tracking_uri=uri,
-                           warm_start=state.get("warm_start"))
-    outcome.trials = [t for t in _trial_records(grid, space, artifacts_root, client, experiment_id, name) if t["trial_id"] not in never_started]
-    _close_leftover_runs(client, experiment_id, name)
-    finished = [t for t in outcome.trials if t["status"] != "failed" and t["best_value"] is not None and math.isfinite(t["best_value"])]
-    if finished:
-        sign = 1 if space.mode == "max" else -1
-        outcome.best = max(finished, key=lambda t: sign * t["best_value"])
-    outcome.seconds = time.perf_counter() - started
-    state.update(status="finished", best_trial=outcome.best["trial_id"] if outcome.best else None)
-    atomic_write_json(state_path, state)
-    return outcome
+        _mark_interrupted(study)
+        raise RunInterrupted(f"study {study.name} interrupted ({len(grid)} of {expected} trials started, "
+                             f"{len(not_done)} unfinished); continue it with: {resume_command(space, study.name)}")
+    return never_started
+
+
+def _best_trial(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    """The trial with the best finite ``best_value`` (max or min), failed trials left out; None without one."""
+    finished = [t for t in trials if t["status"] != "failed" and t["best_value"] is not None
+                and math.isfinite(t["best_value"])]
+    if not finished:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(finished, key=lambda t: sign * t["best_value"])
 
 
 def _trial_id(result) -> str:
@@ -515,22 +612,24 @@ def _trial_id(result) -> str:
     return (result.metrics or {}).get("trial_id") or Path(result.path).name
 
 
-def _close_budget_stopped(client, experiment_id: str, study: str, grid, artifacts_root: Path) -> None:
+def _close_budget_stopped(study: OpenStudy, grid) -> None:
     """The time budget ran out: Tune stopped the running trials without calling the callback. Their runs end
     FINISHED with their artifacts, as trials stopped by the budget (not interrupted: --resume has nothing to add)."""
-    running = {r.data.tags.get("trial_id"): r.info.run_id for r in _study_runs(client, experiment_id, study, status="RUNNING")}
+    running = {r.data.tags.get("trial_id"): r.info.run_id
+               for r in _study_runs(study.client, study.experiment_id, study.name, status="RUNNING")}
     for result in grid:
         trial_id = _trial_id(result)
         if trial_id in running and result.error is None:
-            close_trial_run(client, running[trial_id], artifacts_root / trial_id, result.metrics or {}, stopped_by="budget")
+            close_trial_run(study.client, running[trial_id], study.artifacts_root / trial_id, result.metrics or {},
+                            stopped_by="budget")
 
 
-def _mark_interrupted(client, experiment_id: str, study: str, parent_run_id: str, state: dict, state_path: Path) -> None:
+def _mark_interrupted(study: OpenStudy) -> None:
     """Runs of unfinished trials and the study run end KILLED (``--resume`` reopens them); state says so."""
-    _close_leftover_runs(client, experiment_id, study)
-    client.set_terminated(parent_run_id, "KILLED")
-    state["status"] = "interrupted"
-    atomic_write_json(state_path, state)
+    _close_leftover_runs(study.client, study.experiment_id, study.name)
+    study.client.set_terminated(study.parent_run_id, "KILLED")
+    study.state["status"] = "interrupted"
+    study.save()
 
 
 def _study_runs(client, experiment_id: str, study: str, status: str | None = None) -> list:
@@ -545,34 +644,28 @@ def _close_leftover_runs(client, experiment_id: str, study: str) -> None:
         client.set_terminated(run.info.run_id, "KILLED")
 
 
-def _trial_records(grid, space: SearchSpace, artifacts_root: Path, client, experiment_id: str, study: str) -> list[dict[str, Any]]:
+
+def _trial_records(grid, space: SearchSpace, study: OpenStudy) -> list[dict[str, Any]]:
     """One dict per trial: id, run id, sampled params, best value, epochs used, status, checkpoint, history."""
-    runs = {r.data.tags.get("trial_id"): r for r in _study_runs(client, experiment_id, study)}
+    runs = {r.data.tags.get("trial_id"): r for r in _study_runs(study.client, study.experiment_id, study.name)}
     records = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = _trial_id(result)
-        run_dir = artifacts_root / trial_id
+        run_dir = study.artifacts_root / trial_id
         history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
         run = runs.get(trial_id)
-        if result.error is not None:
-            status = "failed"
-        elif metrics.get("final"):
-            status = "completed"
-        elif run is not None and run.data.tags.get("tune_status") == "stopped_by_budget":
-            status = "stopped_by_budget"
-        else:
-            status = "stopped_early"
         best_value = metrics.get(OBJECTIVE)
         planned = trial_config(result.config or {}, space).training.epochs  # what the trial would train left alone
         if space.asha.enabled:
             planned = min(planned, space.asha.max_t)
-        best_row = max(history, key=lambda h: (1 if space.mode == "max" else -1) * h.get(space.metric, -math.inf)) if history else {}
+        sign = 1 if space.mode == "max" else -1
+        best_row = max(history, key=lambda h: sign * h.get(space.metric, -math.inf)) if history else {}
         records.append({
             "trial_id": trial_id,
             "run_id": run.info.run_id if run else None,
             "params": {k: v for k, v in (result.config or {}).items()},
-            "status": status,
+            "status": _trial_status(result, run),
             "error": str(result.error).strip().splitlines()[-1] if result.error is not None else None,
             "best_value": float(best_value) if isinstance(best_value, (int, float)) else None,
             "best_dice": best_row.get("val/dice"),
@@ -582,7 +675,18 @@ def _trial_records(grid, space: SearchSpace, artifacts_root: Path, client, exper
             "epochs_planned": planned,
             "node_id": metrics.get("node_id"),
             "checkpoint": str(run_dir / "best.pt") if (run_dir / "best.pt").exists() else None,
-            "history": [{k: h.get(k) for k in ("epoch", "train/loss", "train/dice", "train/iou", "val/loss", "val/dice", "val/iou")}
-                        for h in history],
+            "history": [{k: h.get(k) for k in HISTORY_KEYS} for h in history],
         })
     return records
+
+
+def _trial_status(result, run) -> str:
+    """failed, completed (reached the trainer's final epoch), stopped_by_budget (closed so by the driver) or
+    stopped_early (by ASHA)."""
+    if result.error is not None:
+        return "failed"
+    if (result.metrics or {}).get("final"):
+        return "completed"
+    if run is not None and run.data.tags.get("tune_status") == "stopped_by_budget":
+        return "stopped_by_budget"
+    return "stopped_early"

@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SKIP_REASONS = ("not completed", "other metric or mode", "other parameters", "outside the domain", "other data", "no metric")
+SKIP_REASONS = ("not completed", "other metric or mode", "other parameters", "outside the domain", "other data",
+                "no metric")
 
 
 @dataclass
@@ -33,8 +34,8 @@ class WarmStart:
 
     def summary(self) -> dict[str, Any]:
         """What the study report stores under ``warm_start``."""
-        return {"used": len(self.points), "skipped": sum(self.skipped.values()), "from_studies": list(self.from_studies),
-                "skipped_by_reason": dict(self.skipped), "cold": self.cold}
+        return {"used": len(self.points), "skipped": sum(self.skipped.values()),
+                "from_studies": list(self.from_studies), "skipped_by_reason": dict(self.skipped), "cold": self.cold}
 
     def note(self) -> str:
         return note(self.summary())
@@ -88,7 +89,8 @@ def trial_runs(client, experiment_ids: list[str]) -> list:
     """All finished trial runs of the experiments (every page)."""
     runs, token = [], None
     while True:
-        page = client.search_runs(experiment_ids, filter_string="tags.kind = 'trial' and attributes.status = 'FINISHED'",
+        page = client.search_runs(experiment_ids,
+                                  filter_string="tags.kind = 'trial' and attributes.status = 'FINISHED'",
                                   max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
         runs.extend(page)
         token = page.token

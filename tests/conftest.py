@@ -37,7 +37,8 @@ def tiny_config_dict(data_root: Path, cache_dir: Path, work: Path, **sections) -
         "loss": {"name": "bce_dice"},
         "training": {"epochs": 2, "batch_size": 8, "samples_per_epoch": 32, "fg_oversample": 0.5, "lr": 0.003,
                      "seed": 0, "threads": 1, "val_overlays": 1},
-        "output": {"run_dir": str(work / "runs"), "tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "tests"},
+        "output": {"run_dir": str(work / "runs"), "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+                   "experiment": "tests"},
     }
     for section, values in sections.items():
         if isinstance(values, dict) and isinstance(cfg.get(section), dict):

@@ -1,13 +1,10 @@
 """The summary of benchmarks/bench_seed_spread.py: spread over seeds next to the spread over configurations."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_seed_spread import parse_sets, summarize  # noqa: E402
+from benchmarks.bench_seed_spread import summarize
+from benchmarks.common import parse_sets
 
 
 def test_seed_spread_against_config_spread():

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -24,7 +29,8 @@ from medseg.data.cache import (
     resize_slice,
 )
 from medseg.data.sources import open_source_from_config
-from medseg.errors import DataError
+from medseg.data.workers import available_cores
+from medseg.errors import DataError, ShapeMismatchError
 from tests.fixtures import evalseg_dir, hu, make_kaggle_task, tiny_case, write_nifti
 
 IDS = ("021", "21", "101", "7")  # "021" and "21" are different cases
@@ -216,6 +222,134 @@ def test_failed_build_writes_nothing_in_place(task, tmp_path):
     assert build_cache(cfg, counting(cfg), progress=False).manifest["complete"] is True
 
 
+def _shape(case) -> list[int]:  # a picklable ``case_info``: it may run in a worker process
+    return list(case.image.shape)
+
+
+class FaultySource:
+    """A real source, picklable into worker processes, whose ``load`` raises a reader error for case ``bad``,
+    SIGKILLs its own process for case ``kill`` and sleeps ``sleep`` seconds before each case."""
+
+    def __init__(self, source, bad: str | None = None, kill: str | None = None, sleep: float = 0.0):
+        self._source, self.bad, self.kill, self.sleep = source, bad, kill, sleep
+
+    def __getattr__(self, name):  # root, labels, modality, case_ids, fingerprint: the real ones
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._source, name)
+
+    def load(self, case_id: str):
+        time.sleep(self.sleep)
+        if case_id == self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if case_id == self.bad:
+            raise ShapeMismatchError(f"case {case_id}: image shape != label shape")
+        return self._source.load(case_id)
+
+
+def leftovers(cfg, source) -> list[str]:
+    return [p.name for p in dataset_dir_for(cfg, source).iterdir() if not p.name.endswith(".lock")]
+
+
+def test_case_hook_sees_each_case_of_the_build_once_and_a_case_error_stops_the_build(task, tmp_path):
+    """``build_cache(case_info=..., on_case=...)`` is how the data audit inspects the cases the build decodes (each
+    once); a reader's error carries its case id."""
+    cfg = dataset_config(task, tmp_path / "cache")
+    source = counting(cfg)
+    seen: list[tuple[str, list[int]]] = []
+    cache = build_cache(cfg, source, progress=False, case_info=_shape, on_case=lambda c, info: seen.append((c, info)))
+    assert [c for c, _ in seen] == source.loads == cache.case_ids == source.case_ids()
+    assert [info for _, info in seen] == [cache.cases[c]["orig_shape"] for c in cache.case_ids]
+    assert build_cache(cfg, source, progress=False, case_info=_shape, on_case=lambda *a: seen.append(a)).root \
+        == cache.root and len(seen) == len(IDS)  # reused: nothing decoded
+
+    other = dataset_config(task, tmp_path / "other")
+    bad = source.case_ids()[1]
+    with pytest.raises(ShapeMismatchError, match=rf"case {bad}: ") as err:  # the reader's own error
+        build_cache(other, FaultySource(open_source_from_config(other), bad=bad), progress=False)
+    assert err.value.case_id == bad
+    assert leftovers(other, source) == []
+
+
+# --------------------------------------------------------------------------------------- worker processes
+
+
+def test_worker_processes_build_the_same_cache_as_one_process(task, tmp_path):
+    one = dataset_config(task, tmp_path / "one", cache_workers=1)
+    two = dataset_config(task, tmp_path / "two", cache_workers=2)
+    seen: dict[str, list[int]] = {}
+    a = build_cache(one, progress=False)
+    b = build_cache(two, progress=False, case_info=_shape, on_case=seen.__setitem__)  # info computed in the workers
+    assert (a.manifest["build"]["processes"], b.manifest["build"]["processes"]) == (1, 2)
+    assert a.manifest["cases"] == b.manifest["cases"]  # in the source's order, whatever order the workers finished in
+    assert seen == {c: b.cases[c]["orig_shape"] for c in IDS}
+    for name in sorted(p.name for p in a.root.glob("*.npy")):
+        assert (a.root / name).read_bytes() == (b.root / name).read_bytes(), name
+
+
+def test_auto_workers_start_processes_only_for_a_task_worth_them(task, tmp_path, monkeypatch):
+    small = build_cache(dataset_config(task, tmp_path / "small"), progress=False)
+    assert small.manifest["build"]["processes"] == 1  # 4 tiny cases: processes would cost more than they save
+    monkeypatch.setattr("medseg.data.cache.PARALLEL_MIN_SECONDS", 0.0)
+    big = build_cache(dataset_config(task, tmp_path / "big"), progress=False)
+    # the first case timed here, the other three in as many processes as this machine gives (1 where pinned)
+    assert big.manifest["build"]["processes"] == min(available_cores(), len(IDS) - 1)
+    assert big.manifest["cases"] == small.manifest["cases"]
+
+
+def test_a_killed_worker_fails_the_build_naming_its_case_and_leaves_nothing(task, tmp_path):
+    cfg = dataset_config(task, tmp_path / "cache", cache_workers=2)
+    source = open_source_from_config(cfg)
+    victim = source.case_ids()[2]
+    with pytest.raises(DataError, match=rf"^case {victim}: cache worker \d+ died \(killed by SIGKILL") as err:
+        build_cache(cfg, FaultySource(source, kill=victim), progress=False)
+    assert err.value.case_id == victim and "\n" not in str(err.value)
+    assert leftovers(cfg, source) == []
+    assert build_cache(cfg, source, progress=False).manifest["complete"] is True  # rebuilt next time
+
+
+def test_a_case_error_in_a_worker_is_raised_with_its_type_and_case(task, tmp_path):
+    cfg = dataset_config(task, tmp_path / "cache", cache_workers=2)
+    source = open_source_from_config(cfg)
+    bad = source.case_ids()[3]
+    with pytest.raises(ShapeMismatchError, match=rf"^case {bad}: image shape") as err:
+        build_cache(cfg, FaultySource(source, bad=bad), progress=False)
+    assert err.value.case_id == bad and leftovers(cfg, source) == []
+
+
+CTRL_C_CHILD = """
+import sys
+from medseg.data.cache import build_cache
+from medseg.data.sources import open_source_from_config
+from tests.test_cache import FaultySource, dataset_config
+cfg = dataset_config(sys.argv[1], sys.argv[2], cache_workers=2)
+build_cache(cfg, FaultySource(open_source_from_config(cfg), sleep=60), progress=False)
+"""
+
+
+def _children(pid: int) -> set[int]:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the worker processes")
+def test_ctrl_c_stops_every_worker_and_leaves_nothing(task, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, str(task), str(tmp_path / "cache")],
+                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(workers := _children(proc.pid)) < 2:  # the resource tracker and two workers, once spawned
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+    time.sleep(2)  # the workers are inside load (sleeping)
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGINT)  # the parent only: it must stop its workers itself
+    assert proc.wait(timeout=30) != 0
+    assert "KeyboardInterrupt" in proc.stderr.read()
+    time.sleep(0.5)
+    assert [pid for pid in workers if Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"] == []
+    assert [p.name for p in (tmp_path / "cache").glob("*/*") if not p.name.endswith(".lock")] == []
+
+
 def test_temp_folder_of_a_killed_build_is_removed(task, tmp_path):
     cfg = dataset_config(task, tmp_path / "cache")
     source = open_source_from_config(cfg)
@@ -372,8 +506,10 @@ def test_a_2d_folder_dataset_larger_than_the_file_limit_reads_every_case(tmp_pat
     for i in range(600):
         Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(tmp_path / "images" / f"{i:04d}.png")
         Image.fromarray((rng.random((32, 32)) > 0.9).astype(np.uint8) * 255).save(tmp_path / "masks" / f"{i:04d}.png")
-    dataset = {"format": "folders2d", "path": str(tmp_path), "cache_dir": str(tmp_path / "cache"), "window": None, "image_size": 32}
-    assert len(build_cache(config_from_dict({"dataset": dataset}, resolve=True).dataset, progress=False).case_ids) == 600
+    dataset = {"format": "folders2d", "path": str(tmp_path), "cache_dir": str(tmp_path / "cache"), "window": None,
+               "image_size": 32}
+    cfg = config_from_dict({"dataset": dataset}, resolve=True).dataset
+    assert len(build_cache(cfg, progress=False).case_ids) == 600
     script = f"""
 import resource
 import numpy as np
@@ -385,6 +521,7 @@ read = [float(np.asarray(cache.image(c), dtype=np.float32).sum()) + int(cache.la
 assert len(cache._maps) <= MAX_OPEN_MAPS
 print(len(read))
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "600"

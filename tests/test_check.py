@@ -180,7 +180,7 @@ def test_faulty_cases_exit_1_each_named_on_one_line_and_the_others_still_audited
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert sorted((e["kind"], e["case"]) for e in report["errors"]) == sorted((k, c) for k, (c, _) in FAULTS.items())
     for kind, (cid, _) in FAULTS.items():
-        line = next(l for l in proc.stdout.splitlines() if l.strip().startswith(f"error [{kind}]"))
+        line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith(f"error [{kind}]"))
         assert f"case {cid}" in line and str(task) in line  # one line naming the file and the case
     assert summary_line(proc.stdout)["errors_by_kind"] == {kind: 1 for kind in FAULTS}
     by_case = rows(report)
@@ -230,6 +230,38 @@ def test_unpaired_and_corrupt_cases_are_all_listed_and_block_the_cache(tmp_path)
     assert [(e["kind"], e["case"]) for e in report["errors"]] == [("corrupt_file", "002")]
     assert sorted(w["case"] for w in report["warnings"] if w["kind"] == "unpaired") == ["009", "010"]
     assert rows(report)["009"]["status"] == "skipped"
+
+
+def test_a_case_that_fails_to_load_is_listed_under_the_kind_of_its_error_type(tmp_path, monkeypatch, caplog):
+    """unsafe_pickle, load_error, bad_label, corrupt_file: the ``kind`` of the DataError subclass the reader raised.
+    Each case is decoded once, the failing ones too; the skipped unpaired case is in the report, not in the log."""
+    import collections
+    import logging
+    import pickle
+
+    from medseg.data.evalseg_pickle import _evalseg_modules, dumps_label_pickle, load_segment_array
+
+    cases = tiny_cases()
+    task = make_kaggle_task(tmp_path / "data", cases, ct_only={"010": tiny_volume(21)[0]})
+    gt = task / "GroundTruth"
+    (gt / "001.pkl").write_bytes(pickle.dumps(collections.OrderedDict()))  # a global outside the allow-list
+    (gt / "002.pkl").write_bytes(pickle.dumps([1, 2]))  # a readable pickle of something else
+    sa = load_segment_array(data=dumps_label_pickle(cases["003"][1], SPACING))
+    sa.segments[0].data = sa.segments[0].data.astype(np.int16) * 300  # no uint8 label value
+    with _evalseg_modules():
+        (gt / "003.pkl").write_bytes(pickle.dumps(sa, protocol=4))
+    (gt / "005.pkl").write_bytes(b"\x1f\x8b" + b"x" * 20)  # gzip magic, then garbage
+    loads: list[str] = []
+    original = KaggleEvalsegSource.load
+    monkeypatch.setattr(KaggleEvalsegSource, "load", lambda self, cid: loads.append(cid) or original(self, cid))
+    with caplog.at_level(logging.WARNING):
+        report = check.audit(dataset_cfg(tmp_path, tmp_path / "data", allow_missing=True))
+    assert sorted((e["kind"], e["case"]) for e in report["errors"]) == [
+        ("bad_label", "003"), ("corrupt_file", "005"), ("load_error", "002"), ("unsafe_pickle", "001")]
+    assert {r["case_id"]: r["error"] for r in report["cases"] if r["status"] != "ok"} == {
+        "001": "unsafe_pickle", "002": "load_error", "003": "bad_label", "005": "corrupt_file", "010": "unpaired"}
+    assert sorted(loads) == sorted(IDS) and report["cache"] is None
+    assert [w["case"] for w in report["warnings"] if w["kind"] == "unpaired"] == ["010"] and caplog.records == []
 
 
 def test_each_case_is_decoded_once_whether_the_cache_is_built_or_reused(tmp_path, monkeypatch):
@@ -386,19 +418,19 @@ def test_repeated_errors_are_one_line_per_kind_unless_verbose(tmp_path, capsys):
     assert all(e["message"].endswith("set dataset.mask_threshold: 128") for e in report["errors"])
 
     text = check.format_report(report)
-    lines = [l for l in text.splitlines() if l.strip().startswith("error [")]
+    lines = [ln for ln in text.splitlines() if ln.strip().startswith("error [")]
     assert len(lines) == 1  # one line for the kind: count, first files, the first message (which names the fix)
     assert lines[0].startswith("  error [unknown_label] x5: masks/12.jpg (case 12), masks/20.jpg (case 20), "
                                "masks/3.jpg (case 3) (+2 more; --verbose or --json lists them all); first: ")
     assert lines[0].endswith("set dataset.mask_threshold: 128")
     # 45 cases: the table lists the 5 that failed and sums up the 40 others in a line
     assert "cases (45)" in text and "40 loaded: shape 16x16x1 (40); spacing 1x1x1 (40)" in text
-    assert sum(l.strip().startswith(tuple(f"{i} " for i in jpeg)) for l in text.splitlines()) == 5
+    assert sum(ln.strip().startswith(tuple(f"{i} " for i in jpeg)) for ln in text.splitlines()) == 5
 
     verbose = check.format_report(report, verbose=True)
-    assert sorted(l for l in verbose.splitlines() if l.strip().startswith("error [")) == sorted(
+    assert sorted(ln for ln in verbose.splitlines() if ln.strip().startswith("error [")) == sorted(
         f"  error [unknown_label] {e['message']}" for e in report["errors"])
-    assert len([l for l in verbose.splitlines() if " ok " in l or "ERROR" in l]) == 45
+    assert len([ln for ln in verbose.splitlines() if " ok " in ln or "ERROR" in ln]) == 45
 
     # with the threshold the same files load, and the CLI's --verbose lists every case
     config = tmp_path / "config.yaml"
@@ -409,4 +441,4 @@ def test_repeated_errors_are_one_line_per_kind_unless_verbose(tmp_path, capsys):
     stdout = capsys.readouterr().out  # (in process: the end-to-end tests above pay for the subprocess)
     full = json.loads((tmp_path / "r.json").read_text())
     assert full["summary"]["loaded"] == 45 and full["errors"] == []
-    assert len([l for l in stdout.splitlines() if l.split()[2:3] == ["ok"]]) == 45
+    assert len([ln for ln in stdout.splitlines() if ln.split()[2:3] == ["ok"]]) == 45

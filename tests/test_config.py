@@ -1,6 +1,7 @@
 """Config loading: every shipped file loads, unknown keys and bad values name their dotted key."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,8 @@ def test_bad_values_name_the_key_and_allowed_values():
     # albumentations itself only warns about an unknown argument and runs on its defaults
     with pytest.raises(ConfigError, match=r"augment\.0: albumentations\.Rotate\(.*Argument\(s\) 'limt' are not valid"):
         config_from_dict({"augment": [{"name": "Rotate", "limt": 15}]})
-    with pytest.raises(ConfigError, match=r"augment\.0: albumentations\.ToTensorV2 is not a 2D image or image\+mask transform"):
+    with pytest.raises(ConfigError,
+                       match=r"augment\.0: albumentations\.ToTensorV2 is not a 2D image or image\+mask transform"):
         config_from_dict({"augment": [{"name": "ToTensorV2"}]})
     with pytest.raises(ConfigError, match=r"dataset\.split: .*group_regex '\(' is not a valid regular expression"):
         config_from_dict({"dataset": {"split": {"group_regex": "("}}})
@@ -106,16 +108,52 @@ def test_search_space_errors_name_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"s\.yaml: num_sample: unknown key"):
         load_space(space(num_sample=3))
     # --set overrides.<config key>: one more fixed config value for every trial, checked like the others
-    loaded = load_space(space(overrides={"training.epochs": 4}), overrides=["overrides.training.ema_decay=0.99", "num_samples=3"])
-    assert loaded.base["training"]["ema_decay"] == 0.99 and loaded.base["training"]["epochs"] == 4 and loaded.num_samples == 3
+    loaded = load_space(space(overrides={"training.epochs": 4}),
+                        overrides=["overrides.training.ema_decay=0.99", "num_samples=3"])
+    assert loaded.base["training"]["ema_decay"] == 0.99 and loaded.base["training"]["epochs"] == 4
+    assert loaded.num_samples == 3
     with pytest.raises(ConfigError, match=r"training\.ema_decay"):
         load_space(space(), overrides=["overrides.training.ema_decay=2"])
+
+
+def test_loaded_search_space_is_validated_with_its_final_values_and_frozen(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from medseg.search_space import space_for_configs
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"name": "base", "training": {"epochs": 4}}))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "base_config": "base.yaml", "asha": {"max_t": 4}, "reports_dir": "rep",
+                                    "storage_path": "~/ray", "champion": {"models_dir": "m", "margin": 0.02}}))
+    monkeypatch.chdir(tmp_path)
+    space = load_space(path, overrides=["num_samples=3"])
+    assert space.source == str(path) and space.cli_overrides == ["num_samples=3"]
+    assert space.base["training"]["epochs"] == 4
+    assert space.reports_dir == str(tmp_path.resolve() / "rep")
+    assert space.champion.models_dir == str(tmp_path.resolve() / "m")
+    assert space.storage_path == str(Path("~/ray").expanduser().resolve()) and space.champion.margin == 0.02
+    assert space.model_dump() == type(space).model_validate(space.model_dump()).model_dump()
+    with pytest.raises(ValidationError, match="frozen"):
+        space.num_samples = 4
+    with pytest.raises(ValidationError, match="frozen"):
+        space.champion.models_dir = "elsewhere"
+    # a changed copy is validated again
+    assert space.updated(time_budget_s=60).time_budget_s == 60 and space.time_budget_s is None
+    with pytest.raises(ConfigError, match=r"s\.yaml: time_budget_s: Input should be greater than 0"):
+        space.updated(time_budget_s=-1)
+    fixed = space_for_configs([str(base)], name="fixed", template=space)
+    assert not fixed.asha.enabled and fixed.num_samples == 1 and fixed.settings_file == str(path)
+    assert fixed.storage_path == space.storage_path and list(fixed.fixed_configs) == [str(base.resolve())]
+    with pytest.raises(ConfigError, match=r"tune\.py --configs: name: String should match pattern"):
+        space_for_configs([str(base)], name="two words")
 
 
 def test_new_dataset_keys_resolve_validate_and_stay_out_of_dumps_when_unset(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     path = tmp_path / "configs" / "c.yaml"
-    path.write_text(yaml.safe_dump({"name": "c", "dataset": {"format": "folders2d", "path": "data/x", "mask_threshold": 128,
+    path.write_text(yaml.safe_dump({"name": "c", "dataset": {"format": "folders2d", "path": "data/x",
+                                                             "mask_threshold": 128,
                                                              "split": {"groups_file": "groups.csv"}}}))
     monkeypatch.chdir(tmp_path)
     cfg = load_config(path)
@@ -124,13 +162,42 @@ def test_new_dataset_keys_resolve_validate_and_stay_out_of_dumps_when_unset(tmp_
     assert cfg.dataset.path == str(tmp_path / "data" / "x") and cfg.dataset.mask_threshold == 128
     assert cfg.to_dict()["dataset"]["mask_threshold"] == 128
     unset = config_from_dict({}, resolve=False)
-    assert "mask_threshold" not in unset.to_dict()["dataset"] and "groups_file" not in unset.to_dict()["dataset"]["split"]
+    assert "mask_threshold" not in unset.to_dict()["dataset"]
+    assert "groups_file" not in unset.to_dict()["dataset"]["split"]
     assert unset.dataset.mask_threshold is None and unset.dataset.split.groups_file is None
     with pytest.raises(ConfigError, match=r"dataset\.split: set group_regex or groups_file, not both"):
         config_from_dict({"dataset": {"split": {"group_regex": "^(p\\d+)", "groups_file": "g.csv"}}})
     with pytest.raises(ConfigError, match=r"dataset: mask_threshold binarises 2D mask images; format 'msd'"):
         config_from_dict({"dataset": {"format": "msd", "mask_threshold": 128}})
-    with pytest.raises(ConfigError, match=r"dataset: mask_threshold binarises masks to labels \{0, 1\}: labels must be \[1\]"):
+    with pytest.raises(ConfigError,
+                       match=r"dataset: mask_threshold binarises masks to labels \{0, 1\}: labels must be \[1\]"):
         config_from_dict({"dataset": {"format": "folders2d", "mask_threshold": 128, "labels": [2]}})
     with pytest.raises(ConfigError, match=r"dataset\.mask_threshold: Input should be greater than 0"):
         config_from_dict({"dataset": {"format": "folders2d", "mask_threshold": 0}})
+
+
+def test_focal_weight_is_its_own_key_and_old_focal_dice_configs_still_load():
+    from medseg.losses import build_loss
+
+    unset = config_from_dict({}, resolve=False)
+    # at its default the new key stays out of dumps: configs that never set it keep their hash
+    assert "focal_weight" not in unset.to_dict()["loss"] and unset.loss.focal_weight == 0.5
+    focal = config_from_dict({"loss": {"name": "focal_dice", "focal_weight": 0.2, "dice_weight": 0.8}}, resolve=False)
+    assert focal.to_dict()["loss"]["focal_weight"] == 0.2
+    assert build_loss(focal.loss, classes=1).weights == [0.2, 0.8]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bce = config_from_dict({"loss": {"name": "bce_dice", "bce_weight": 0.3}}, resolve=False)
+        default = config_from_dict({"loss": {"name": "focal_dice", "bce_weight": 0.5}}, resolve=False)
+    assert build_loss(bce.loss, classes=1).weights == [0.3, 0.5]
+    assert default.hash() == config_from_dict({"loss": {"name": "focal_dice"}}, resolve=False).hash()
+    # before focal_weight existed, focal_dice weighted its focal term with bce_weight
+    with pytest.warns(FutureWarning, match=r"^old\.yaml: loss\.bce_weight weights the focal term of focal_dice under "
+                      r"its old name; read as loss\.focal_weight \(rename the key\)$") as record:
+        old = config_from_dict({"loss": {"name": "focal_dice", "bce_weight": 0.3}}, source="old.yaml", resolve=False)
+    assert len(record) == 1
+    assert (old.loss.focal_weight, old.loss.bce_weight) == (0.3, 0.5)
+    assert build_loss(old.loss, classes=1).weights == [0.3, 0.5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert config_from_dict(old.to_dict(), resolve=False).hash() == old.hash()  # its dump reloads as it is

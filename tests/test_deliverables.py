@@ -40,8 +40,10 @@ def test_committed_champion_is_small_and_describes_itself():
     assert ckpt.stat().st_size <= 15 * 2**20
     meta = load_checkpoint(ckpt)["meta"]  # digest verified
     metrics = json.loads((CHAMPION / "metrics.json").read_text())
-    assert meta["split_hash"] == metrics["split_hash"] and metrics["weights_dtype"] == meta["weights_dtype"] == "float16"
-    assert 4 <= len(metrics["overlays"]) <= 6 and all((CHAMPION / "overlays" / n).is_file() for n in metrics["overlays"])
+    assert meta["split_hash"] == metrics["split_hash"]
+    assert metrics["weights_dtype"] == meta["weights_dtype"] == "float16"
+    assert 4 <= len(metrics["overlays"]) <= 6
+    assert all((CHAMPION / "overlays" / n).is_file() for n in metrics["overlays"])
     assert (CHAMPION / "MODEL_CARD.md").is_file() and (CHAMPION / "config.yaml").is_file()
 
 
@@ -50,7 +52,8 @@ def test_make_data_then_eval_reproduces_the_committed_dice(tmp_path):
     from medseg.data.synthetic import generate_task
 
     metrics = json.loads((CHAMPION / "metrics.json").read_text())
-    generate_task(tmp_path / "data" / "synthetic", seed=0)  # `make data`: the defaults of python -m medseg.data.synthetic
+    # `make data`: the defaults of python -m medseg.data.synthetic
+    generate_task(tmp_path / "data" / "synthetic", seed=0)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     # the checkpoint's stored config names the data relative to the repository root, like config.yaml beside it
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(CHAMPION / "checkpoint.pt"),

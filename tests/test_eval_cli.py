@@ -15,7 +15,7 @@ import torch
 from medseg.checkpoint import VERSION, checkpoint_config, load_checkpoint, model_from_checkpoint, save_checkpoint
 from medseg.config import Config
 from medseg.errors import CheckpointError, ConfigError, DataError
-from medseg.evaluation import eval_config, evaluate_predictions, kaggle_task_of, run_eval_cli
+from medseg.evaluation import eval_config, evaluate_predictions, format_table, kaggle_task_of, run_eval_cli
 from tests.conftest import TINY_MODEL
 from tests.fixtures import evalseg_dir, expected, make_msd, tiny_case
 
@@ -28,9 +28,9 @@ def run_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"})
 
 
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """The single ``error: ...`` line run_cli prints (exit code 2, no traceback)."""
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+def one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The single ``error: ...`` line run_cli prints (exit code 2 usage/config, 1 a failed job; no traceback)."""
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, proc.stderr
@@ -40,9 +40,17 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------------------------ predictions folders
 
 
+def test_table_of_dict_rows_has_floats_to_four_decimals_and_no_trailing_spaces():
+    rows = [{"method": "a", "dice": 0.5, "n": 3}, {"method": "long name", "dice": float("nan")}]
+    assert format_table(rows, ["method", "dice", "n"]).splitlines() == [
+        "method     dice    n", "a          0.5000  3", "long name  nan"]
+    assert format_table([], ["rank", "method"]) == "rank  method"
+
+
 def test_kaggle_layout_predictions_need_no_config(tmp_path):
     task = evalseg_dir() / "TaskA_Example"
-    proc = run_eval("--predictions", str(task / "Predictions" / "p1"), "--no-mlflow", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    proc = run_eval("--predictions", str(task / "Predictions" / "p1"), "--no-mlflow", "--out", str(tmp_path / "out"),
+                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("p1: {")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -56,21 +64,23 @@ def test_config_built_for_the_task_of_a_kaggle_predictions_folder():
     pred_dir = root / "Task001_LiverTumor" / "Predictions" / "Dice"
     assert kaggle_task_of(pred_dir) == (root / "Task001_LiverTumor").resolve()
     cfg = eval_config(predictions=pred_dir)
-    assert (cfg.dataset.format, cfg.dataset.path, cfg.dataset.task, cfg.dataset.labels) == ("kaggle", str(root.resolve()), "Task001_LiverTumor", [1])
+    assert (cfg.dataset.format, cfg.dataset.path, cfg.dataset.task, cfg.dataset.labels) == (
+        "kaggle", str(root.resolve()), "Task001_LiverTumor", [1])
     # a few cases (the whole task, 87 large volumes, is test_eval_infer's reference test)
     from medseg.data.sources import open_source_from_config
 
     ref = expected()["reference_methods"]["Task001_LiverTumor/Dice"]["per_case_dice"]
     cases = ["101", "13", "240"]
-    result = evaluate_predictions(open_source_from_config(cfg.dataset), pred_dir, labels=cfg.dataset.labels, case_ids=cases,
-                                  progress=False, lesions=False)
+    result = evaluate_predictions(open_source_from_config(cfg.dataset), pred_dir, labels=cfg.dataset.labels,
+                                  case_ids=cases, progress=False, lesions=False)
     assert result.per_case_dice() == pytest.approx({c: ref[c] for c in cases}, abs=1e-6)
 
 
 def test_predictions_elsewhere_are_scored_against_data(tmp_path):
     task = evalseg_dir() / "TaskA_Example"
     preds = shutil.copytree(task / "Predictions" / "p2", tmp_path / "my_preds")
-    with pytest.raises(ConfigError, match=r"--predictions .*my_preds: not in a Kaggle layout .* pass --data DATASET_DIR or --config CONFIG"):
+    with pytest.raises(ConfigError, match=r"--predictions .*my_preds: not in a Kaggle layout .* "
+                                          r"pass --data DATASET_DIR or --config CONFIG"):
         eval_config(predictions=preds)
     cfg = eval_config(predictions=preds, data=task, overrides=["output.experiment=mine"])
     assert (cfg.dataset.task, cfg.output.experiment) == ("TaskA_Example", "mine")
@@ -91,7 +101,8 @@ def test_data_may_be_any_supported_dataset_folder(tmp_path):
     msd = make_msd(tmp_path / "Task09_Tiny", cases)
     preds = shutil.copytree(msd / "labelsTr", tmp_path / "preds")  # the truth itself
     cfg = eval_config(predictions=preds, data=msd)
-    assert (cfg.dataset.format, cfg.dataset.path, cfg.dataset.task, cfg.dataset.labels) == ("msd", str(msd.resolve()), None, [1])
+    assert (cfg.dataset.format, cfg.dataset.path, cfg.dataset.task, cfg.dataset.labels) == (
+        "msd", str(msd.resolve()), None, [1])
     run_eval_cli(cfg, predictions=preds, out=tmp_path / "out", mlflow=False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["summary"]
     assert (summary["n_scored"], summary["dice"]) == (2, 1.0)
@@ -101,7 +112,7 @@ def test_no_config_no_layout_no_data_is_a_one_line_error(tmp_path):
     preds = shutil.copytree(evalseg_dir() / "TaskA_Example" / "Predictions" / "p1", tmp_path / "preds")
     line = one_line_error(run_eval("--predictions", str(preds), "--no-mlflow", cwd=tmp_path))
     assert str(preds) in line and "pass --data DATASET_DIR or --config CONFIG" in line
-    line = one_line_error(run_eval("--predictions", str(tmp_path / "nowhere"), "--no-mlflow", cwd=tmp_path))
+    line = one_line_error(run_eval("--predictions", str(tmp_path / "nowhere"), "--no-mlflow", cwd=tmp_path), 1)
     assert line == f"error: {tmp_path / 'nowhere'}: predictions folder not found"
 
 
@@ -126,7 +137,7 @@ def test_checkpoint_of_another_format_version_is_a_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match=rf"future\.pt: unsupported checkpoint format version {VERSION + 1} "
                                               rf"\(this medseg reads version {VERSION}, written by medseg 0\.0\.1\)"):
         load_checkpoint(tmp_path / "future.pt")
-    line = one_line_error(run_eval("--ckpt", str(tmp_path / "future.pt"), "--no-mlflow", cwd=tmp_path))
+    line = one_line_error(run_eval("--ckpt", str(tmp_path / "future.pt"), "--no-mlflow", cwd=tmp_path), 1)
     assert line.startswith(f"error: {tmp_path / 'future.pt'}: unsupported checkpoint format version {VERSION + 1}")
 
 
@@ -134,14 +145,16 @@ def test_checkpoint_whose_stored_config_no_longer_validates_is_a_one_line_error(
     stale = Config.model_validate({"model": TINY_MODEL}).to_dict()
     stale["training"]["warmup"] = 3  # a key this code does not know (renamed or removed since)
     path = tiny_checkpoint(tmp_path / "stale.pt", config=stale)
-    message = (rf"stale\.pt: its stored config no longer validates against this medseg \(checkpoint format version {VERSION}, "
-               rf"this medseg reads version {VERSION}, written by medseg 0\.0\.1; .*\): config: training\.warmup: unknown key")
+    message = (rf"stale\.pt: its stored config no longer validates against this medseg \(checkpoint format version "
+               rf"{VERSION}, this medseg reads version {VERSION}, written by medseg 0\.0\.1; .*\): config: "
+               rf"training\.warmup: unknown key")
     with pytest.raises(CheckpointError, match=message):
         model_from_checkpoint(path)
     with pytest.raises(CheckpointError, match=message):
         eval_config(ckpt=path)
-    line = one_line_error(run_eval("--ckpt", str(path), "--no-mlflow", cwd=tmp_path))
-    assert str(path) in line and f"checkpoint format version {VERSION}" in line and "training.warmup: unknown key" in line
+    line = one_line_error(run_eval("--ckpt", str(path), "--no-mlflow", cwd=tmp_path), 1)
+    assert str(path) in line and f"checkpoint format version {VERSION}" in line
+    assert "training.warmup: unknown key" in line
     # no stored config at all
     bare = save_checkpoint(tmp_path / "bare.pt", torch.nn.Linear(1, 1), {"in_channels": 1, "classes": 1})
     with pytest.raises(CheckpointError, match=rf"bare\.pt: no stored config .*checkpoint format version {VERSION}"):

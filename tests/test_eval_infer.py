@@ -16,14 +16,48 @@ from PIL import Image
 from medseg.data.sources import open_source
 from medseg.errors import MedsegError
 from medseg.evaluation import evaluate_checkpoint, evaluate_predictions, leaderboard
-from medseg.inference import Predictor, run_inference
+from medseg.inference import Predictor, predict_volume, run_inference, slice_logits
+from medseg.models import predict_classes
 from medseg.training import fit, prepare_data
+from medseg.tta import mirrored_logits
 from tests.fixtures import evalseg_dir, expected
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("method", ["TaskA_Example/p1", "TaskA_Example/Alg2", "Task001_LiverTumor/Dice", "Task001_LiverTumor/CE"])
+def test_predict_classes_from_logits_and_from_probabilities():
+    # one channel: foreground where the probability is above the threshold (strictly)
+    logits = torch.tensor([-1.0, 0.0, 1.0]).reshape(1, 1, 1, 3)
+    assert predict_classes(logits).tolist() == [[[0, 0, 1]]]
+    probs = torch.tensor([0.3, 0.5, 0.7]).reshape(1, 1, 1, 3)
+    assert predict_classes(probs, 0.5, probabilities=True).tolist() == [[[0, 0, 1]]]
+    assert predict_classes(probs, 0.25, probabilities=True).tolist() == [[[1, 1, 1]]]
+    # several channels: the argmax, of logits or of probabilities alike
+    scores = torch.tensor([[0.2, 0.5], [0.7, 0.1], [0.1, 0.4]]).reshape(1, 3, 1, 2)
+    assert predict_classes(scores).tolist() == [[[1, 0]]]
+    assert predict_classes(scores, probabilities=True).tolist() == [[[1, 0]]]
+
+
+def test_slice_logits_batches_every_slice_once_in_order():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 1, 3, padding=1)  # context 1: a slice and its two neighbours
+    volume = np.random.default_rng(0).random((7, 8, 8), dtype=np.float32)
+    batches = list(slice_logits(model, volume, context=1, device=torch.device("cpu"), batch_size=3))
+    assert [zs for zs, _ in batches] == [range(0, 3), range(3, 6), range(6, 7)]
+    assert [tuple(logits.shape) for _, logits in batches] == [(3, 1, 8, 8), (3, 1, 8, 8), (1, 1, 8, 8)]
+    pred, loss = predict_volume(model, volume, context=1, device=torch.device("cpu"), batch_size=3, threshold=0.4)
+    expected_pred = np.concatenate([predict_classes(logits, 0.4).numpy() for _, logits in batches])
+    assert loss is None and np.array_equal(pred, expected_pred)
+    # with mirrors: the mirrored average of each batch
+    mirrored = list(slice_logits(model, volume, context=1, device=torch.device("cpu"), batch_size=3, tta_axes=[[3]]))
+    zs, logits = mirrored[1]
+    x = torch.from_numpy(np.stack([volume[z - 1:z + 2] for z in zs]))
+    with torch.no_grad():
+        assert torch.equal(logits, mirrored_logits(model, x, model(x), [[3]]))
+
+
+@pytest.mark.parametrize("method", ["TaskA_Example/p1", "TaskA_Example/Alg2", "Task001_LiverTumor/Dice",
+                                    "Task001_LiverTumor/CE"])
 def test_scoring_reference_predictions_reproduces_expected_dice(method):
     ref = expected()["reference_methods"][method]
     task, name = method.split("/")  # TaskA_Example holds ground truth for 4 cases, each method predicts 2 of them
@@ -41,8 +75,9 @@ def test_eval_cli_on_a_predictions_folder(tmp_path):
     task = evalseg_dir() / "TaskA_Example"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"name": "c", "dataset": {"path": str(task), "labels": [1]}}))
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--config", str(cfg), "--predictions", str(task / "Predictions" / "p1"),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--config", str(cfg),
+                           "--predictions", str(task / "Predictions" / "p1"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert round(summary["summary"]["dice"], 4) == expected()["reference_methods"]["TaskA_Example/p1"]["mean_case_dice"]
@@ -50,8 +85,9 @@ def test_eval_cli_on_a_predictions_folder(tmp_path):
     assert summary["missing"] == ["101", "108"]  # ground truth without a prediction: listed, not scored
     assert "2 ground-truth case(s) have no prediction and are not scored: 101, 108" in proc.stderr
     # when the cases are given (here: scored as empty), missing ones count as empty masks: Dice 0
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--config", str(cfg), "--predictions", str(task / "Predictions" / "p1"),
-                           "--missing-as-empty", "--out", str(tmp_path / "out2")], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--config", str(cfg),
+                           "--predictions", str(task / "Predictions" / "p1"), "--missing-as-empty",
+                           "--out", str(tmp_path / "out2")], capture_output=True, text=True, cwd=tmp_path)
     summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
     assert summary["summary"]["n_cases"] == 4 and summary["summary"]["dice"] == pytest.approx(0.8223 / 2, abs=1e-4)
 
@@ -89,8 +125,9 @@ def test_leaderboard_ranks_checkpoint_among_reference_methods(trained, tmp_path)
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     data = prepare_data(cfg, progress=False)
     perturbed = Path(data.source.root) / "Predictions" / "perturbed"
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--config", str(cfg_path), "--ckpt", str(result.best_checkpoint),
-                           "--predictions", str(perturbed), "--leaderboard", "--out", str(tmp_path / "ev")],
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--config", str(cfg_path),
+                           "--ckpt", str(result.best_checkpoint), "--predictions", str(perturbed), "--leaderboard",
+                           "--out", str(tmp_path / "ev")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     # --ckpt and --predictions with one --out: each keeps its own tables
@@ -103,9 +140,11 @@ def test_leaderboard_ranks_checkpoint_among_reference_methods(trained, tmp_path)
     dices = [float(line.split()[2]) for line in table]
     assert dices == sorted(dices, reverse=True)
     # and the scores are the ones evaluate_predictions gives on the same validation cases
-    ref = evaluate_predictions(data.source, Path(data.source.root) / "Predictions" / "perturbed", case_ids=data.split.val, progress=False)
+    ref = evaluate_predictions(data.source, Path(data.source.root) / "Predictions" / "perturbed",
+                               case_ids=data.split.val, progress=False)
     row = leaderboard([ref])[0]
-    assert any(line.split()[1] == "perturbed" and float(line.split()[2]) == pytest.approx(row["dice"], abs=1e-4) for line in table)
+    assert any(line.split()[1] == "perturbed" and float(line.split()[2]) == pytest.approx(row["dice"], abs=1e-4)
+               for line in table)
 
 
 def test_infer_keeps_nifti_geometry_and_image_size(trained, tmp_path):
@@ -128,8 +167,9 @@ def test_infer_keeps_nifti_geometry_and_image_size(trained, tmp_path):
     records = run_inference(result.best_checkpoint, tmp_path / "slice.png", tmp_path / "out", device="cpu")
     assert Image.open(records[0]["mask"]).size == (64, 64)
     # a case of a Kaggle task through the CLI, written with the CT's geometry
-    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--ckpt", str(result.best_checkpoint), "--input", str(data.source.root),
-                           "--case", case.case_id, "--out", str(tmp_path / "k")], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--ckpt", str(result.best_checkpoint),
+                           "--input", str(data.source.root), "--case", case.case_id, "--out", str(tmp_path / "k")],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = nib.load(tmp_path / "k" / f"{case.case_id}.nii.gz")
     assert out.shape == case.image.shape and np.allclose(out.affine, case.affine)

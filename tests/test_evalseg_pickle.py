@@ -21,7 +21,7 @@ from medseg.data.evalseg_pickle import (
     write_label_pickle,
 )
 from medseg.data.sources.common import label_counts
-from medseg.errors import DataError, UnsafePickleError
+from medseg.errors import BadLabelError, CorruptFileError, DataError, UnsafePickleError
 from tests.fixtures import evalseg_dir, expected
 
 
@@ -204,9 +204,26 @@ def test_roi_that_does_not_match_the_data_is_a_data_error(tmp_path):
 def test_truncated_pickle_is_a_data_error(tmp_path):
     path = tmp_path / "cut.pkl"
     path.write_bytes(dumps_label_pickle(np.ones((3, 3, 3), np.uint8), (1, 1, 1))[:-20])
-    with pytest.raises(DataError, match="not a readable evalseg pickle") as err:
+    with pytest.raises(CorruptFileError, match="not a readable evalseg pickle") as err:
         read_label_pickle(path)
     assert str(path) in str(err.value)
+
+
+def test_unreadable_files_and_non_label_values_raise_their_own_error_types(tmp_path):
+    """What the data audit reports them as: corrupt_file, bad_label (the kind of each DataError subclass)."""
+    raw = dumps_label_pickle(np.pad(np.ones((2, 2, 2), np.uint8), 2), (1, 1, 1))
+    cut = tmp_path / "cut.pkl.gz"
+    cut.write_bytes(gzip.compress(raw)[:-8])
+    with pytest.raises(CorruptFileError, match=r"cut\.pkl\.gz: corrupt gzip"):
+        read_label_pickle(cut)
+    with pytest.raises(CorruptFileError, match=r"nowhere\.pkl: cannot read"):
+        read_label_pickle(tmp_path / "nowhere.pkl")
+    sa = load_segment_array(data=raw)
+    sa.segments[0].data = sa.segments[0].data.astype(np.int16) * 300
+    with _evalseg_modules():
+        (tmp_path / "300.pkl").write_bytes(pickle.dumps(sa, protocol=4))
+    with pytest.raises(BadLabelError, match=r"300\.pkl: segment 0 has non-integer or out-of-range label values"):
+        read_label_pickle(tmp_path / "300.pkl")
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -26,7 +26,8 @@ def test_export_writes_a_half_precision_champion_that_scores_the_same(tiny_cfg, 
     assert (out / "checkpoint.pt").stat().st_size < 0.6 * result.best_checkpoint.stat().st_size
     # the exported weights score what the float32 ones scored, to 3 decimals, and metrics.json says so
     again = evaluate_checkpoint(out / "checkpoint.pt", cfg, progress=False)
-    assert round(again.summary["dice"], 3) == round(metrics["val"]["dice"], 3) == round(metrics["val_float32"]["dice"], 3)
+    assert (round(again.summary["dice"], 3) == round(metrics["val"]["dice"], 3)
+            == round(metrics["val_float32"]["dice"], 3))
     stored = json.loads((out / "metrics.json").read_text())
     assert stored["split_hash"] == payload["meta"]["split_hash"] and stored["weights_dtype"] == "float16"
     # overlays exist for the chosen cases, and the config loads with paths relative to the root
@@ -43,6 +44,7 @@ def test_pick_cases_spans_the_dice_distribution_and_adds_a_lesion_free_case():
     def row(cid, dice, tp, fn):
         return {"case_id": cid, "dice": dice, "tp/1": tp, "fn/1": fn, "fp/1": 0}
 
-    rows = [row("a", 0.9, 9, 1), row("b", 0.1, 1, 9), row("c", 0.5, 5, 5), row("d", float("nan"), 0, 0), row("e", 0.7, 7, 3)]
+    rows = [row("a", 0.9, 9, 1), row("b", 0.1, 1, 9), row("c", 0.5, 5, 5), row("d", float("nan"), 0, 0),
+            row("e", 0.7, 7, 3)]
     assert pick_cases(rows, n=3) == ["a", "b", "d"]  # best, worst, and the lesion-free one
     assert pick_cases(rows, n=5)[:4] == ["a", "e", "c", "b"]

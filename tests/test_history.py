@@ -20,13 +20,15 @@ def test_history_of_a_champion_and_a_challenger(tiny_cfg, tmp_path, capsys):
         registry_history(uri, registry_name="tiny-history", out=tmp_path / "h.md")
     cfg = tiny_cfg(name="hist_tiny", training={"epochs": 1})
     result, run_id = train_tracked(cfg, progress=False)
-    first = decide_and_register(checkpoint=result.best_checkpoint, run_id=run_id, cfg=cfg, rule=rule, uri=uri, progress=False)
+    first = decide_and_register(checkpoint=result.best_checkpoint, run_id=run_id, cfg=cfg, rule=rule, uri=uri,
+                                progress=False)
     # the same config again (deterministic training): gain 0, below the margin -> challenger, with a bootstrap
     result2, run_id2 = train_tracked(cfg, progress=False)
     client = get_client(uri)
     client.set_tag(run_id2, "study", "study-b")  # what a tune.py trial carries
     client.set_tag(run_id2, "sampled", json.dumps({"training.lr": 0.003}))
-    second = decide_and_register(checkpoint=result2.best_checkpoint, run_id=run_id2, cfg=cfg, rule=rule, uri=uri, progress=False)
+    second = decide_and_register(checkpoint=result2.best_checkpoint, run_id=run_id2, cfg=cfg, rule=rule, uri=uri,
+                                 progress=False)
     assert first.promoted and not second.promoted and second.bootstrap
 
     # the bootstrap is on the version's tags (register_version), equal to the decision's
@@ -36,8 +38,10 @@ def test_history_of_a_champion_and_a_challenger(tiny_cfg, tmp_path, capsys):
     assert "ci_low" not in client.get_model_version("tiny-history", first.version).tags  # no champion to compare with
 
     rows = history_rows(client, "tiny-history")
-    assert [(r["version"], r["promoted"], r["alias"]) for r in rows] == [(1, True, "champion"), (2, False, "challenger")]
-    assert rows[0]["bootstrap"] is None and rows[1]["bootstrap"]["gain"] == pytest.approx(second.bootstrap["delta"], abs=1e-4)
+    assert [(r["version"], r["promoted"], r["alias"]) for r in rows] == [(1, True, "champion"),
+                                                                         (2, False, "challenger")]
+    assert rows[0]["bootstrap"] is None
+    assert rows[1]["bootstrap"]["gain"] == pytest.approx(second.bootstrap["delta"], abs=1e-4)
     assert rows[0]["dice"] == pytest.approx(first.candidate["dice"], abs=1e-6)
     assert rows[0]["fingerprint"] and rows[0]["fingerprint"] == rows[1]["fingerprint"]
     assert (rows[0]["study"], rows[1]["study"], rows[1]["change"]) == ("hist_tiny", "study-b", "lr 0.003")

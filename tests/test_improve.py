@@ -1,4 +1,5 @@
-"""tune.py --improve (medseg/improve.py): the change key without Ray, then the loop on a real local Ray and sqlite store."""
+"""tune.py --improve (medseg/improve.py): the change key without Ray, then the loop on a real local Ray and sqlite
+store."""
 from __future__ import annotations
 
 import json
@@ -32,11 +33,14 @@ def test_change_key_and_record(tmp_path, synth_root, shared_cache, monkeypatch):
     assert imp.change_key(space, "fp1", commit="abc") == key
     # volatile: the budget, --set values that only restate it, the file's description
     budgeted = imp.with_budget(space, 60)
-    assert budgeted.time_budget_s == 60 and budgeted.cli_overrides == ["time_budget_s=60"] and space.time_budget_s is None
+    assert budgeted.time_budget_s == 60 and budgeted.cli_overrides == ["time_budget_s=60"]
+    assert space.time_budget_s is None
     assert imp.change_key(budgeted, "fp1", commit="abc") == key
-    assert imp.change_key(_load(tmp_path, synth_root, shared_cache, overrides=["description=other"]), "fp1", commit="abc") == key
+    described = _load(tmp_path, synth_root, shared_cache, overrides=["description=other"])
+    assert imp.change_key(described, "fp1", commit="abc") == key
     # what a study trains on, searches or is judged by
-    assert imp.change_key(_load(tmp_path, synth_root, shared_cache, num_samples=3), "fp1", commit="abc").space != key.space
+    more_samples = _load(tmp_path, synth_root, shared_cache, num_samples=3)
+    assert imp.change_key(more_samples, "fp1", commit="abc").space != key.space
     assert imp.change_key(_load(tmp_path, synth_root, shared_cache, overrides=["overrides.training.lr=0.002"]), "fp1",
                           commit="abc").space != key.space
     assert imp.change_key(space, "fp2", commit="abc").diff(key) == ["data fingerprint changed (fp1 -> fp2)"]
@@ -77,7 +81,8 @@ def test_audit_errors_stop_with_exit_1(tmp_path, shared_cache, monkeypatch, caps
     space = _load(tmp_path, tmp_path / "no-such-data", shared_cache)
     assert imp.improve(space) == imp.EXIT_AUDIT
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("improve: data audit found 1 hard error(s), no study run; first: [dataset]")
+    assert len(out) == 1
+    assert out[0].startswith("improve: data audit found 1 hard error(s), no study run; first: [dataset]")
     assert "python -m medseg.data check --config" in out[0]
     assert not imp.paths(space)[0].exists()
 

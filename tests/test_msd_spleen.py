@@ -48,8 +48,8 @@ def test_eval_scores_the_true_mask_as_a_prediction_at_dice_1(spleen_dir, tmp_pat
     import runpy
 
     config = tmp_path / "spleen.yaml"
-    config.write_text(yaml.safe_dump({"name": "spleen", "dataset": {"format": "msd", "path": str(spleen_dir),
-                                                                    "labels": [1], "cache_dir": str(tmp_path / "cache")},
+    dataset = {"format": "msd", "path": str(spleen_dir), "labels": [1], "cache_dir": str(tmp_path / "cache")}
+    config.write_text(yaml.safe_dump({"name": "spleen", "dataset": dataset,
                                       "output": {"run_dir": str(tmp_path / "runs")}}))
     predictions = tmp_path / "preds"
     predictions.mkdir()

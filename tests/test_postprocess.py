@@ -1,4 +1,5 @@
-"""Post-processing chosen on validation (medseg/postprocess.py): hand-computed choices, storage, application, tracking."""
+"""Post-processing chosen on validation (medseg/postprocess.py): hand-computed choices, storage, application,
+tracking."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +29,8 @@ def _cases():
     truth_a = _box(SHAPE, slice(1, 4), slice(1, 4), slice(1, 5))
     pred_a = _box(SHAPE, slice(1, 4), slice(1, 4), slice(1, 4)) | _box(SHAPE, slice(9, 10), slice(9, 10), slice(9, 11))
     truth_b = _box(SHAPE, slice(1, 4), slice(1, 4), slice(1, 4)) | _box(SHAPE, slice(8, 10), slice(8, 10), slice(8, 10))
-    return {"a": pred_a.astype(np.uint8), "b": truth_b.astype(np.uint8)}, {"a": truth_a.astype(np.uint8), "b": truth_b.astype(np.uint8)}
+    preds = {"a": pred_a.astype(np.uint8), "b": truth_b.astype(np.uint8)}
+    return preds, {"a": truth_a.astype(np.uint8), "b": truth_b.astype(np.uint8)}
 
 
 def test_components_are_26_connected_and_sizes_give_quantile_thresholds():
@@ -66,7 +68,8 @@ def test_keep_largest_that_lowers_dice_is_not_chosen():
     # a size that removes the real 8-voxel lesion lowers it too: none again
     assert P.choose(*one, [1], {1: [9]})["labels"]["1"]["op"] == "none"
     # a gain below min_gain is not taken
-    assert P.choose(preds, truths, [1], {1: [4]}, min_gain=0.02)["labels"]["1"]["op"] == "none"  # gain (54/63 - 54/65) / 2 = 0.0132
+    # gain (54/63 - 54/65) / 2 = 0.0132
+    assert P.choose(preds, truths, [1], {1: [4]}, min_gain=0.02)["labels"]["1"]["op"] == "none"
 
 
 def test_apply_scales_sizes_to_the_input_resolution_and_keeps_other_labels():
@@ -86,7 +89,8 @@ def test_training_chooses_stores_tracks_and_eval_applies_it(tiny_cfg, tmp_path):
     result, run_id = train_tracked(cfg, progress=False)
     choice = result.postprocessing
     assert choice["dice_before"] == pytest.approx(result.best_metrics["val/dice"], abs=1e-12)  # the same predictions
-    assert choice["dice_after"] >= choice["dice_before"] and choice["cases"] == len(prepare_data(cfg, progress=False).split.val)
+    assert choice["dice_after"] >= choice["dice_before"]
+    assert choice["cases"] == len(prepare_data(cfg, progress=False).split.val)
     stored = load_checkpoint(result.best_checkpoint)["meta"]["postprocessing"]
     assert stored["labels"] == choice["labels"] and stored["image_size"] == 64
     client = get_client(tracking_uri(cfg))
@@ -97,22 +101,23 @@ def test_training_chooses_stores_tracks_and_eval_applies_it(tiny_cfg, tmp_path):
     assert "postprocessing.json" in {a.path for a in client.list_artifacts(run_id)}
 
     # a checkpoint carrying a post-processing that removes every component: eval.py and infer.py's Predictor apply it
-    update_checkpoint_meta(result.best_checkpoint, {"postprocessing": {**choice, "labels": {"1": {"op": "remove_below", "min_voxels": 10**9,
-                                                                                                  "dice_before": 0.0, "dice_after": 0.0}}}})
+    remove_all = {"op": "remove_below", "min_voxels": 10**9, "dice_before": 0.0, "dice_after": 0.0}
+    update_checkpoint_meta(result.best_checkpoint, {"postprocessing": {**choice, "labels": {"1": remove_all}}})
     data = prepare_data(cfg, progress=False)
     image = data.source.load(data.split.val[0]).image
     raw = Predictor(result.best_checkpoint, device="cpu", postprocess=False).predict(image)
     assert raw.any()  # an untrained model predicts some foreground
     assert not Predictor(result.best_checkpoint, device="cpu").predict(image).any()
     text = run_eval_cli(cfg, ckpt=result.best_checkpoint, out=tmp_path / "ev", mlflow=False)
-    assert "post-processing chosen on validation: label 1: remove components < 1000000000 voxels" in text and ", applied" in text
+    assert "post-processing chosen on validation: label 1: remove components < 1000000000 voxels" in text
+    assert ", applied" in text
 
 
 def test_model_card_shows_the_post_processing(tiny_cfg):
     choice = {"labels": {"1": {"op": "remove_below", "min_voxels": 17}}, "dice_before": 0.6, "dice_after": 0.625}
-    candidate = {"run_id": "r", "dice": 0.61, "iou": 0.5, "dice_micro": 0.6, "lesion_recall": 0.5, "lesion_precision": 0.5,
-                 "n_cases": 10, "n_scored": 10, "split_hash": "abc", "postprocessing": choice}
+    candidate = {"run_id": "r", "dice": 0.61, "iou": 0.5, "dice_micro": 0.6, "lesion_recall": 0.5,
+                 "lesion_precision": 0.5, "n_cases": 10, "n_scored": 10, "split_hash": "abc", "postprocessing": choice}
     card = model_card(Decision(promoted=True, alias="champion", reason="promoted: test", registry_name="m", version="1",
                                candidate=candidate), tiny_cfg())
-    assert "- Post-processing (chosen on validation after training, applied by eval.py and infer.py, included in the scores below): " \
-           "label 1: remove components < 17 voxels (val Dice 0.6000 -> 0.6250)" in card
+    assert ("- Post-processing (chosen on validation after training, applied by eval.py and infer.py, included in the "
+            "scores below): label 1: remove components < 17 voxels (val Dice 0.6000 -> 0.6250)") in card

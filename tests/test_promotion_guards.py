@@ -33,8 +33,8 @@ def test_guard_holds_back_a_challenger_whatever_its_dice():
     assert promoted and boot["prob_better"] == 1.0
     promoted, reason, _ = compare(champion, better, _rule(val__lesion_recall=0.02))
     assert not promoted
-    assert reason.startswith("kept the champion: guard val/lesion_recall held it back: lesion_recall 0.7000 is 0.1000 below "
-                             "the champion's 0.8000 (tolerance 0.0200). Dice 0.7000 vs champion 0.5000")
+    assert reason.startswith("kept the champion: guard val/lesion_recall held it back: lesion_recall 0.7000 is "
+                             "0.1000 below the champion's 0.8000 (tolerance 0.0200). Dice 0.7000 vs champion 0.5000")
     # within the tolerance, or exactly at it, the guard lets it through
     assert compare(champion, _record(0.70, 0.79), _rule(val__lesion_recall=0.02))[0]
     assert compare(champion, _record(0.70, 0.78), _rule(val__lesion_recall=0.02))[0]
@@ -43,7 +43,8 @@ def test_guard_holds_back_a_challenger_whatever_its_dice():
     assert compare(_record(0.50, float("nan")), better, _rule(val__lesion_recall=0.0))[0]
     # a candidate without the metric while the champion has it is held back
     promoted, reason, _ = compare(champion, _record(0.70, None), _rule(val__lesion_recall=0.02))
-    assert not promoted and "guard val/lesion_recall held it back: the candidate has no lesion_recall (champion 0.8000)" in reason
+    assert not promoted
+    assert "guard val/lesion_recall held it back: the candidate has no lesion_recall (champion 0.8000)" in reason
     # a failing Dice rule and a guard are both reported
     promoted, reason, _ = compare(champion, _record(0.505, 0.5), _rule(val__lesion_recall=0.02))
     assert not promoted and "below the margin" in reason and "guard val/lesion_recall held it back" in reason
@@ -94,23 +95,25 @@ def test_guard_decision_on_a_real_store(tiny_cfg, tmp_path):
     data = prepare_data(cfg, progress=False)
     rule = ChampionRule(registry_name="guarded", models_dir=str(tmp_path / "models"), bootstrap_resamples=200,
                         guards={"val/lesion_recall": 0.02})
-    first = decide_and_register(checkpoint=everything, run_id=_logged_run(client, experiment_id, everything, "all"), cfg=cfg,
-                                rule=rule, uri=uri, data=data, progress=False)
+    first = decide_and_register(checkpoint=everything, run_id=_logged_run(client, experiment_id, everything, "all"),
+                                cfg=cfg, rule=rule, uri=uri, data=data, progress=False)
     assert first.promoted and first.candidate["lesion_recall"] == 1.0
     assert set(GUARD_METRICS) <= set(first.candidate)  # every metric a guard may name is in the record
 
-    second = decide_and_register(checkpoint=nothing, run_id=_logged_run(client, experiment_id, nothing, "none"), cfg=cfg,
-                                 rule=rule, uri=uri, data=data, progress=False)
+    second = decide_and_register(checkpoint=nothing, run_id=_logged_run(client, experiment_id, nothing, "none"),
+                                 cfg=cfg, rule=rule, uri=uri, data=data, progress=False)
     assert not second.promoted and second.alias == "challenger"
-    held = "guard val/lesion_recall held it back: lesion_recall 0.0000 is 1.0000 below the champion's 1.0000 (tolerance 0.0200)"
+    held = ("guard val/lesion_recall held it back: lesion_recall 0.0000 is 1.0000 below the champion's 1.0000 "
+            "(tolerance 0.0200)")
     assert held in second.reason and second.rule["guards"] == {"val/lesion_recall": 0.02}
     assert held in client.get_model_version("guarded", second.version).description
     assert str(client.get_model_version_by_alias("guarded", "champion").version) == first.version
 
-    trial = {"trial_id": "t1", "params": {}, "status": "completed", "best_value": 0.0, "best_dice": 0.0, "best_iou": 0.0,
-             "best_epoch": 1, "epochs_used": 1, "epochs_planned": 1, "history": [], "error": None, "checkpoint": str(nothing)}
-    outcome = StudyOutcome(name="guarded", study_dir=tmp_path, parent_run_id="p", experiment_id=experiment_id, tracking_uri=uri,
-                           trials=[trial], best=trial)
+    trial = {"trial_id": "t1", "params": {}, "status": "completed", "best_value": 0.0, "best_dice": 0.0,
+             "best_iou": 0.0, "best_epoch": 1, "epochs_used": 1, "epochs_planned": 1, "history": [], "error": None,
+             "checkpoint": str(nothing)}
+    outcome = StudyOutcome(name="guarded", study_dir=tmp_path, parent_run_id="p", experiment_id=experiment_id,
+                           tracking_uri=uri, trials=[trial], best=trial)
     space = load_space(ROOT / "search_spaces" / "smoke.yaml")
     paths = write_study_report(outcome, space, second, out_dir=tmp_path / "reports")
     assert held in Path(paths["markdown"]).read_text()

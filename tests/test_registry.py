@@ -28,9 +28,11 @@ def test_only_a_missing_model_or_alias_means_no_champion(tmp_path):
 
 
 def _decision(version: str, run_id: str) -> Decision:
-    candidate = {"run_id": run_id, "dice": 0.5, "iou": 0.4, "dice_micro": 0.6, "lesion_recall": 0.5, "lesion_precision": 0.5,
-                 "n_cases": 2, "n_scored": 2, "split_hash": "abc", "per_case_dice": {"001": 0.5, "002": 0.5}}
-    return Decision(promoted=True, alias="champion", reason="promoted: test", registry_name="m", version=version, candidate=candidate)
+    candidate = {"run_id": run_id, "dice": 0.5, "iou": 0.4, "dice_micro": 0.6, "lesion_recall": 0.5,
+                 "lesion_precision": 0.5, "n_cases": 2, "n_scored": 2, "split_hash": "abc",
+                 "per_case_dice": {"001": 0.5, "002": 0.5}}
+    return Decision(promoted=True, alias="champion", reason="promoted: test", registry_name="m", version=version,
+                    candidate=candidate)
 
 
 def test_mirror_keeps_an_existing_version_folder(tmp_path, tiny_cfg):

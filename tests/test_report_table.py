@@ -23,9 +23,11 @@ def test_results_table_from_runs_registry_and_held_out_evaluation(tiny_cfg, synt
     cfg = tiny_cfg(name="exp_900_tiny", description="tiny baseline", training={"epochs": 2})
     result, run_id = train_tracked(cfg, progress=False)
     rule = ChampionRule(registry_name="tiny-models", models_dir=str(tmp_path / "models"))
-    decision = decide_and_register(checkpoint=result.best_checkpoint, run_id=run_id, cfg=cfg, rule=rule, uri=uri, progress=False)
+    decision = decide_and_register(checkpoint=result.best_checkpoint, run_id=run_id, cfg=cfg, rule=rule, uri=uri,
+                                   progress=False)
     # the held-out evaluation: a predictions folder named "champion" scored with the held-out config
-    holdout = config_from_dict(tiny_config_dict(synth_root, shared_cache, tmp_path, name="holdout_tiny"), source="holdout")
+    holdout = config_from_dict(tiny_config_dict(synth_root, shared_cache, tmp_path, name="holdout_tiny"),
+                               source="holdout")
     shutil.copytree(synth_root / "Task900_SynthLiverTumor" / "Predictions" / "threshold", tmp_path / "champion")
     run_eval_cli(holdout, predictions=tmp_path / "champion", out=tmp_path / "eval")
     held = get_client(uri).search_runs([e.experiment_id for e in get_client(uri).search_experiments()],
@@ -36,9 +38,11 @@ def test_results_table_from_runs_registry_and_held_out_evaluation(tiny_cfg, synt
     assert lines[0] == "| Experiment | Key change | Val Dice | Val IoU | How measured |"
     best = max(result.history, key=lambda h: h["val/dice"])
     exp_row = next(line for line in lines if line.startswith("| `exp_900_tiny`"))
-    assert f"| tiny baseline | {_fmt(best['val/dice'])} | {_fmt(best['val/iou'])} |" in exp_row and f"(epoch {best['epoch']})" in exp_row
+    assert f"| tiny baseline | {_fmt(best['val/dice'])} | {_fmt(best['val/iou'])} |" in exp_row
+    assert f"(epoch {best['epoch']})" in exp_row
     version_row = next(line for line in lines if line.startswith("| v1: "))
-    assert f"| {_fmt(decision.candidate['dice'])} | {_fmt(decision.candidate['iou'])} |" in version_row and "promoted" in version_row
+    assert f"| {_fmt(decision.candidate['dice'])} | {_fmt(decision.candidate['iou'])} |" in version_row
+    assert "promoted" in version_row
     held_row = next(line for line in lines if line.startswith("| champion on held-out cases"))
     assert f"| {_fmt(held['eval/dice'])} | {_fmt(held['eval/iou'])} |" in held_row
     assert "AMD" in table or "Intel" in table or "cores" in table  # the machine the runs came from

@@ -10,8 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.robustness import (PERTURBATIONS, WINDOW_SHIFT, build_transform, evaluate_robustness, perturb_volume,
-                               robustness_markdown, strongest)
+from medseg.robustness import (
+    PERTURBATIONS,
+    WINDOW_SHIFT,
+    build_transform,
+    evaluate_robustness,
+    perturb_volume,
+    robustness_markdown,
+    strongest,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +36,8 @@ def trained(synth_root, shared_cache, tmp_path_factory):
     spec.loader.exec_module(conftest)
     tiny_config_dict = conftest.tiny_config_dict
     work = tmp_path_factory.mktemp("robust")
-    cfg = config_from_dict(tiny_config_dict(synth_root, shared_cache, work, training={"epochs": 2, "val_overlays": 0}), source="tiny")
+    cfg = config_from_dict(tiny_config_dict(synth_root, shared_cache, work, training={"epochs": 2, "val_overlays": 0}),
+                           source="tiny")
     ckpt = fit(cfg, run_dir=work / "run", progress=False).best_checkpoint
     return cfg, ckpt, prepare_data(cfg, progress=False)
 
@@ -65,8 +73,10 @@ def test_identity_scores_exactly_clean_and_runs_are_deterministic(trained):
     from medseg.evaluation import evaluate_checkpoint
 
     cfg, ckpt, data = trained
-    identity = {"brightness": {"0": {"transform": "RandomBrightnessContrast", "args": {"brightness_limit": (0.0, 0.0), "contrast_limit": (0.0, 0.0)}}},
-                "gaussian_noise": {"0": {"transform": "GaussNoise", "args": {"std_range": (0.0, 0.0), "mean_range": (0.0, 0.0)}}},
+    identity = {"brightness": {"0": {"transform": "RandomBrightnessContrast",
+                                     "args": {"brightness_limit": (0.0, 0.0), "contrast_limit": (0.0, 0.0)}}},
+                "gaussian_noise": {"0": {"transform": "GaussNoise",
+                                         "args": {"std_range": (0.0, 0.0), "mean_range": (0.0, 0.0)}}},
                 WINDOW_SHIFT: {"0": {"level_shift": 0.0}}}
     summary = evaluate_robustness(ckpt, cfg, table=identity, data=data, progress=False)
     clean = evaluate_checkpoint(ckpt, cfg, data=data, progress=False).summary
@@ -75,14 +85,16 @@ def test_identity_scores_exactly_clean_and_runs_are_deterministic(trained):
         assert row["dice"] == clean["dice"] and row["dice_drop"] == 0.0
         assert row["lesion_recall"] == clean["lesion_recall"] and row["lesion_precision"] == clean["lesion_precision"]
 
-    table = {"gaussian_noise": {"0.12": PERTURBATIONS["gaussian_noise"]["0.12"]}, "downsample": PERTURBATIONS["downsample"]}
+    table = {"gaussian_noise": {"0.12": PERTURBATIONS["gaussian_noise"]["0.12"]},
+             "downsample": PERTURBATIONS["downsample"]}
     first = evaluate_robustness(ckpt, cfg, table=table, data=data, progress=False)
     assert _rows(first) == _rows(evaluate_robustness(ckpt, cfg, table=table, data=data, progress=False))
 
 
 def test_strong_noise_lowers_dice(trained):
     cfg, ckpt, data = trained
-    noise = {"gaussian_noise": {"0.5": {"transform": "GaussNoise", "args": {"std_range": (0.5, 0.5), "mean_range": (0.0, 0.0)}}}}
+    noise = {"gaussian_noise": {"0.5": {"transform": "GaussNoise",
+                                        "args": {"std_range": (0.5, 0.5), "mean_range": (0.0, 0.0)}}}}
     summary = evaluate_robustness(ckpt, cfg, table=noise, data=data, progress=False)
     clean, noisy = summary["rows"]
     assert clean["dice"] > 0  # there is Dice to lose (2 tiny epochs: little, but seeded, so the same every run)
@@ -96,15 +108,17 @@ def test_cli_writes_json_and_logs_mlflow_metrics(trained, tmp_path):
     cfg, ckpt, _ = trained
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(ckpt), "--robustness", "--out", str(out),
-                           "--set", f"output.tracking_uri={uri}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(ckpt), "--robustness",
+                           "--out", str(out), "--set", f"output.tracking_uri={uri}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((out / "robustness.json").read_text())
     n_rows = 1 + sum(len(s) for s in PERTURBATIONS.values())
     assert len(saved["rows"]) == n_rows and saved["rows"][0]["perturbation"] == "clean"
     assert "worst Dice drop" in proc.stdout and "gaussian_noise  0.12" in proc.stdout
     client = get_client(uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id]) if r.data.tags.get("kind") == "eval"]
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get("kind") == "eval"]
     assert len(runs) == 1
     metrics = runs[0].data.metrics
     assert metrics["robust/worst_drop"] == pytest.approx(saved["worst_drop"])
@@ -118,17 +132,21 @@ def test_study_report_shows_robustness_only_when_given(tmp_path):
     from medseg.search_space import load_space
     from medseg.tuning import StudyOutcome
 
-    trial = {"trial_id": "t1", "params": {}, "status": "completed", "best_value": 0.5, "best_dice": 0.5, "best_iou": 0.4,
-             "best_epoch": 1, "epochs_used": 1, "epochs_planned": 1, "history": [], "error": None, "checkpoint": "x"}
+    trial = {"trial_id": "t1", "params": {}, "status": "completed", "best_value": 0.5, "best_dice": 0.5,
+             "best_iou": 0.4, "best_epoch": 1, "epochs_used": 1, "epochs_planned": 1, "history": [], "error": None,
+             "checkpoint": "x"}
     outcome = StudyOutcome(name="s", study_dir=tmp_path, parent_run_id="p", experiment_id="1",
                            tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", trials=[trial], best=trial)
     space = load_space(ROOT / "search_spaces" / "smoke.yaml")
     plain = write_study_report(outcome, space, None, out_dir=tmp_path / "a")
     assert "Robustness" not in Path(plain["markdown"]).read_text()
     summary = {"n_cases": 2, "clean_dice": 0.5, "worst_drop": 0.2, "worst": "gaussian_noise_0.12",
-               "rows": [{"perturbation": "clean", "severity": "-", "dice": 0.5, "dice_drop": 0.0, "lesion_recall": 1.0, "lesion_precision": float("nan")},
-                        {"perturbation": "gaussian_noise", "severity": "0.12", "dice": 0.3, "dice_drop": 0.2, "lesion_recall": 0.5, "lesion_precision": 1.0}]}
+               "rows": [{"perturbation": "clean", "severity": "-", "dice": 0.5, "dice_drop": 0.0, "lesion_recall": 1.0,
+                         "lesion_precision": float("nan")},
+                        {"perturbation": "gaussian_noise", "severity": "0.12", "dice": 0.3, "dice_drop": 0.2,
+                         "lesion_recall": 0.5, "lesion_precision": 1.0}]}
     paths = write_study_report(outcome, space, None, out_dir=tmp_path / "b", robustness=summary)
     text = Path(paths["markdown"]).read_text()
-    assert "\n".join(robustness_markdown(summary)) in text and "| gaussian_noise | 0.12 | 0.3000 | 0.2000 | 0.5000 | 1.0000 |" in text
+    assert "\n".join(robustness_markdown(summary)) in text
+    assert "| gaussian_noise | 0.12 | 0.3000 | 0.2000 | 0.5000 | 1.0000 |" in text
     assert json.loads(Path(paths["json"]).read_text())["robustness"]["worst"] == "gaussian_noise_0.12"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import shutil
+import struct
 import zipfile
 from types import SimpleNamespace
 
@@ -20,7 +22,14 @@ from medseg.data.sources import (
     open_source,
     open_source_from_config,
 )
-from medseg.errors import DataError
+from medseg.errors import (
+    BadLabelError,
+    CorruptFileError,
+    DataError,
+    MissingPairError,
+    ShapeMismatchError,
+    UnknownLabelError,
+)
 from tests.fixtures import (
     SPACING,
     evalseg_dir,
@@ -100,13 +109,13 @@ def test_kaggle_task_selection_from_a_dataset_root(tmp_path, cases):
 
 def test_kaggle_ground_truth_without_ct(tmp_path, cases):
     task = make_kaggle_task(tmp_path, cases, gt_only={"007": np.zeros((10, 12, 4), np.uint8)})
-    with pytest.raises(DataError, match=r"GroundTruth without CT.*007.*GroundTruth/007\.pkl"):
+    with pytest.raises(MissingPairError, match=r"GroundTruth without CT.*007.*GroundTruth/007\.pkl"):
         KaggleEvalsegSource(task).case_ids()
 
 
 def test_kaggle_ct_without_ground_truth(tmp_path, cases, caplog):
     task = make_kaggle_task(tmp_path, cases, ct_only={"008": tiny_case(8)[0]})
-    with pytest.raises(DataError, match=r"CT without GroundTruth.*008.*CT\.zip:008\.nii"):
+    with pytest.raises(MissingPairError, match=r"CT without GroundTruth.*008.*CT\.zip:008\.nii"):
         KaggleEvalsegSource(task).case_ids()
     with caplog.at_level(logging.WARNING):
         assert KaggleEvalsegSource(task, allow_missing=True).case_ids() == sorted(IDS)
@@ -117,8 +126,8 @@ def test_kaggle_shape_mismatch_names_both_files_and_the_case(tmp_path, cases):
     cases["21"] = (tiny_case(5, shape=(10, 12, 5))[0], cases["21"][1])
     task = make_kaggle_task(tmp_path, cases)
     src = KaggleEvalsegSource(task)
-    with pytest.raises(DataError, match=r"CT\.zip:21\.nii vs .*GroundTruth/21\.pkl \(case 21\): "
-                                        r"CT shape \(10, 12, 5\)"):
+    with pytest.raises(ShapeMismatchError, match=r"CT\.zip:21\.nii vs .*GroundTruth/21\.pkl \(case 21\): "
+                                                 r"CT shape \(10, 12, 5\)"):
         src.load("21")
     src.load("021")  # the other cases still load
 
@@ -128,8 +137,8 @@ def test_kaggle_bad_crc_member(tmp_path, cases):
     patch_zip_member(task / "CT.zip", "101.nii", crc=0xDEADBEEF)
     src = KaggleEvalsegSource(task)
     assert src.case_ids() == sorted(IDS)  # listing reads the central directory only
-    with pytest.raises(DataError, match=r"CT\.zip:101\.nii \(case 101\): "
-                                        r"corrupt zip member \(BadZipFile: Bad CRC-32") as err:
+    with pytest.raises(CorruptFileError, match=r"CT\.zip:101\.nii \(case 101\): "
+                                               r"corrupt zip member \(BadZipFile: Bad CRC-32") as err:
         src.load("101")
     assert "\n" not in str(err.value)
 
@@ -139,7 +148,7 @@ def test_kaggle_truncated_nifti_member(tmp_path, cases):
     with zipfile.ZipFile(task / "CT.zip", "a", compression=zipfile.ZIP_BZIP2) as zf:
         zf.writestr("555.nii", nifti_bytes(tiny_case(1)[0])[:-100])
     write_label_pickle(task / "GroundTruth" / "555.pkl", tiny_case(1)[1], SPACING)
-    with pytest.raises(DataError, match=r"CT\.zip:555\.nii \(case 555\): unreadable NIfTI") as err:
+    with pytest.raises(CorruptFileError, match=r"CT\.zip:555\.nii \(case 555\): unreadable NIfTI") as err:
         KaggleEvalsegSource(task).load("555")
     assert "\n" not in str(err.value)
 
@@ -148,7 +157,7 @@ def test_kaggle_truncated_nifti_gz_file(tmp_path, cases):
     task = make_kaggle_task(tmp_path, cases, ct="folder", member_suffix=".nii.gz")
     path = task / "CT" / "021.nii.gz"
     path.write_bytes(path.read_bytes()[:60])
-    with pytest.raises(DataError, match=r"CT/021\.nii\.gz \(case 021\): unreadable NIfTI"):
+    with pytest.raises(CorruptFileError, match=r"CT/021\.nii\.gz \(case 021\): unreadable NIfTI"):
         KaggleEvalsegSource(task).load("021")
 
 
@@ -158,8 +167,8 @@ def test_kaggle_label_values_outside_metadata(tmp_path, cases):
     label[0, 0, 0] = 3
     cases["101"] = (raw, label)
     task = make_kaggle_task(tmp_path, cases)
-    with pytest.raises(DataError, match=r"GroundTruth/101\.pkl \(case 101\): "
-                                        r"label values \[3\] not in the dataset labels \[0, 1\]"):
+    with pytest.raises(UnknownLabelError, match=r"GroundTruth/101\.pkl \(case 101\): "
+                                                r"label values \[3\] not in the dataset labels \[0, 1\]"):
         KaggleEvalsegSource(task).load("101")
 
 
@@ -225,7 +234,7 @@ def test_kaggle_predictions(tmp_path, cases):
 def test_real_example_task_loads_both_ct_cases(caplog):
     root = evalseg_dir() / "TaskA_Example"
     truth = expected()["ground_truth"]
-    with pytest.raises(DataError, match=r"GroundTruth without CT in CT/ for case\(s\) 101, 108"):
+    with pytest.raises(MissingPairError, match=r"GroundTruth without CT in CT/ for case\(s\) 101, 108"):
         KaggleEvalsegSource(root).case_ids()
     with caplog.at_level(logging.WARNING):
         src = KaggleEvalsegSource(root, allow_missing=True)
@@ -246,8 +255,8 @@ def test_real_ground_truth_only_tasks_are_reported():
         KaggleEvalsegSource(root)
     src = KaggleEvalsegSource(root, task="Task001_LiverTumor")
     assert len(src.ground_truth_ids()) == 87 and src.predictions_methods() == ["CE", "Dice"]
-    with pytest.raises(DataError, match=r"GroundTruth without CT \(no CT\.zip or CT/ folder\) "
-                                        r"for case\(s\) 101, .*GroundTruth/101\.pkl\.gz"):
+    with pytest.raises(MissingPairError, match=r"GroundTruth without CT \(no CT\.zip or CT/ folder\) "
+                                               r"for case\(s\) 101, .*GroundTruth/101\.pkl\.gz"):
         src.case_ids()
     assert KaggleEvalsegSource(root, task="Task04_Multiorgan").root.name == "Task003_Multiorgan"
     assert KaggleEvalsegSource(root, task="Task002_Pancreas").ground_truth_ids()[0] == "021"
@@ -282,17 +291,18 @@ def test_msd_errors_name_file_and_case(tmp_path):
     cases = {"a": tiny_case(0), "b": tiny_case(1)}
     root = make_msd(tmp_path / "m", cases)
     write_nifti(root / "imagesTr" / "c.nii.gz", tiny_case(2)[0])
-    with pytest.raises(DataError, match=r"images without label for case\(s\) c: imagesTr/c\.nii\.gz"):
+    with pytest.raises(MissingPairError, match=r"images without label for case\(s\) c: imagesTr/c\.nii\.gz"):
         MSDSource(root).case_ids()
     assert MSDSource(root, allow_missing=True).case_ids() == ["a", "b"]
     assert MSDSource(root, allow_missing=True).ground_truth_ids() == ["a", "b"]
     assert np.array_equal(MSDSource(root).load_label("b"), cases["b"][1])
 
     write_nifti(root / "labelsTr" / "a.nii.gz", np.full((10, 12, 4), 2, np.uint8), scaled=False)
-    with pytest.raises(DataError, match=r"labelsTr/a\.nii\.gz \(case a\): label values \[2\]"):
+    with pytest.raises(UnknownLabelError, match=r"labelsTr/a\.nii\.gz \(case a\): label values \[2\]"):
         MSDSource(root, allow_missing=True).load("a")
     write_nifti(root / "labelsTr" / "b.nii.gz", np.zeros((10, 12, 3), np.uint8), scaled=False)
-    with pytest.raises(DataError, match=r"imagesTr/b\.nii\.gz vs .*labelsTr/b\.nii\.gz \(case b\): image shape"):
+    with pytest.raises(ShapeMismatchError,
+                       match=r"imagesTr/b\.nii\.gz vs .*labelsTr/b\.nii\.gz \(case b\): image shape"):
         MSDSource(root, allow_missing=True).load("b")
 
 
@@ -335,8 +345,8 @@ def test_folders2d_regex_suffixes_and_multi_label_masks(tmp_path):
                           mask_suffix="_seg(mentation)?", labels=labels)
     assert src.case_ids() == ["p01", "p02"]
     assert np.array_equal(src.load("p02").label[..., 0], mask)  # values kept as labels
-    with pytest.raises(DataError, match=r"lbl/p01_seg\.png \(case p01\): "
-                                        r"label values \[2\] not in the dataset labels \[0, 1\]"):
+    with pytest.raises(UnknownLabelError, match=r"lbl/p01_seg\.png \(case p01\): "
+                                                r"label values \[2\] not in the dataset labels \[0, 1\]"):
         Folders2DSource(tmp_path, image_dir="img", mask_dir="lbl", image_suffix="_img",
                         mask_suffix="_seg(mentation)?").load("p01")
 
@@ -346,8 +356,8 @@ def test_folders2d_unpaired_files(tmp_path, caplog):
     write_image(tmp_path / "images" / "b.png", np.zeros((4, 4), np.uint8))
     write_image(tmp_path / "masks" / "a_mask.png", np.zeros((4, 4), np.uint8))
     write_image(tmp_path / "masks" / "z_mask.png", np.zeros((4, 4), np.uint8))
-    with pytest.raises(DataError, match=r"images without mask for case\(s\) b: images/b\.png; "
-                                        r"masks without image for case\(s\) z: masks/z_mask\.png"):
+    with pytest.raises(MissingPairError, match=r"images without mask for case\(s\) b: images/b\.png; "
+                                               r"masks without image for case\(s\) z: masks/z_mask\.png"):
         Folders2DSource(tmp_path, mask_suffix="_mask").case_ids()
     with caplog.at_level(logging.WARNING):
         assert Folders2DSource(tmp_path, mask_suffix="_mask", allow_missing=True).case_ids() == ["a"]
@@ -364,9 +374,9 @@ def test_folders2d_refuses_colour_masks_and_size_mismatch(tmp_path):
     write_image(tmp_path / "images" / "b.png", np.zeros((4, 4), np.uint8))
     write_image(tmp_path / "masks" / "b.png", np.zeros((4, 5), np.uint8))
     src = Folders2DSource(tmp_path)
-    with pytest.raises(DataError, match=r"masks/a\.png \(case a\): colour mask .*save masks as greyscale"):
+    with pytest.raises(BadLabelError, match=r"masks/a\.png \(case a\): colour mask .*save masks as greyscale"):
         src.load("a")
-    with pytest.raises(DataError, match=r"images/b\.png vs .*masks/b\.png \(case b\)"):
+    with pytest.raises(ShapeMismatchError, match=r"images/b\.png vs .*masks/b\.png \(case b\)"):
         src.load("b")
 
 
@@ -386,7 +396,7 @@ def test_folders2d_jpeg_masks_need_a_threshold_and_say_so(tmp_path):
 
     grey = np.asarray(Image.open(tmp_path / "masks" / "1.jpg"))
     assert len(np.unique(grey)) > 2  # the JPEG really holds values between 0 and 255
-    with pytest.raises(DataError) as err:
+    with pytest.raises(UnknownLabelError) as err:
         Folders2DSource(tmp_path).load("1")
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'masks' / '1.jpg'} (case 1): label values [")
@@ -421,15 +431,15 @@ def test_folders2d_threshold_reads_grey_levels_of_any_mode(tmp_path):
     grey_palette.putpalette([0, 0, 0] * 3 + [200, 200, 200] + [0, 0, 0] * 252)
     grey_palette.save(tmp_path / "masks" / "b.png")  # index 3 -> grey 200
     write_image(tmp_path / "masks" / "c.png", (mask > 0).astype(np.uint8))  # a label mask (0/1)
-    with pytest.raises(DataError, match=r"masks/a\.png \(case a\): mask values are not integers in 0\.\.255 "
-                                        r"\(mode I;16, dtype uint16, range 0\.\.40000\): save label values 0\.\.255 "
-                                        r"or set dataset\.mask_threshold"):
+    with pytest.raises(BadLabelError, match=r"masks/a\.png \(case a\): mask values are not integers in 0\.\.255 "
+                                            r"\(mode I;16, dtype uint16, range 0\.\.40000\): save label values "
+                                            r"0\.\.255 or set dataset\.mask_threshold"):
         Folders2DSource(tmp_path).load("a")
     src = Folders2DSource(tmp_path, mask_threshold=128)
     for name in ("a", "b"):
         assert np.array_equal(src.load(name).label[..., 0], (mask > 0).astype(np.uint8)), name
-    with pytest.raises(DataError, match=r"masks/c\.png \(case c\): the mask holds label values 0 and 1, all below "
-                                        r"dataset\.mask_threshold 128: .*unset dataset\.mask_threshold"):
+    with pytest.raises(BadLabelError, match=r"masks/c\.png \(case c\): the mask holds label values 0 and 1, all below "
+                                            r"dataset\.mask_threshold 128: .*unset dataset\.mask_threshold"):
         src.load("c")
 
 
@@ -438,7 +448,7 @@ def test_folders2d_threshold_still_refuses_colour_masks(tmp_path):
     colour = np.zeros((4, 4, 3), np.uint8)
     colour[0, 0] = (255, 0, 0)
     write_image(tmp_path / "masks" / "a.png", colour)
-    with pytest.raises(DataError, match=r"masks/a\.png \(case a\): colour mask \(mode RGB, channels differ\)"):
+    with pytest.raises(BadLabelError, match=r"masks/a\.png \(case a\): colour mask \(mode RGB, channels differ\)"):
         Folders2DSource(tmp_path, mask_threshold=128).load("a")
 
 
@@ -482,6 +492,28 @@ def test_open_source_from_config_passes_every_field(tmp_path, cases):
     assert np.array_equal(src.load("x").label[..., 0], mask)
 
 
+def test_warn_skipped_false_skips_the_same_cases_without_a_warning(tmp_path, cases, caplog):
+    """The audit lists the unpaired cases itself: its lenient readers (warn_skipped=False) skip them without logging."""
+    kaggle = make_kaggle_task(tmp_path / "k", cases, ct_only={"008": tiny_case(8)[0]})
+    msd = make_msd(tmp_path / "m", {"a": tiny_case(0)})
+    write_nifti(msd / "imagesTr" / "c.nii.gz", tiny_case(2)[0])
+    for name in ("a", "b"):
+        write_image(tmp_path / "f" / "images" / f"{name}.png", np.zeros((4, 4), np.uint8))
+    write_image(tmp_path / "f" / "masks" / "a.png", np.zeros((4, 4), np.uint8))
+    for fmt, path in (("kaggle", kaggle), ("msd", msd), ("folders2d", tmp_path / "f")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="medseg.data.sources"):
+            quiet = open_source(fmt, path, allow_missing=True, warn_skipped=False).case_ids()
+            assert caplog.records == [], fmt
+            loud = open_source(fmt, path, allow_missing=True).case_ids()
+        assert quiet == loud and len(caplog.records) == 1 and "skipping unpaired cases" in caplog.text
+    cfg = SimpleNamespace(format="auto", path=str(msd), task=None, allow_missing=True, labels=None,
+                          image_dir="images", mask_dir="masks", image_suffix="", mask_suffix="")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medseg.data.sources"):
+        assert open_source_from_config(cfg, warn_skipped=False).case_ids() == ["a"] and caplog.records == []
+
+
 def test_scaled_nifti_is_read_in_float32_with_nibabels_values(tmp_path):
     """CT stored as uint16 + intercept -1024 (common): the values nibabel gives, without a float64 copy."""
     import nibabel as nib
@@ -497,3 +529,104 @@ def test_scaled_nifti_is_read_in_float32_with_nibabels_values(tmp_path):
     assert np.array_equal(vol.array, np.asanyarray(nib.load(tmp_path / "ct.nii.gz").dataobj))  # nibabel: float64
     nib.save(nib.Nifti1Image(raw.astype(np.int16), np.eye(4)), tmp_path / "plain.nii.gz")
     assert load_nifti(tmp_path / "plain.nii.gz", source="plain").array.dtype == np.int16  # no scaling: the stored dtype
+
+
+# ------------------------------------------------------------------------------------------------ header shapes
+
+
+def assert_shapes_are_the_loaded_ones(src) -> list[tuple[int, int, int]]:
+    shapes = [src.shape(cid) for cid in src.case_ids()]
+    assert shapes == [src.load(cid).image.shape for cid in src.case_ids()]
+    return shapes
+
+
+def damage_member_tail(zip_path, member: str) -> None:
+    """Flip 8 bytes 50 from the end of a member's compressed data (past its first bzip2 block when it has several)."""
+    with zipfile.ZipFile(zip_path) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(zip_path.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
+    at = info.header_offset + 30 + name_len + extra_len + info.compress_size - 50
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+    zip_path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("ct, member_suffix", [("zip", ".nii"), ("zip", ".nii.gz"), ("folder", ".nii.gz")])
+def test_kaggle_shape_is_read_from_the_header(tmp_path, ct, member_suffix):
+    cases = {cid: tiny_case(seed, shape=(10, 12, 3 + seed)) for seed, cid in enumerate(IDS)}
+    src = KaggleEvalsegSource(make_kaggle_task(tmp_path, cases, ct=ct, member_suffix=member_suffix))
+    assert assert_shapes_are_the_loaded_ones(src) == [(10, 12, 3), (10, 12, 5), (10, 12, 4)]  # "021", "101", "21"
+
+
+def test_zip_member_shape_decompresses_its_first_bzip2_block_only(tmp_path):
+    """A member damaged past its first bzip2 block (900 kB): its shape is read, its load fails."""
+    raw = np.random.default_rng(0).integers(0, 600, (64, 64, 200), dtype=np.int16)  # 1.6 MB: two blocks
+    task = make_kaggle_task(tmp_path, {"big": (raw, np.zeros(raw.shape, np.uint8))})
+    damage_member_tail(task / "CT.zip", "big.nii")
+    src = KaggleEvalsegSource(task)
+    assert src.shape("big") == (64, 64, 200)
+    with pytest.raises(CorruptFileError, match=r"CT\.zip:big\.nii \(case big\): corrupt zip member"):
+        src.load("big")
+
+
+def test_msd_and_folders2d_shapes_are_read_from_the_header(tmp_path):
+    cases = {"a": tiny_case(0, shape=(10, 12, 3)), "b": tiny_case(1, shape=(9, 12, 5))}
+    assert assert_shapes_are_the_loaded_ones(MSDSource(make_msd(tmp_path / "msd", cases))) == [(10, 12, 3), (9, 12, 5)]
+    assert assert_shapes_are_the_loaded_ones(MSDSource(make_msd(tmp_path / "v2", cases, v2=True)))[1] == (9, 12, 5)
+    write_image(tmp_path / "2d" / "images" / "a.png", np.zeros((16, 24), np.uint8))
+    write_image(tmp_path / "2d" / "images" / "b.jpg", np.zeros((20, 8, 3), np.uint8))
+    for name in ("a", "b"):
+        write_image(tmp_path / "2d" / "masks" / f"{name}.png", np.zeros((16, 24) if name == "a" else (20, 8), np.uint8))
+    assert assert_shapes_are_the_loaded_ones(Folders2DSource(tmp_path / "2d")) == [(16, 24, 1), (20, 8, 1)]
+
+
+def test_an_unreadable_header_is_a_corrupt_file_naming_file_and_case(tmp_path, cases):
+    task = make_kaggle_task(tmp_path, cases, ct="folder", member_suffix=".nii.gz")
+    (task / "CT" / "021.nii.gz").write_bytes(gzip.compress(b"not a nifti " * 60))
+    with pytest.raises(CorruptFileError, match=r"CT/021\.nii\.gz \(case 021\): unreadable NIfTI header"):
+        KaggleEvalsegSource(task).shape("021")
+    zipped = make_kaggle_task(tmp_path / "z", {"7": tiny_case(0)})
+    with zipfile.ZipFile(zipped / "CT.zip", "a", compression=zipfile.ZIP_BZIP2) as zf:
+        zf.writestr("8.nii", b"short")
+    write_label_pickle(zipped / "GroundTruth" / "8.pkl", tiny_case(0)[1], SPACING)
+    with pytest.raises(CorruptFileError, match=r"CT\.zip:8\.nii \(case 8\): unreadable NIfTI header"):
+        KaggleEvalsegSource(zipped).shape("8")
+    write_image(tmp_path / "2d" / "masks" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "2d" / "images").mkdir()
+    (tmp_path / "2d" / "images" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(CorruptFileError, match=r"images/a\.png: unreadable image"):
+        Folders2DSource(tmp_path / "2d").shape("a")
+
+
+def test_header_shape_follows_load_nifti_for_2d_and_trailing_singleton_volumes(tmp_path):
+    from medseg.data.sources.common import load_nifti, nifti_shape
+
+    for raw, shape in ((np.arange(120, dtype=np.int16).reshape(10, 12), (10, 12, 1)),
+                       (np.arange(480, dtype=np.int16).reshape(10, 12, 4, 1), (10, 12, 4))):
+        path = write_nifti(tmp_path / f"{raw.ndim}d.nii.gz", raw, scaled=False)
+        vol = load_nifti(path, source="x")
+        assert nifti_shape(path, source="x") == vol.shape == shape
+        assert np.array_equal(vol.array, raw.reshape(shape))
+    two = write_nifti(tmp_path / "two.nii", np.zeros((10, 12, 4, 2), np.int16), scaled=False)
+    for read in (load_nifti, nifti_shape):
+        with pytest.raises(DataError, match=r"^two: NIfTI of shape \(10, 12, 4, 2\) is not a single 3D volume$"):
+            read(two, source="two")
+
+
+def test_real_headers_give_the_loaded_shapes(tmp_path):
+    """The real example task (CT/ folder of .nii.gz), the same CT as Kaggle stores it (uncompressed .nii members of a
+    bzip2 CT.zip), and the real MSD spleen crop."""
+    real = evalseg_dir() / "TaskA_Example"
+    shapes = assert_shapes_are_the_loaded_ones(KaggleEvalsegSource(real, allow_missing=True, warn_skipped=False))
+    assert shapes == [(512, 512, 1), (512, 512, 1)]
+    task = tmp_path / real.name
+    shutil.copytree(real, task, ignore=shutil.ignore_patterns("CT", "Predictions"))
+    with zipfile.ZipFile(task / "CT.zip", "w", compression=zipfile.ZIP_BZIP2) as zf:
+        for path in sorted((real / "CT").glob("*.nii.gz")):
+            zf.writestr(path.name.removesuffix(".gz"), gzip.decompress(path.read_bytes()))
+    assert assert_shapes_are_the_loaded_ones(KaggleEvalsegSource(task, allow_missing=True, warn_skipped=False)) \
+        == shapes
+    spleen = evalseg_dir().parent / "msd-spleen-crop"
+    if not spleen.is_dir():
+        pytest.skip(f"MSD spleen crop not found at {spleen} (check out ../shared beside the repo)")
+    assert assert_shapes_are_the_loaded_ones(MSDSource(spleen)) == [(164, 166, 26)]

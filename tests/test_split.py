@@ -11,7 +11,7 @@ from medseg.config import config_from_dict
 from medseg.data.cache import build_cache
 from medseg.data.sources import open_source_from_config
 from medseg.data.split import Split, check_no_group_overlap, find_identical_slices, load_or_create_split
-from medseg.errors import DataError
+from medseg.errors import DataError, LeakageError
 from tests.fixtures import make_kaggle_task, tiny_case
 
 IDS = [f"{i:03d}" for i in range(15)]
@@ -154,10 +154,10 @@ def test_stratum_uses_original_resolution_labels(tmp_path):
 def test_check_no_group_overlap_names_the_group():
     split = Split(train=["p7_a", "p1_a"], val=["p7_b"], test=[], path=Path("splits.json"), fold=0,
                   groups={"p7_a": "p7", "p7_b": "p7", "p1_a": "p1"})
-    with pytest.raises(DataError, match=r"patient group 'p7'.*train.*val"):
+    with pytest.raises(LeakageError, match=r"patient group 'p7'.*train.*val"):
         check_no_group_overlap(split)
     same_case = Split(train=["a"], val=[], test=["a"], path=Path("splits.json"), fold=0, groups={})
-    with pytest.raises(DataError, match="'a'"):
+    with pytest.raises(LeakageError, match="'a'"):
         check_no_group_overlap(same_case)
     check_no_group_overlap(Split(train=["p1_a"], val=["p7_b"], test=[], path=Path("s"), fold=0,
                                  groups={"p1_a": "p1", "p7_b": "p7"}))
@@ -175,7 +175,7 @@ def test_a_tampered_splits_file_is_refused(tmp_path):
     fold[src].remove(moved)
     fold[dst].append(moved)
     split.path.write_text(json.dumps(table))
-    with pytest.raises(DataError, match="patient group 'p1'"):
+    with pytest.raises(LeakageError, match="patient group 'p1'"):
         load_or_create_split(cache, source, split_cfg)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from medseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from medseg.errors import CheckpointError, NonFiniteLossError
-from medseg.training import fit, lr_factor, prepare_data
+from medseg.training import epoch_seed, fit, lr_factor, prepare_data
 
 SCORE_KEYS = ("train/loss", "train/dice", "train/iou", "val/loss", "val/dice", "val/iou", "val/dice_micro", "lr")
 
@@ -53,7 +53,8 @@ def test_checkpoint_describes_itself_and_is_the_best_epoch(tiny_cfg, tmp_path):
 
 
 def test_2p5d_context_changes_input_channels(tiny_cfg, tmp_path):
-    result = fit(tiny_cfg(dataset={"context_slices": 1}, training={"epochs": 1}), run_dir=tmp_path / "r", progress=False)
+    result = fit(tiny_cfg(dataset={"context_slices": 1}, training={"epochs": 1}), run_dir=tmp_path / "r",
+                 progress=False)
     meta = load_checkpoint(result.best_checkpoint)["meta"]
     assert meta["in_channels"] == 3 and meta["preprocessing"]["context_slices"] == 1
 
@@ -61,9 +62,11 @@ def test_2p5d_context_changes_input_channels(tiny_cfg, tmp_path):
 def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_cfg, tmp_path):
     full = fit(tiny_cfg(training={"epochs": 3}), run_dir=tmp_path / "full", progress=False)
     # interrupted after 2 epochs (the callback stops it), then resumed from last.pt
-    part = fit(tiny_cfg(training={"epochs": 3}), run_dir=tmp_path / "part", progress=False, on_epoch=lambda r: r.epoch == 2)
+    part = fit(tiny_cfg(training={"epochs": 3}), run_dir=tmp_path / "part", progress=False,
+               on_epoch=lambda r: r.epoch == 2)
     assert part.stop_reason == "callback" and len(part.history) == 2
-    resumed = fit(tiny_cfg(training={"epochs": 3}), run_dir=tmp_path / "part", progress=False, resume_state=tmp_path / "part" / "last.pt")
+    resumed = fit(tiny_cfg(training={"epochs": 3}), run_dir=tmp_path / "part", progress=False,
+                  resume_state=tmp_path / "part" / "last.pt")
     assert _scores(resumed.history) == _scores(full.history)
 
 
@@ -92,7 +95,8 @@ def test_ema_weights_are_validated_checkpointed_and_resumed(tiny_cfg, tmp_path):
     with pytest.raises(Exception, match=r"last\.pt: no weight average"):
         fit(cfg, run_dir=tmp_path / "raw2", progress=False, resume_state=tmp_path / "raw" / "last.pt")
     with pytest.raises(Exception, match="ema_decay"):
-        config_from_dict({**cfg.to_dict(), "training": {**cfg.to_dict()["training"], "ema_decay": 1.0}}, source="x.yaml")
+        config_from_dict({**cfg.to_dict(), "training": {**cfg.to_dict()["training"], "ema_decay": 1.0}},
+                         source="x.yaml")
 
 
 def test_nan_loss_stops_with_a_clear_error(tiny_cfg, tmp_path):
@@ -164,6 +168,13 @@ def test_tampered_foreign_and_code_checkpoints_are_refused(tmp_path):
         load_checkpoint(tmp_path / "garbage.pt")
 
 
+def test_epoch_seed_mixes_seed_and_epoch_into_32_bits():
+    assert epoch_seed(0, 3) == 3 and epoch_seed(2, 0) == 2_000_006
+    assert epoch_seed(4294, 7) == 4294 * 1_000_003 + 7  # below 2**32: the product itself
+    assert epoch_seed(4295, 0) == 4295 * 1_000_003 - 2**32  # wrapped
+    assert 0 <= epoch_seed(-1, 0) < 2**32
+
+
 def test_lr_schedule_warmup_cosine_and_poly(tiny_cfg):
     cfg = tiny_cfg(training={"epochs": 10, "scheduler": "cosine", "warmup_epochs": 2, "min_lr_ratio": 0.0})
     factors = [lr_factor(e, cfg) for e in range(10)]
@@ -180,7 +191,7 @@ def test_validation_dice_is_per_case_on_whole_volumes(tiny_cfg, tmp_path):
     from medseg import metrics as M
     from medseg.checkpoint import model_from_checkpoint
     from medseg.data.dataset import label_lut
-    from medseg.training import predict_volume
+    from medseg.inference import predict_volume
 
     cfg = tiny_cfg(training={"epochs": 1})
     result = fit(cfg, run_dir=tmp_path / "r", progress=False)

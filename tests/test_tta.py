@@ -79,7 +79,8 @@ def test_flip_checkpoint_tta_averages_its_mirrors(tiny_cfg):
     assert get_client(tracking_uri(cfg)).get_run(run_id).data.tags["tta_axes"] == "[[3]]"
     data = prepare_data(cfg, progress=False)
     image = data.source.load(data.split.val[0]).image
-    plain, tta = Predictor(result.best_checkpoint, device="cpu"), Predictor(result.best_checkpoint, device="cpu", flip_tta=True)
+    plain = Predictor(result.best_checkpoint, device="cpu")
+    tta = Predictor(result.best_checkpoint, device="cpu", flip_tta=True)
     assert tta.tta_axes == [[3]]
     p0 = np.stack([p for _, p in plain.probabilities(image)])
     p1 = np.stack([p for _, p in tta.probabilities(image)])

@@ -35,11 +35,13 @@ def _write_base(tmp_path, synth_root, shared_cache, **sections) -> Path:
 
 
 def _space(tmp_path, base: Path, **fields) -> Path:
-    doc = {"name": "t", "base_config": base.name, "metric": "val/loss", "mode": "min", "num_samples": 2, "max_concurrent": 1,
-           "resources": {"cpu": 1}, "asha": {"max_t": 2, "grace_period": 1, "reduction_factor": 2}, "max_failures": 0,
-           "storage_path": str(tmp_path / "ray"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tune-tests",
+    doc = {"name": "t", "base_config": base.name, "metric": "val/loss", "mode": "min", "num_samples": 2,
+           "max_concurrent": 1, "resources": {"cpu": 1}, "asha": {"max_t": 2, "grace_period": 1, "reduction_factor": 2},
+           "max_failures": 0, "storage_path": str(tmp_path / "ray"),
+           "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tune-tests",
            "reports_dir": str(tmp_path / "reports"),
-           "champion": {"registry_name": "tiny-model", "models_dir": str(tmp_path / "models"), "bootstrap_resamples": 2000, "margin": 0.01}}
+           "champion": {"registry_name": "tiny-model", "models_dir": str(tmp_path / "models"),
+                        "bootstrap_resamples": 2000, "margin": 0.01}}
     doc.update(fields)
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -53,7 +55,8 @@ def test_study_asha_champion_and_report(ray_local, tmp_path, synth_root, shared_
     base = _write_base(tmp_path, synth_root, shared_cache, training={"epochs": 2, "lr": 0.003, "samples_per_epoch": 32})
     # trial 1: the base config (lr 0.003); trial 2: a learning rate too small to learn anything. Run one after the
     # other, trial 2's validation loss after epoch 1 is worse than trial 1's, so ASHA (grace 1) stops it there.
-    space = load_space(_space(tmp_path, base, params={"training.lr": {"type": "loguniform", "low": 1e-12, "high": 0.01}},
+    space = load_space(_space(tmp_path, base, params={"training.lr": {"type": "loguniform", "low": 1e-12,
+                                                                       "high": 0.01}},
                               points_to_evaluate=[{"training.lr": 1e-12}]))
     outcome, decision, paths = run_and_promote(space, progress=False)
 
@@ -104,7 +107,8 @@ def test_study_asha_champion_and_report(ray_local, tmp_path, synth_root, shared_
     assert decision2.candidate["per_case_dice"] == pytest.approx(decision.candidate["per_case_dice"], nan_ok=True)
     assert not decision2.promoted and decision2.alias == "challenger"
     assert decision2.reason.startswith("kept the champion: gain +0.0000 is below the margin 0.0100")
-    assert decision2.bootstrap["prob_better"] == 0.0 and decision2.bootstrap["n_cases"] == len(decision.candidate["per_case_dice"])
+    assert decision2.bootstrap["prob_better"] == 0.0
+    assert decision2.bootstrap["n_cases"] == len(decision.candidate["per_case_dice"])
     assert client.get_model_version_by_alias("tiny-model", "champion").version == version.version
     challenger = client.get_model_version_by_alias("tiny-model", "challenger")
     assert challenger.version != version.version and challenger.run_id != good["run_id"]
@@ -118,9 +122,12 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(ray_local, tmp_path, syn
     monkeypatch.chdir(tmp_path)
     good = _write_base(tmp_path, synth_root, shared_cache, name="good", training={"epochs": 1})
     nan = tmp_path / "nan.yaml"
-    nan.write_text(yaml.safe_dump(tiny_config_dict(synth_root, shared_cache, tmp_path, name="nan", training={"epochs": 1, "optimizer": "sgd", "lr": 1e12})))
-    space = space_for_configs([str(nan), str(good)], name="faults", template=load_space(_space(tmp_path, good, params={"training.lr": {"type": "uniform", "low": 0.001, "high": 0.01}},
-                                                                                        asha={"max_t": 1, "grace_period": 1})))
+    nan.write_text(yaml.safe_dump(tiny_config_dict(synth_root, shared_cache, tmp_path, name="nan",
+                                                   training={"epochs": 1, "optimizer": "sgd", "lr": 1e12})))
+    template = load_space(_space(tmp_path, good,
+                                 params={"training.lr": {"type": "uniform", "low": 0.001, "high": 0.01}},
+                                 asha={"max_t": 1, "grace_period": 1}))
+    space = space_for_configs([str(nan), str(good)], name="faults", template=template)
     outcome, decision, paths = run_and_promote(space, progress=False)
     status = {Path(t["params"]["config_file"]).stem: t for t in outcome.trials}
     assert status["nan"]["status"] == "failed" and "training loss is" in status["nan"]["error"]
@@ -176,12 +183,15 @@ def test_resume_refuses_a_changed_space_and_names_the_command(tmp_path, synth_ro
     assert resume_mismatch(stored, load_space(path, overrides=sets)) == []
     # the same file without --set: trials would train without the moving average
     diffs = resume_mismatch(stored, load_space(path))
-    assert diffs == ["base.training.ema_decay: 0.99 when started, None now", "overrides.training.ema_decay: 0.99 when started, '(absent)' now"]
-    assert resume_mismatch(stored, load_space(path, overrides=sets + ["metric=val/iou"])) == ["metric: 'val/loss' when started, 'val/iou' now"]
+    assert diffs == ["base.training.ema_decay: 0.99 when started, None now",
+                     "overrides.training.ema_decay: 0.99 when started, '(absent)' now"]
+    assert resume_mismatch(stored, load_space(path, overrides=sets + ["metric=val/iou"])) == [
+        "metric: 'val/loss' when started, 'val/iou' now"]
     assert resume_mismatch(stored, load_space(path, overrides=sets + ["max_concurrent=2"])) == []  # scheduling only
     # the printed command repeats the files and every --set, so it resumes the same study
     command = resume_command(started, "s1")
-    assert shlex.split(command) == ["python", "tune.py", "--space", str(path), "--set", sets[0], "--set", sets[1], "--resume", "--name", "s1"]
+    assert shlex.split(command) == ["python", "tune.py", "--space", str(path), "--set", sets[0], "--set", sets[1],
+                                    "--resume", "--name", "s1"]
     exps = space_for_configs([str(base)], name="experiments", template=started)
     assert shlex.split(resume_command(exps, "e1"))[2:6] == ["--space", str(path), "--configs", str(base.resolve())]
     # run_study checks before restoring anything: a resumable folder, then the stored space
@@ -190,11 +200,14 @@ def test_resume_refuses_a_changed_space_and_names_the_command(tmp_path, synth_ro
         run_study(load_space(path), resume=True, name="s1")
     from ray import tune
 
-    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: True))  # the Tune state is not what is tested
+    # the Tune state is not what is tested
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: True))
     study.mkdir(parents=True)
-    (study / "medseg_study.json").write_text(json.dumps({"space": stored, "parent_run_id": "x", "resume_command": command}))
-    with pytest.raises(MedsegError, match=r"--resume: s1: the space differs .*base\.training\.ema_decay: 0\.99 when started, None now "
-                                          r"\(and 1 more\); continue it with: python tune\.py --space .* --set overrides\.training\.ema_decay=0\.99"):
+    (study / "medseg_study.json").write_text(json.dumps({"space": stored, "parent_run_id": "x",
+                                                         "resume_command": command}))
+    with pytest.raises(MedsegError, match=r"--resume: s1: the space differs .*base\.training\.ema_decay: 0\.99 when "
+                                          r"started, None now \(and 1 more\); continue it with: "
+                                          r"python tune\.py --space .* --set overrides\.training\.ema_decay=0\.99"):
         run_study(load_space(path), resume=True, name="s1")
     # a finished study is not resumed (its promotion would run again): --resume alone picks the latest unfinished one
     from medseg.tuning import latest_study
@@ -202,7 +215,8 @@ def test_resume_refuses_a_changed_space_and_names_the_command(tmp_path, synth_ro
     space = load_space(path)
     for name, status in (("t-20260101-000000", "interrupted"), ("t-20260102-000000", "finished")):
         (tmp_path / "ray" / name).mkdir(parents=True)
-        (tmp_path / "ray" / name / "medseg_study.json").write_text(json.dumps({"space": stored, "status": status, "best_trial": "abc"}))
+        (tmp_path / "ray" / name / "medseg_study.json").write_text(json.dumps({"space": stored, "status": status,
+                                                                               "best_trial": "abc"}))
     assert latest_study(space) == "t-20260101-000000"
     with pytest.raises(MedsegError, match="study t-20260102-000000 already finished"):
         run_study(space, resume=True, name="t-20260102-000000")
@@ -214,7 +228,8 @@ def test_resume_refuses_a_changed_space_and_names_the_command(tmp_path, synth_ro
 BUDGET_EPOCHS, BUDGET_S, HANG_S = 10_000, 10, 600
 
 
-def test_time_budget_ends_running_trials_as_stopped_by_budget(ray_local, tmp_path, synth_root, shared_cache, monkeypatch):
+def test_time_budget_ends_running_trials_as_stopped_by_budget(ray_local, tmp_path, synth_root, shared_cache,
+                                                              monkeypatch):
     """Tune stops the running trials when time_budget_s runs out without calling the callback: the driver closes
     their runs (FINISHED, artifacts logged) and the study still ends with a champion and a report. A third trial,
     created but waiting for a CPU (2 CPUs, 1 per trial), never starts: it is not a trial of the study.
@@ -239,7 +254,8 @@ def test_time_budget_ends_running_trials_as_stopped_by_budget(ray_local, tmp_pat
         if len(reported) >= 2 and gate["opened"] is None:
             gate["opened"] = time.monotonic()
         if gate["opened"] is not None and time.monotonic() - gate["opened"] > BUDGET_S + HANG_S:
-            raise RuntimeError(f"time_budget_s={BUDGET_S} was not enforced: trials still report {HANG_S} s after it ran out")
+            raise RuntimeError(f"time_budget_s={BUDGET_S} was not enforced: trials still report {HANG_S} s after it "
+                               "ran out")
 
     def budget_after_first_epochs(self):
         if gate["opened"] is None:  # Tune's stopper has not been asked yet, so its clock has not started
@@ -254,7 +270,8 @@ def test_time_budget_ends_running_trials_as_stopped_by_budget(ray_local, tmp_pat
     monkeypatch.chdir(tmp_path)
     base = _write_base(tmp_path, synth_root, shared_cache, training={"epochs": BUDGET_EPOCHS, "samples_per_epoch": 32})
     space = load_space(_space(tmp_path, base, params={"training.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
-                              asha={"enabled": False, "max_t": BUDGET_EPOCHS}, num_samples=3, max_concurrent=3, time_budget_s=BUDGET_S))
+                              asha={"enabled": False, "max_t": BUDGET_EPOCHS}, num_samples=3, max_concurrent=3,
+                              time_budget_s=BUDGET_S))
     outcome, decision, paths = run_and_promote(space, progress=False)
     assert gate["opened"] is not None and gate["checks_after"] > 0  # the study was ended by Tune's budget
     assert [t["status"] for t in outcome.trials] == ["stopped_by_budget"] * 2

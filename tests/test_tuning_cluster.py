@@ -20,12 +20,15 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 def _study_files(tmp_path, synth_root, shared_cache, **space_fields) -> Path:
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config_dict(synth_root, shared_cache, tmp_path, training={"epochs": 2})))
+    base = tiny_config_dict(synth_root, shared_cache, tmp_path, training={"epochs": 2})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     space = {"name": "s", "base_config": "base.yaml", "num_samples": 3, "max_concurrent": 1, "resources": {"cpu": 1},
              "asha": {"enabled": False, "max_t": 2}, "max_failures": 0, "storage_path": str(tmp_path / "ray"),
-             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "cli-tests", "reports_dir": str(tmp_path / "reports"),
+             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "cli-tests",
+             "reports_dir": str(tmp_path / "reports"),
              "params": {"training.lr": {"type": "loguniform", "low": 0.001, "high": 0.01}},
-             "champion": {"registry_name": "cli-model", "models_dir": str(tmp_path / "models"), "bootstrap_resamples": 1000}}
+             "champion": {"registry_name": "cli-model", "models_dir": str(tmp_path / "models"),
+                          "bootstrap_resamples": 1000}}
     space.update(space_fields)
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
@@ -61,14 +64,16 @@ def test_ctrl_c_then_resume_does_not_rerun_finished_trials(tmp_path, synth_root,
         return done if any(n == 2 for n in done.values()) and any(n == 1 for n in done.values()) else None
 
     # A trial is between its epochs for one epoch only (a fraction of a second on a fast CPU): poll well inside that.
-    done = wait_while_running(proc, one_done_one_between_epochs, timeout=600, what="the study's second trial", poll=0.02)
+    done = wait_while_running(proc, one_done_one_between_epochs, timeout=600, what="the study's second trial",
+                              poll=0.02)
     first_done = {t for t, n in done.items() if n == 2}
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2, err
+    assert proc.returncode == 130, err  # RunInterrupted: Tune saved the study on Ctrl-C (medseg.cli)
     assert "interrupted" in err and "--resume --name resumable" in err
     client = get_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = {r.data.tags.get("trial_id"): r for r in client.search_runs([client.get_experiment_by_name("cli-tests").experiment_id])}
+    experiment_id = client.get_experiment_by_name("cli-tests").experiment_id
+    runs = {r.data.tags.get("trial_id"): r for r in client.search_runs([experiment_id])}
     finished_before = {t for t, r in runs.items() if t and r.info.status == "FINISHED"}
     assert first_done and first_done <= finished_before
     assert runs[None].info.status == "KILLED"  # the study run
@@ -78,7 +83,7 @@ def test_ctrl_c_then_resume_does_not_rerun_finished_trials(tmp_path, synth_root,
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "reports" / "resumable.json").read_text())
     assert report["n_trials"] == 3 and report["status_counts"]["completed"] == 3
-    runs = {r.data.tags.get("trial_id"): r for r in client.search_runs([client.get_experiment_by_name("cli-tests").experiment_id])}
+    runs = {r.data.tags.get("trial_id"): r for r in client.search_runs([experiment_id])}
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert len([t for t in runs if t]) == 3  # no trial got a second run
     for trial_id in finished_before:  # finished trials were not trained again
@@ -96,7 +101,8 @@ def test_resume_of_a_configs_study_looks_for_the_named_study(tmp_path, synth_roo
 
     # the name printed by an interrupted `--configs` study is the study's own (experiments-<timestamp>)
     named = resume("--name", "experiments-20260101-000000")
-    assert named.returncode == 2 and f"{tmp_path / 'ray' / 'experiments-20260101-000000'} holds no resumable study" in named.stderr
+    assert named.returncode == 2
+    assert f"{tmp_path / 'ray' / 'experiments-20260101-000000'} holds no resumable study" in named.stderr
     latest = resume()  # no name: the latest study of `experiments`
     assert latest.returncode == 2 and "no unfinished study of space 'experiments'" in latest.stderr
 
@@ -110,12 +116,14 @@ def test_study_on_a_two_node_cluster(tmp_path, synth_root, shared_cache):
     subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
     try:
         subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                        "--node-ip-address=127.0.0.1", "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=300)
+                        "--node-ip-address=127.0.0.1", "--disable-usage-stats"], env=env, check=True,
+                       capture_output=True, timeout=300)
         subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
                         "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=300)
         space = _study_files(tmp_path, synth_root, shared_cache, num_samples=2, max_concurrent=2)
-        proc = subprocess.run([sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "cluster", "--address", f"127.0.0.1:{port}"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run([sys.executable, str(ROOT / "tune.py"), "--space", str(space), "--name", "cluster",
+                               "--address", f"127.0.0.1:{port}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=900)
         assert proc.returncode == 0, proc.stderr
         report = json.loads((tmp_path / "reports" / "cluster.json").read_text())
         nodes = {t["node_id"] for t in report["trials"]}
@@ -128,7 +136,8 @@ def test_killed_trial_process_retries_from_its_last_checkpoint(tmp_path, synth_r
     """A trial whose worker dies (SIGKILL mid-training) is retried from its last tune.Checkpoint, not from scratch."""
     import psutil
 
-    space = _study_files(tmp_path, synth_root, shared_cache, num_samples=1, max_failures=1, asha={"enabled": False, "max_t": 3})
+    space = _study_files(tmp_path, synth_root, shared_cache, num_samples=1, max_failures=1,
+                         asha={"enabled": False, "max_t": 3})
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
     base["training"].update(epochs=4, samples_per_epoch=64)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
@@ -159,7 +168,8 @@ def test_killed_trial_process_retries_from_its_last_checkpoint(tmp_path, synth_r
         worker.kill()
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    run = client.search_runs([client.get_experiment_by_name("cli-tests").experiment_id], filter_string="tags.kind = 'trial'")[0]
+    experiment_id = client.get_experiment_by_name("cli-tests").experiment_id
+    run = client.search_runs([experiment_id], filter_string="tags.kind = 'trial'")[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags.get("retries") == "1", run.data.tags  # the kill hit a running trial, which Tune retried
     # restored from a reported checkpoint: epoch 1 logged once (a restart from scratch would log it twice); epoch 2 is

@@ -1,17 +1,18 @@
 """``python -m medseg.data SUBCOMMAND ...``: data tools. Each subcommand is a module with ``main(argv) -> int``
-that parses its own arguments; it is imported only when run. Adding one is one entry in ``SUBCOMMANDS``."""
+that parses its own arguments; it is imported only when run. Adding one is one entry in ``SUBCOMMANDS``.
+Exit codes: ``medseg.cli`` (``check``: 1 when the audit found hard data errors)."""
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
-from medseg.errors import MedsegError
+from medseg.cli import run_cli
 
 # name -> (module holding main(argv) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("medseg.data.inspect", "shape, voxel size, label counts and sha256 of label files"),
-    "check": ("medseg.data.check", "audit a config's dataset: load errors, spacing, leakage, split balance"),
+    "check": ("medseg.data.check", "audit a config's dataset: load errors, spacing, leakage, split balance, "
+                                   "cache size and build time (--estimate: those alone)"),
 }
 
 
@@ -26,12 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    try:
-        return int(module.main(args.args) or 0)
-    except MedsegError as err:  # one line, no traceback: the message names the file or key at fault
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return int(module.main(args.args) or 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -17,14 +17,17 @@ A folder without a valid manifest, or whose files do not match it, is a half-wri
 """
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -185,30 +188,125 @@ def dataset_dir_for(dataset_cfg, source) -> Path:
     return Path(dataset_cfg.cache_dir) / f"{name}-{source.fingerprint()[:12]}"
 
 
-def build_cache(dataset_cfg, source=None, *, progress: bool = True) -> SliceCache:
-    """Return the cache for these settings, building it first if missing or half-written."""
+def prep_dir_for(dataset_cfg, source) -> Path:
+    """``<dataset dir>/prep-<settings hash>``: the cache folder of these settings, built or not."""
+    settings = preprocessing_settings(dataset_cfg, source.modality)
+    return dataset_dir_for(dataset_cfg, source) / f"prep-{stable_hash(settings)}"
+
+
+def existing_cache(dataset_cfg, source) -> SliceCache | None:
+    """The complete cache for these settings, or None when it is missing or half-written; nothing is built."""
+    prep_dir = prep_dir_for(dataset_cfg, source)
+    manifest = _valid_manifest(prep_dir)
+    return None if manifest is None else SliceCache(prep_dir, manifest)
+
+
+def build_cache(dataset_cfg, source=None, *, progress: bool = True, case_info: Callable | None = None,
+                on_case: Callable | None = None, on_first_case: Callable | None = None) -> SliceCache:
+    """Return the cache for these settings, building it first if missing or half-written.
+
+    ``case_info(case)``, a picklable function, runs on each case where it is decoded (a worker process or here) and
+    ``on_case(case_id, its result)`` receives the result here: the data audit inspects each case on the way, so that
+    a first audit decodes every case once. A ``DataError`` of a case carries its ``case_id``.
+    ``on_first_case(CaseTiming)`` is called once, when a build has made its first case (before its ``on_case``): what
+    the estimate of the whole build (``estimate_build``) is measured on, without decoding any case twice.
+    """
     from filelock import FileLock
 
     if source is None:
         from medseg.data.sources import open_source_from_config
 
         source = open_source_from_config(dataset_cfg)
-    settings = preprocessing_settings(dataset_cfg, source.modality)
-    prep_dir = dataset_dir_for(dataset_cfg, source) / f"prep-{stable_hash(settings)}"
-    manifest = _valid_manifest(prep_dir)
-    if manifest is not None:
-        return SliceCache(prep_dir, manifest)
+    cache = existing_cache(dataset_cfg, source)
+    if cache is not None:
+        return cache
+    prep_dir = prep_dir_for(dataset_cfg, source)
     prep_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(prep_dir) + ".lock"):
         manifest = _valid_manifest(prep_dir)  # another process may have finished while we waited
         if manifest is None:
-            manifest = _build(prep_dir, source, settings, progress=progress)
+            job = BuildJob(source, preprocessing_settings(dataset_cfg, source.modality),
+                           getattr(dataset_cfg, "cache_workers", None), case_info, on_case, on_first_case)
+            manifest = _build(prep_dir, job, progress=progress)
     return SliceCache(prep_dir, manifest)
 
 
-def _build(prep_dir: Path, source, settings: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+PARALLEL_MIN_SECONDS = 8.0  # auto workers: start processes only when the cases left would take longer than this
+
+
+def build_processes(workers: int | None, n_cases: int, first_case_seconds: float = 0.0) -> int:
+    """The processes that make the cases of a build of ``n_cases`` (the manifest's ``build.processes``; 1: this one).
+
+    ``workers`` (dataset.cache_workers) processes, capped by the cases. Auto (None): this process makes the first case
+    and its time, ``first_case_seconds``, decides for the rest: the available cores, capped by the cases left, when
+    the rest would take longer than ``PARALLEL_MIN_SECONDS`` in one process, else this one process.
+    """
+    from medseg.data.workers import available_cores
+
+    if workers is None:
+        n_cases -= 1  # the first case, made here
+        workers = available_cores() if first_case_seconds * n_cases > PARALLEL_MIN_SECONDS else 1
+    return max(1, min(workers, n_cases))
+
+
+@dataclass
+class BuildJob:
+    source: Any
+    settings: dict[str, Any]
+    workers: int | None  # None: the cores available, once the first case shows the task is worth processes
+    case_info: Callable | None = None
+    on_case: Callable | None = None
+    on_first_case: Callable | None = None
+    processes: int = 1  # set by the build: the processes that preprocessed the cases (1: this one)
+
+
+def _cache_case(source, settings: dict[str, Any], out_dir: Path, stems: dict[str, str], case_info: Callable | None,
+                case_id: str) -> tuple[dict[str, Any], Any, float]:
+    """Decode, preprocess and write one case (in a worker process or here); returns (manifest entry, case_info,
+    seconds it all took)."""
+    started = time.perf_counter()
+    try:
+        case = source.load(case_id)
+    except DataError as err:
+        err.case_id = case_id
+        raise
+    entry = _write_case(out_dir, case, settings, stems[case_id])
+    info = case_info(case) if case_info is not None else None
+    # Dropped before the next load: the caller's loop would otherwise still hold this case while decoding the next,
+    # two volumes in memory at the peak.
+    del case
+    _release_freed_memory()
+    return entry, info, time.perf_counter() - started
+
+
+def _case_results(job: BuildJob, tmp_dir: Path, ids: list[str], stems: dict[str, str]):
+    """(case id, entry, info, seconds, peak RSS MiB of the process that made it) per case, from worker processes or
+    here; ``job.processes`` is set before the first."""
+    from medseg.data.workers import peak_rss_mb, run_cases
+
+    one_case = functools.partial(_cache_case, job.source, job.settings, tmp_dir, stems, job.case_info)
+
+    def here(case_id: str):
+        return (case_id, *one_case(case_id), peak_rss_mb())
+
+    rest, first = list(ids), None
+    if job.workers is None:  # auto: the first case made here, its time decides
+        first = here(rest.pop(0))
+    job.processes = build_processes(job.workers, len(ids), first[3] if first else 0.0)  # first[3]: its seconds
+    if first is not None:
+        yield first
+    if job.processes == 1:
+        for case_id in rest:
+            yield here(case_id)
+        return
+    for case_id, result, rss in run_cases(one_case, rest, job.processes):
+        yield (case_id, *result, rss)
+
+
+def _build(prep_dir: Path, job: BuildJob, *, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
+    source = job.source
     if prep_dir.exists():  # half-written or stale: the lock guarantees nobody is writing it now
         shutil.rmtree(prep_dir)
     # Temp folders of builds that were killed (SIGKILL, power loss) before they could clean up: under the lock
@@ -220,27 +318,27 @@ def _build(prep_dir: Path, source, settings: dict[str, Any], *, progress: bool) 
     started = time.perf_counter()
     try:
         ids = source.case_ids()
-        stems = _file_stems(ids)
-        cases = []
+        if not ids:
+            raise DataError(f"{source.root}: no cases to cache")
+        entries, peak_rss = {}, []
         with tqdm(total=len(ids), desc=f"cache {Path(source.root).name}", unit="case", disable=not progress,
                   leave=False) as bar:
-            for case_id in ids:
-                case = source.load(case_id)
-                cases.append(_write_case(tmp_dir, case, settings, stems[case_id]))
-                # Dropped before the next load: a loop over a generator (or tqdm wrapping one) would still hold
-                # this case while decoding the next, two volumes in memory at the peak.
-                del case
-                _release_freed_memory()
+            for case_id, entry, info, seconds, rss in _case_results(job, tmp_dir, ids, _file_stems(ids)):
+                if not entries and job.on_first_case is not None:
+                    job.on_first_case(CaseTiming(case_id, entry["n_slices"], seconds, job.processes))
+                entries[case_id] = entry
+                peak_rss.append(rss)
+                if job.on_case is not None:
+                    job.on_case(case_id, info)
                 bar.update()
-        if not cases:
-            raise DataError(f"{source.root}: no cases to cache")
         manifest = {
             "complete": True,
-            "settings": settings,
+            "settings": job.settings,
             "source": {"root": str(source.root), "fingerprint": source.fingerprint(),
                        "labels": {str(k): v for k, v in source.labels.items()}, "modality": source.modality},
             "build_seconds": round(time.perf_counter() - started, 3),
-            "cases": cases,
+            "build": {"processes": job.processes, "peak_rss_mb": round(max(peak_rss), 1)},
+            "cases": [entries[c] for c in ids],
         }
         atomic_write_json(tmp_dir / "manifest.json", manifest)
         os.replace(tmp_dir, prep_dir)  # a folder rename is atomic: readers see all or nothing
@@ -333,3 +431,89 @@ def _write_case(out_dir: Path, case, settings: dict[str, Any], stem: str) -> dic
         "intensity": {**_intensity_stats(image, low, high), "fg_mean": fg_sum / n_fg if n_fg else None},
         "voxels_per_label": {str(v): int(counts[v]) for v in np.flatnonzero(counts) if v != 0},
     }
+
+
+# ------------------------------------------------------------------------------------------------- estimate
+
+
+@dataclass(frozen=True)
+class CaseTiming:
+    """The first case a build made: what the estimate of the whole build is measured on."""
+
+    case_id: str
+    slices: int
+    seconds: float  # decode, preprocess, write (and case_info) in the process that made it
+    processes: int  # the build's processes (build_processes)
+
+
+@dataclass
+class CacheEstimate:
+    """A task's cache on disk and its build time: estimated before the build (``estimate_build``) or, when the cache
+    exists, read from its manifest (``of_cache``)."""
+
+    cases: int
+    slices: int
+    bytes: int
+    image_size: int
+    processes: int | None  # None: a manifest written before the build recorded them
+    seconds: float | None  # the build's wall clock
+    seconds_per_slice: float | None = None  # measured on one case (None: the cache exists)
+    measured_on: str | None = None  # that case's id
+    exists: bool = False
+    path: str | None = None  # the cache folder, when it exists
+
+    @classmethod
+    def of_cache(cls, cache: SliceCache) -> CacheEstimate:
+        """The real figures of a built cache: its files' bytes, its ``build_seconds`` and processes."""
+        cases = cache.manifest["cases"]
+        return cls(len(cases), sum(int(c["n_slices"]) for c in cases),
+                   sum(int(c["image_bytes"]) + int(c["label_bytes"]) for c in cases), int(cache.settings["image_size"]),
+                   cache.manifest.get("build", {}).get("processes"), cache.manifest.get("build_seconds"), exists=True,
+                   path=str(cache.root))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def npy_file_bytes(shape: tuple[int, ...], dtype) -> int:
+    """Bytes of the ``.npy`` file ``np.lib.format.open_memmap`` writes for ``shape`` and ``dtype``: its header (format
+    1.0, padded to a multiple of 64 bytes: 128 for a cached volume) and the data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(shape)})
+    return header.tell() + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def cache_bytes(slices_per_case: Iterable[int], image_size: int) -> int:
+    """Bytes on disk of a cache of cases with these slice counts: per case a float16 image and a uint8 label volume
+    of (slices, image_size, image_size), as ``_write_case`` writes them (the manifest's few kB not counted)."""
+    return sum(npy_file_bytes((n, image_size, image_size), dtype)
+               for n in slices_per_case for dtype in (np.float16, np.uint8))
+
+
+def estimate_build(dataset_cfg, slices: dict[str, int], timing: CaseTiming) -> CacheEstimate:
+    """The cache of the cases ``slices`` (case id -> slices, from ``Source.shape``) at ``dataset.image_size``, and
+    its build time: the per-slice cost measured by ``timing`` over every slice, spread over its processes (auto
+    workers: the first case made in this process, the rest in the processes)."""
+    per_slice = timing.seconds / max(1, timing.slices)
+    total, size = sum(slices.values()), int(dataset_cfg.image_size)
+    here = timing.slices if getattr(dataset_cfg, "cache_workers", None) is None else 0
+    seconds = per_slice * (here + (total - here) / timing.processes)
+    return CacheEstimate(len(slices), total, cache_bytes(slices.values(), size), size, timing.processes, seconds,
+                         per_slice, timing.case_id)
+
+
+def time_first_case(dataset_cfg, source, case_info: Callable | None = None) -> CaseTiming:
+    """What a build of these settings measures first, without building: the first case decoded, preprocessed and
+    written (and ``case_info`` run on it) into a temporary folder in ``dataset.cache_dir``, the disk the cache goes to;
+    the folder is removed."""
+    ids = source.case_ids()
+    if not ids:
+        raise DataError(f"{source.root}: no cases to cache")
+    settings = preprocessing_settings(dataset_cfg, source.modality)
+    cache_dir = Path(dataset_cfg.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".estimate-", dir=cache_dir) as tmp:
+        entry, _, seconds = _cache_case(source, settings, Path(tmp), _file_stems(ids[:1]), case_info, ids[0])
+    processes = build_processes(getattr(dataset_cfg, "cache_workers", None), len(ids), seconds)
+    return CaseTiming(ids[0], entry["n_slices"], seconds, processes)

@@ -48,7 +48,8 @@ def build_augmentation(augment_cfgs, seed: int):
 class SliceDataset(Dataset):
     """(image (C, S, S) float32, mask (S, S) int64 class indices) per cached slice of the given cases."""
 
-    def __init__(self, cache, case_ids: Sequence[str], *, labels: Sequence[int], context_slices: int = 0, transform=None):
+    def __init__(self, cache, case_ids: Sequence[str], *, labels: Sequence[int], context_slices: int = 0,
+                 transform=None):
         self.cache = cache
         self.case_ids = list(case_ids)
         self.context = context_slices
@@ -75,7 +76,8 @@ class SliceDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=mask)
             image, mask = out["image"].transpose(2, 0, 1), out["mask"]
-        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
+        image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        return image_t, torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
 
 
 class EpochSampler(Sampler[int]):

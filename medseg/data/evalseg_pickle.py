@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import DataError, UnsafePickleError
+from medseg.errors import BadLabelError, CorruptFileError, DataError, UnsafePickleError
 
 EVALSEG_MODULE = "evalseg.io.segment_array"
 
@@ -78,7 +78,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         factory = _ALLOWED.get((module, name))
         if factory is None:
-            raise UnsafePickleError(f"{self.source}: refused pickle global {module}.{name} (not in the evalseg allow-list)")
+            raise UnsafePickleError(f"{self.source}: refused pickle global {module}.{name} "
+                                    "(not in the evalseg allow-list)")
         return factory()
 
 
@@ -87,16 +88,17 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+        raise CorruptFileError(f"{path}: cannot read ({err.strerror or err})") from None
     if raw[:2] == b"\x1f\x8b":  # gzip magic: .pkl.gz (GitHub copy), also tolerated under a .pkl name
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as err:
-            raise DataError(f"{path}: corrupt gzip ({err})") from None
+            raise CorruptFileError(f"{path}: corrupt gzip ({err})") from None
     return raw
 
 
-def load_segment_array(path: str | os.PathLike | None = None, *, data: bytes | None = None, source: str | None = None) -> SegmentArray:
+def load_segment_array(path: str | os.PathLike | None = None, *, data: bytes | None = None,
+                       source: str | None = None) -> SegmentArray:
     """Load an evalseg pickle (``.pkl`` or ``.pkl.gz``) safely and check its structure."""
     if data is None:
         if path is None:
@@ -108,7 +110,7 @@ def load_segment_array(path: str | os.PathLike | None = None, *, data: bytes | N
     except UnsafePickleError:
         raise
     except Exception as err:  # truncated / not a pickle / wrong protocol
-        raise DataError(f"{src}: not a readable evalseg pickle ({type(err).__name__}: {err})") from None
+        raise CorruptFileError(f"{src}: not a readable evalseg pickle ({type(err).__name__}: {err})") from None
     if not isinstance(obj, SegmentArray):
         raise DataError(f"{src}: pickle holds {type(obj).__name__}, expected evalseg SegmentArray")
     for key in ("shape", "segments"):
@@ -149,7 +151,8 @@ def _int_triple(value) -> tuple[int, int, int] | None:
         items = tuple(value)
     except TypeError:
         return None
-    if len(items) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in items):
+    if len(items) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+                                  for v in items):
         return None
     return tuple(int(v) for v in items)
 
@@ -164,11 +167,12 @@ def dense(sa: SegmentArray, *, source: str = "<pickle>") -> np.ndarray:
         mask = data != fill
         values = data[mask]
         if values.size and (values.min() < 0 or values.max() > 255 or not np.all(np.mod(values, 1) == 0)):
-            raise DataError(f"{source}: segment {i} has non-integer or out-of-range label values")
+            raise BadLabelError(f"{source}: segment {i} has non-integer or out-of-range label values")
         try:
             region = vol[tuple(seg.roi)]
         except (TypeError, IndexError, ValueError) as err:
-            raise DataError(f"{source}: segment {i} roi {seg.roi!r} does not index a volume of shape {shape} ({err})") from None
+            raise DataError(f"{source}: segment {i} roi {seg.roi!r} does not index a volume of shape {shape} "
+                            f"({err})") from None
         if region.shape != data.shape:
             raise DataError(f"{source}: segment {i} roi {region.shape} does not match its data {data.shape}")
         region[mask] = values.astype(np.uint8)

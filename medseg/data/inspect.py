@@ -19,6 +19,7 @@ from medseg.data.sources.common import NIFTI_SUFFIXES, is_label_array, label_cou
 from medseg.data.sources.folders2d import IMAGE_SUFFIXES, read_mask
 from medseg.data.sources.kaggle_evalseg import PICKLE_SUFFIXES
 from medseg.errors import DataError
+from medseg.io_utils import format_table
 
 KEYS = ("path", "shape", "voxelsize", "voxels_per_label", "n_segments", "sha256")
 
@@ -52,25 +53,24 @@ def inspect_file(path: str) -> dict:
     if name.endswith(IMAGE_SUFFIXES):
         mask = read_mask(file)
         return _summary(path, mask, mask.shape, (1.0, 1.0, 1.0), None)
-    raise DataError(f"{path}: unknown file type (expected .pkl, .pkl.gz, .nii, .nii.gz or {', '.join(IMAGE_SUFFIXES)})")
+    raise DataError(f"{path}: unknown file type (expected .pkl, .pkl.gz, .nii, .nii.gz or "
+                    f"{', '.join(IMAGE_SUFFIXES)})")
 
 
 def _table(rows: list[dict]) -> str:
     """Aligned text table; the hash is shortened to 16 hex digits (use --json for all of it)."""
-    def fmt(row: dict) -> list[str]:
+    def fmt(row: dict) -> list:
         labels = row["voxels_per_label"]
         return [
             row["path"],
             "x".join(map(str, row["shape"])),
             "x".join(f"{v:g}" for v in row["voxelsize"]),
-            "-" if row["n_segments"] is None else str(row["n_segments"]),
+            "-" if row["n_segments"] is None else row["n_segments"],
             "-" if labels is None else (" ".join(f"{k}:{n}" for k, n in labels.items()) or "(empty)"),
             "-" if row["sha256"] is None else row["sha256"][:16],
         ]
 
-    cells = [["path", "shape", "voxelsize", "segments", "voxels per label", "sha256"]] + [fmt(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+    return format_table(["path", "shape", "voxelsize", "segments", "voxels per label", "sha256"], map(fmt, rows))
 
 
 def main(argv: list[str] | None = None) -> int:

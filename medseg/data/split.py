@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from medseg.data.sources.common import format_names
-from medseg.errors import DataError
+from medseg.errors import CorruptFileError, DataError, LeakageError
 from medseg.io_utils import atomic_write_json, stable_hash
 
 GROUPS_HEADER = ("case_id", "group")
@@ -66,7 +66,7 @@ def read_groups_file(path: str | Path) -> dict[str, str]:
     except FileNotFoundError:
         raise DataError(f"{where}: not found") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{where}: unreadable ({type(err).__name__}: {' '.join(str(err).split())})") from None
+        raise CorruptFileError(f"{where}: unreadable ({type(err).__name__}: {' '.join(str(err).split())})") from None
     rows = [(n, [cell.strip() for cell in row]) for n, row in enumerate(csv.reader(text.splitlines()), start=1)
             if any(cell.strip() for cell in row)]
     if not rows or tuple(rows[0][1]) != GROUPS_HEADER:
@@ -118,7 +118,8 @@ def case_groups(case_files: dict[str, str], split_cfg, known: set[str] | None = 
     return {cid: group_of(cid, f, split_cfg.group_regex) for cid, f in sorted(case_files.items())}
 
 
-def _assign(groups_by_stratum: dict[bool, list[str]], fractions: list[float], rng: np.random.Generator) -> list[list[str]]:
+def _assign(groups_by_stratum: dict[bool, list[str]], fractions: list[float],
+            rng: np.random.Generator) -> list[list[str]]:
     """Split each stratum's groups into len(fractions) parts by those fractions (the last takes the rest)."""
     parts: list[list[str]] = [[] for _ in fractions]
     for stratum in sorted(groups_by_stratum):
@@ -220,7 +221,7 @@ def load_or_create_split(cache, source, split_cfg) -> Split:
             try:
                 table = json.loads(path.read_text())
             except ValueError as err:
-                raise DataError(f"{path}: unreadable splits file ({err}); delete it to recreate") from None
+                raise CorruptFileError(f"{path}: unreadable splits file ({err}); delete it to recreate") from None
         else:
             table = make_split_table(case_files, has_fg, split_cfg, groups)
             atomic_write_json(path, table)
@@ -250,7 +251,7 @@ def split_from_table(table: dict[str, Any], path: Path, fold: int) -> Split:
 
 
 def check_no_group_overlap(split: Split) -> None:
-    """Raise if a case or a patient group is on two sides of the split."""
+    """LeakageError if a case or a patient group is on two sides of the split."""
     sides = {"train": split.train, "val": split.val, "test": split.test}
     seen: dict[str, str] = {}
     for side, cases in sides.items():
@@ -258,7 +259,8 @@ def check_no_group_overlap(split: Split) -> None:
             group = split.groups.get(cid, cid)
             other = seen.setdefault(group, side)
             if other != side:
-                raise DataError(f"{split.path}: leakage: patient group '{group}' (case {cid}) is in both {other} and {side}")
+                raise LeakageError(f"{split.path}: leakage: patient group '{group}' (case {cid}) is in both {other} "
+                                   f"and {side}")
 
 
 def find_identical_slices(cache, split: Split, max_examples: int = 10) -> dict[str, Any]:

@@ -44,11 +44,13 @@ def open_source(
     mask_suffix: str = "",
     labels: dict[int, str] | None = None,
     mask_threshold: float | None = None,
+    warn_skipped: bool = True,
 ) -> Source:
     """The reader for ``format`` ("kaggle", "msd", "folders2d" or "auto") opened on ``path``.
 
     ``labels`` names the mask values of a 2D folder dataset (kaggle and msd read theirs from their metadata);
-    ``mask_threshold`` binarises its greyscale masks.
+    ``mask_threshold`` binarises its greyscale masks. ``warn_skipped``: log the unpaired cases ``allow_missing``
+    skips (the audit, which lists them itself, passes False).
     """
     if format == "auto":
         format = detect_format(path, image_dir, mask_dir)
@@ -56,18 +58,18 @@ def open_source(
         raise DataError(f"{path}: dataset.mask_threshold binarises 2D mask images; this is a {format} dataset of label "
                         "volumes (unset dataset.mask_threshold)")
     if format == "kaggle":
-        return KaggleEvalsegSource(path, task=task, allow_missing=allow_missing)
+        return KaggleEvalsegSource(path, task=task, allow_missing=allow_missing, warn_skipped=warn_skipped)
     if format == "msd":
-        return MSDSource(path, allow_missing=allow_missing)
+        return MSDSource(path, allow_missing=allow_missing, warn_skipped=warn_skipped)
     if format == "folders2d":
         return Folders2DSource(path, image_dir=image_dir, mask_dir=mask_dir, image_suffix=image_suffix,
                                mask_suffix=mask_suffix, labels=labels, allow_missing=allow_missing,
-                               mask_threshold=mask_threshold)
+                               mask_threshold=mask_threshold, warn_skipped=warn_skipped)
     raise ValueError(f"data.format: unknown format {format!r}; allowed: {', '.join(FORMATS + ('auto',))}")
 
 
-def open_source_from_config(dataset_cfg) -> Source:
-    """``open_source`` with the fields of the ``dataset`` config section.
+def open_source_from_config(dataset_cfg, *, warn_skipped: bool = True) -> Source:
+    """``open_source`` with the fields of the ``dataset`` config section (and ``warn_skipped``).
 
     Its ``labels`` (foreground values to learn) become the label set of a 2D folder dataset, whose files
     carry no label names.
@@ -76,4 +78,4 @@ def open_source_from_config(dataset_cfg) -> Source:
     labels = {0: "background", **{int(v): f"label {v}" for v in c.labels}} if c.labels else None
     return open_source(c.format, c.path, task=c.task, allow_missing=c.allow_missing, image_dir=c.image_dir,
                        mask_dir=c.mask_dir, image_suffix=c.image_suffix, mask_suffix=c.mask_suffix, labels=labels,
-                       mask_threshold=getattr(c, "mask_threshold", None))
+                       mask_threshold=getattr(c, "mask_threshold", None), warn_skipped=warn_skipped)

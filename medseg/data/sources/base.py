@@ -32,9 +32,9 @@ class Case:
         if not isinstance(self.case_id, str):
             raise TypeError(f"case id must be a string, got {self.case_id!r}")
         if self.image.shape != self.label.shape:
-            from medseg.errors import DataError
+            from medseg.errors import ShapeMismatchError
 
-            raise DataError(
+            raise ShapeMismatchError(
                 f"{self.source}: case {self.case_id}: image shape {tuple(self.image.shape)} "
                 f"!= label shape {tuple(self.label.shape)}"
             )
@@ -50,6 +50,11 @@ class Source(Protocol):
     def case_ids(self) -> list[str]: ...
 
     def load(self, case_id: str) -> Case: ...
+
+    def shape(self, case_id: str) -> tuple[int, int, int]:
+        """(X, Y, Z) of the case's image as ``load`` returns it, read from the file header without decoding (Z: the
+        slices the cache stores; 1 for a 2D image)."""
+        ...
 
     def file_of(self, case_id: str) -> str:
         """A file name identifying the case, used by the grouping regex of the split."""

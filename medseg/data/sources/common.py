@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 
-from medseg.errors import DataError
+from medseg.errors import BadLabelError, CorruptFileError, DataError, MissingPairError, UnknownLabelError
 from medseg.io_utils import stable_hash
 
 log = logging.getLogger("medseg.data.sources")
+_SILENT = logging.getLogger("medseg.data.sources.nifti_header")  # nibabel's notes on fixable header fields: dropped
+_SILENT.propagate = False
+_SILENT.addHandler(logging.NullHandler())
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -78,14 +83,62 @@ def load_nifti(path: str | os.PathLike | None = None, *, data: bytes | None = No
     except MemoryError:
         raise
     except Exception as err:  # nibabel, gzip and short reads each raise their own types; all mean "damaged file"
-        raise DataError(f"{source}: unreadable NIfTI ({type(err).__name__}: {one_line(err)})") from None
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3:
-        raise DataError(f"{source}: NIfTI of shape {array.shape} is not a single 3D volume")
+        raise CorruptFileError(f"{source}: unreadable NIfTI ({type(err).__name__}: {one_line(err)})") from None
+    array = array.reshape(volume_shape(array.shape, source=source), order="A")  # a view: singleton axes only
     return NiftiVolume(array=array, zooms=zooms[:3], affine=affine, header=header)
+
+
+def volume_shape(shape: Iterable[int], *, source: str) -> tuple[int, int, int]:
+    """The (X, Y, Z) a NIfTI data shape is read as: trailing singleton dimensions past the third dropped, a 2D image
+    of depth 1; DataError naming ``source`` for anything with more than one volume."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 2:
+        shape += (1,)
+    if len(shape) != 3:
+        raise DataError(f"{source}: NIfTI of shape {shape} is not a single 3D volume")
+    return shape
+
+
+NIFTI2_HEADER_BYTES = 540  # NIfTI-1's header is 348 bytes: 540 holds either
+
+
+def _header_block(stream: BinaryIO) -> bytes:
+    """The first ``NIFTI2_HEADER_BYTES`` of a NIfTI stream, gunzipping a .nii.gz as far as needed and no further."""
+    head = stream.read(NIFTI2_HEADER_BYTES)
+    if head[:2] != b"\x1f\x8b":
+        return head
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+    out = inflate.decompress(head)
+    while len(out) < NIFTI2_HEADER_BYTES and (chunk := stream.read(4096)):
+        out += inflate.decompress(chunk)
+    return out[:NIFTI2_HEADER_BYTES]
+
+
+def nifti_shape(path: str | os.PathLike | None = None, *, stream: BinaryIO | None = None,
+                source: str) -> tuple[int, int, int]:
+    """(X, Y, Z) of a NIfTI-1/2 file at ``path`` or open as ``stream`` (a zip member), as ``load_nifti`` returns its
+    array, from the header alone: no voxel is read (of a bzip2 zip member, only the first block is decompressed).
+    """
+    import nibabel as nib
+
+    try:
+        if stream is None:
+            with open(path, "rb") as file:
+                head = _header_block(file)
+        else:
+            head = _header_block(stream)
+        nifti2 = NIFTI2_HEADER_BYTES in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))
+        header_class = nib.Nifti2Header if nifti2 else nib.Nifti1Header
+        header = header_class(head[:header_class.template_dtype.itemsize], check=False)
+        header.check_fix(logger=_SILENT)  # raises where nibabel's loader raises; its notes are the load's to give
+        shape = header.get_data_shape()
+    except MemoryError:
+        raise
+    except Exception as err:  # nibabel, zlib and short reads each raise their own types; all mean "damaged file"
+        raise CorruptFileError(f"{source}: unreadable NIfTI header ({type(err).__name__}: {one_line(err)})") from None
+    return volume_shape(shape, source=source)
 
 
 def spacing_of(zooms: tuple[float, ...], fallback: Iterable[float] | None = None) -> tuple[float, float, float]:
@@ -117,7 +170,8 @@ def _scaled_float32(proxy) -> np.ndarray:
     so a 512x512x300 int16 CT with an intercept of -1024 peaked at 900 MB (raw + float64 + float32) instead of
     450. NIfTI stores slope and intercept as float32, so no precision is lost for image values."""
     slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
-    if not hasattr(proxy, "get_unscaled") or (slope in (1.0, None) or np.isnan(slope)) and (inter in (0.0, None) or np.isnan(inter)):
+    unscaled = (slope in (1.0, None) or np.isnan(slope)) and (inter in (0.0, None) or np.isnan(inter))
+    if not hasattr(proxy, "get_unscaled") or unscaled:
         return np.asanyarray(proxy)  # no scaling: the stored dtype as is
     array = np.asarray(proxy.get_unscaled()).astype(np.float32)
     array *= np.float32(slope)
@@ -126,9 +180,9 @@ def _scaled_float32(proxy) -> np.ndarray:
 
 
 def to_label(array: np.ndarray, *, source: str) -> np.ndarray:
-    """Integer-valued array -> uint8 labels, same shape; DataError when values are fractional or out of 0..255."""
+    """Integer-valued array -> uint8 labels, same shape; BadLabelError when values are fractional or out of 0..255."""
     if not is_label_array(array):
-        raise DataError(f"{source}: label values are not integers in 0..255 (dtype {array.dtype})")
+        raise BadLabelError(f"{source}: label values are not integers in 0..255 (dtype {array.dtype})")
     return np.asarray(array).astype(np.uint8, copy=False)
 
 
@@ -146,12 +200,12 @@ def label_counts(label: np.ndarray) -> dict[int, int]:
 
 
 def check_labels(label: np.ndarray, labels: dict[int, str], *, where: str, hint: str = "") -> None:
-    """DataError naming ``where`` (file and case) when ``label`` holds values not listed in ``labels``; ``hint``
+    """UnknownLabelError naming ``where`` (file and case) when ``label`` holds values not listed in ``labels``; ``hint``
     (the likely fix, starting with "; ") ends the message."""
     unknown = sorted(set(label_counts(label)) - set(labels))
     if unknown:
-        raise DataError(f"{where}: label values {format_names([str(v) for v in unknown], 12).join('[]')} "
-                        f"not in the dataset labels {sorted(labels)}{hint}")
+        raise UnknownLabelError(f"{where}: label values {format_names([str(v) for v in unknown], 12).join('[]')} "
+                                f"not in the dataset labels {sorted(labels)}{hint}")
 
 
 def parse_labels(raw: object, *, source: str) -> dict[int, str]:
@@ -178,11 +232,11 @@ def format_names(names: list[str], limit: int = 5) -> str:
 
 
 def paired_ids(root: Path, first: dict[str, str], second: dict[str, str], first_only: str, second_only: str, *,
-               allow_missing: bool, hint: str = "") -> list[str]:
+               allow_missing: bool, warn_skipped: bool = True, hint: str = "") -> list[str]:
     """Sorted ids present in both ``first`` and ``second`` (id -> file name shown in messages).
 
-    Unpaired ids are a DataError naming their cases and files (``first_only`` / ``second_only`` say what
-    is missing), or, with ``allow_missing``, skipped with a warning naming them.
+    Unpaired ids are a MissingPairError naming their cases and files (``first_only`` / ``second_only`` say what
+    is missing), or, with ``allow_missing``, skipped, with a warning naming them unless not ``warn_skipped``.
     """
     problems = []
     for what, have, other in ((first_only, first, second), (second_only, second, first)):
@@ -190,13 +244,42 @@ def paired_ids(root: Path, first: dict[str, str], second: dict[str, str], first_
         if ids:
             problems.append(f"{what} for case(s) {format_names(ids)}: {format_names([have[i] for i in ids])}")
     if problems and not allow_missing:
-        raise DataError(f"{root}: " + "; ".join(problems) + hint)
-    if problems:
+        raise MissingPairError(f"{root}: " + "; ".join(problems) + hint)
+    if problems and warn_skipped:
         log.warning("%s: skipping unpaired cases: %s", root, "; ".join(problems))
     ids = sorted(set(first) & set(second))
     if not ids:
         raise DataError(f"{root}: no complete case to read")
     return ids
+
+
+def files_by_key(folder: Path, key_of: Callable[[Path], str | None], missing: str = "missing folder"
+                 ) -> dict[str, Path]:
+    """case key -> file for the files of ``folder`` in name order: ``key_of(path)`` gives a file's key, None to skip
+    it; hidden files (``._x.nii.gz``) and sub-folders are skipped. Two files with one key are an error."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {missing}")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if is_hidden(path.name) or not path.is_file() or (key := key_of(path)) is None:
+            continue
+        if key in found:
+            raise DataError(f"{folder}: case {key}: both {found[key].name} and {path.name}")
+        found[key] = path
+    return found
+
+
+def read_json_object(path: Path, missing: str) -> dict:
+    """A JSON object from ``path``; a missing file says ``missing``; unreadable JSON or another type: one line."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing ({missing})") from None
+    except (OSError, ValueError) as err:
+        raise CorruptFileError(f"{path}: unreadable JSON ({one_line(err)})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return meta
 
 
 def file_stamp(path: Path, root: Path) -> tuple[str, int, int]:
@@ -214,6 +297,9 @@ class PairedFiles:
     """Case lookup shared by sources whose cases are (image file, label file) pairs from ``_index()``."""
 
     root: Path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r})"
 
     def _index(self) -> dict[str, tuple[Path, Path]]:
         raise NotImplementedError

@@ -12,10 +12,11 @@ colours are neither label values nor grey levels.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -24,14 +25,14 @@ from medseg.data.sources.common import (
     PairedFiles,
     check_labels,
     file_stamp,
+    files_by_key,
     fingerprint_of,
-    is_hidden,
     is_label_array,
     one_line,
     paired_ids,
     to_label,
 )
-from medseg.errors import DataError
+from medseg.errors import BadLabelError, CorruptFileError, DataError, ShapeMismatchError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 DEFAULT_LABELS = {0: "background", 1: "foreground"}
@@ -45,19 +46,26 @@ _GRAY_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as Pillow's convert("L")
 
 
-def _open(path: Path):
-    """Decoded Pillow image (single frame); DataError on unreadable or multi-frame files."""
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """The Pillow image of ``path``, opened lazily (its header read); CorruptFileError when it cannot be read."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            frames = getattr(img, "n_frames", 1)
-            img.load()
-            loaded = img.copy()  # pixel data that outlives the closed file
-    except MemoryError:
+            yield img
+    except (MemoryError, DataError):
         raise
     except Exception as err:  # UnidentifiedImageError, truncated data, decompression bomb: all "unreadable"
-        raise DataError(f"{path}: unreadable image ({type(err).__name__}: {one_line(err)})") from None
+        raise CorruptFileError(f"{path}: unreadable image ({type(err).__name__}: {one_line(err)})") from None
+
+
+def _open(path: Path):
+    """Decoded Pillow image (single frame); DataError on unreadable or multi-frame files."""
+    with _opened(path) as img:
+        frames = getattr(img, "n_frames", 1)
+        img.load()
+        loaded = img.copy()  # pixel data that outlives the closed file
     if frames > 1:
         raise DataError(f"{path}: {frames} frames; only single-frame images are supported")
     return loaded
@@ -81,9 +89,9 @@ def _mask_values(img, where: str) -> np.ndarray:
         return np.asarray(img)  # for "P", palette indices are the label values (PASCAL VOC style)
     rgb = np.asarray(img.convert("RGB"))
     if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-        raise DataError(f"{where}: colour mask (mode {img.mode}, channels differ): its colours are not label values; "
-                        "save masks as greyscale or palette label values (or greyscale 0/255 with "
-                        "dataset.mask_threshold)")
+        raise BadLabelError(f"{where}: colour mask (mode {img.mode}, channels differ): its colours are not label "
+                            "values; save masks as greyscale or palette label values (or greyscale 0/255 with "
+                            "dataset.mask_threshold)")
     return rgb[..., 0]
 
 
@@ -108,17 +116,17 @@ def read_mask(path: str | os.PathLike, labels: dict[int, str] | None = None, *, 
     if threshold is not None:
         grey = _grey_levels(img, where)
         if grey.dtype.kind == "f" and not np.all(np.isfinite(grey)):
-            raise DataError(f"{where}: NaN or infinite mask values cannot be thresholded "
-                            f"(dataset.mask_threshold {threshold:g}); save the mask as integer grey levels")
+            raise BadLabelError(f"{where}: NaN or infinite mask values cannot be thresholded "
+                                f"(dataset.mask_threshold {threshold:g}); save the mask as integer grey levels")
         if 0 < grey.max() < threshold and set(np.unique(grey).tolist()) <= {0, 1}:  # every foreground pixel lost
-            raise DataError(f"{where}: the mask holds label values 0 and 1, all below dataset.mask_threshold "
-                            f"{threshold:g}: it is a label mask, not a greyscale one; unset dataset.mask_threshold")
+            raise BadLabelError(f"{where}: the mask holds label values 0 and 1, all below dataset.mask_threshold "
+                                f"{threshold:g}: it is a label mask, not a greyscale one; unset dataset.mask_threshold")
         return (grey >= threshold).astype(np.uint8)[..., None]
     values = _mask_values(img, where)
     if not is_label_array(values):
         hint = " or set dataset.mask_threshold to binarise a greyscale mask" if values.dtype.kind in "iuf" else ""
-        raise DataError(f"{where}: mask values are not integers in 0..255 (mode {img.mode}, dtype {values.dtype}, "
-                        f"range {_value_range(values)}): save label values 0..255{hint}")
+        raise BadLabelError(f"{where}: mask values are not integers in 0..255 (mode {img.mode}, dtype {values.dtype}, "
+                            f"range {_value_range(values)}): save label values 0..255{hint}")
     mask = to_label(values, source=where)
     present = set(np.unique(mask).tolist())
     if 255 in present and present <= {0, 255} and 255 not in (labels or {}):
@@ -154,21 +162,17 @@ def _compile(pattern: str, what: str) -> re.Pattern | None:
 
 def _by_key(folder: Path, suffix: re.Pattern | None) -> dict[str, Path]:
     """case key -> file: the stem with the suffix pattern removed from its end (stem kept when it does not match)."""
-    if not folder.is_dir():
-        raise DataError(f"{folder}: missing folder")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if is_hidden(path.name) or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            continue
-        key = suffix.sub("", path.stem, count=1) if suffix else path.stem
-        if key in found:
-            raise DataError(f"{folder}: case {key}: both {found[key].name} and {path.name}")
-        found[key] = path
-    return found
+    def key_of(path: Path) -> str | None:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            return None
+        return suffix.sub("", path.stem, count=1) if suffix else path.stem
+
+    return files_by_key(folder, key_of)
 
 
 class Folders2DSource(PairedFiles):
-    """Pairs ``<path>/<image_dir>/*`` with ``<path>/<mask_dir>/*`` by stem; each pair is a depth-1 Case."""
+    """Pairs ``<path>/<image_dir>/*`` with ``<path>/<mask_dir>/*`` by stem; each pair is a depth-1 Case.
+    ``allow_missing`` and ``warn_skipped`` as for ``KaggleEvalsegSource``."""
 
     def __init__(
         self,
@@ -180,6 +184,8 @@ class Folders2DSource(PairedFiles):
         labels: dict[int, str] | None = None,
         allow_missing: bool = False,
         mask_threshold: float | None = None,
+        *,
+        warn_skipped: bool = True,
     ) -> None:
         self.root = Path(path)
         self.image_dir, self.mask_dir = image_dir, mask_dir
@@ -188,12 +194,9 @@ class Folders2DSource(PairedFiles):
         self._mask_re = _compile(mask_suffix, "mask_suffix")
         self.labels: dict[int, str] = {int(k): str(v) for k, v in (labels or DEFAULT_LABELS).items()}
         self.modality = "image"  # not CT: intensities are percentile-normalised downstream
-        self.allow_missing = allow_missing
+        self.allow_missing, self.warn_skipped = allow_missing, warn_skipped
         self.mask_threshold = mask_threshold
         self._pairs: dict[str, tuple[Path, Path]] | None = None
-
-    def __repr__(self) -> str:
-        return f"Folders2DSource({str(self.root)!r})"
 
     def _index(self) -> dict[str, tuple[Path, Path]]:
         if self._pairs is not None:
@@ -202,7 +205,7 @@ class Folders2DSource(PairedFiles):
         masks = _by_key(self.root / self.mask_dir, self._mask_re)
         ids = paired_ids(self.root, {k: f"{self.image_dir}/{p.name}" for k, p in images.items()},
                          {k: f"{self.mask_dir}/{p.name}" for k, p in masks.items()}, "images without mask",
-                         "masks without image", allow_missing=self.allow_missing,
+                         "masks without image", allow_missing=self.allow_missing, warn_skipped=self.warn_skipped,
                          hint=f" (image_suffix={self.image_suffix!r}, mask_suffix={self.mask_suffix!r})")
         pairs = {k: (images[k], masks[k]) for k in ids}
         self._pairs = pairs
@@ -234,14 +237,20 @@ class Folders2DSource(PairedFiles):
             raise DataError(f"{self.root / self.mask_dir}: no mask for case {case_id!r}")
         return self._read_label(path, case_id)
 
+    def shape(self, case_id: str) -> tuple[int, int, int]:
+        """(rows, cols, 1) of the case's image from its file header (no pixel decoded)."""
+        with _opened(self._pair(case_id)[0]) as img:
+            cols, rows = img.size
+        return rows, cols, 1
+
     def load(self, case_id: str) -> Case:
         """image float32 (rows, cols, 1) grayscale, label uint8 (rows, cols, 1), spacing (1, 1, 1)."""
         image_path, mask_path = self._pair(case_id)
         image = read_gray(image_path)
         label = self._read_label(mask_path, case_id)
         if image.shape != label.shape:
-            raise DataError(f"{image_path} vs {mask_path} (case {case_id}): image {image.shape[:2]} "
-                            f"!= mask {label.shape[:2]}")
+            raise ShapeMismatchError(f"{image_path} vs {mask_path} (case {case_id}): image {image.shape[:2]} "
+                                     f"!= mask {label.shape[:2]}")
         return Case(case_id=case_id, image=image, label=label, spacing=(1.0, 1.0, 1.0),
                     source=str(image_path), meta={"mask_file": str(mask_path)})
 

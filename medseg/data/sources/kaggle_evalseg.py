@@ -5,12 +5,12 @@
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
@@ -25,14 +25,16 @@ from medseg.data.sources.common import (
     format_names,
     is_hidden,
     load_nifti,
+    nifti_shape,
     one_line,
     paired_ids,
     parse_labels,
+    read_json_object,
     spacing_of,
     strip_suffix,
     to_image,
 )
-from medseg.errors import DataError
+from medseg.errors import CorruptFileError, DataError, ShapeMismatchError
 
 PICKLE_SUFFIXES = (".pkl.gz", ".pkl")
 
@@ -54,16 +56,7 @@ def find_tasks(root: Path) -> list[Path]:
 
 
 def _read_metadata(task_dir: Path) -> dict:
-    path = task_dir / "metadata.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing (every Kaggle evalseg task folder has a metadata.json)") from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable JSON ({one_line(err)})") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return meta
+    return read_json_object(task_dir / "metadata.json", "every Kaggle evalseg task folder has a metadata.json")
 
 
 def _select_task(path: Path, task: str | None) -> Path:
@@ -116,19 +109,21 @@ class KaggleEvalsegSource:
     """One task of the Kaggle evalseg dataset: CT volumes paired with GroundTruth pickles.
 
     ``case_ids()`` validates the pairing (GroundTruth without CT, CT without GroundTruth); with
-    ``allow_missing=True`` unpaired cases are skipped with a warning instead. Only one case is decoded
+    ``allow_missing=True`` unpaired cases are skipped with a warning instead (none when not ``warn_skipped``: the
+    audit lists them itself). Only one case is decoded
     at a time. ``load_label`` / ``load_prediction`` work without CT (scoring the Task001-003 copies in shared),
     ``load_image`` without GroundTruth (inference).
     """
 
-    def __init__(self, path: str | os.PathLike, task: str | None = None, allow_missing: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, task: str | None = None, allow_missing: bool = False, *,
+                 warn_skipped: bool = True) -> None:
         self.root: Path = _select_task(Path(path), task)
         meta = _read_metadata(self.root)
         self.name: str = str(meta.get("name", self.root.name))
         self.labels: dict[int, str] = parse_labels(meta.get("labels"), source=str(self.root / "metadata.json"))
         modality = meta.get("modality") or {}
         self.modality: str = str(modality.get("0", "CT")) if isinstance(modality, dict) else str(modality)
-        self.allow_missing = allow_missing
+        self.allow_missing, self.warn_skipped = allow_missing, warn_skipped
         self._ct: dict[str, _CTRef] | None = None
         self._gt: dict[str, Path] | None = None
         self._ids: list[str] | None = None
@@ -161,7 +156,7 @@ class KaggleEvalsegSource:
                 with zipfile.ZipFile(zip_path) as zf:
                     infos = zf.infolist()
             except (zipfile.BadZipFile, OSError) as err:
-                raise DataError(f"{zip_path}: not a readable zip ({one_line(err)})") from None
+                raise CorruptFileError(f"{zip_path}: not a readable zip ({one_line(err)})") from None
             for info in infos:
                 parts = info.filename.replace("\\", "/").split("/")
                 cid = strip_suffix(parts[-1], NIFTI_SUFFIXES)
@@ -203,7 +198,8 @@ class KaggleEvalsegSource:
                  else "(no CT.zip or CT/ folder)")
         ids = paired_ids(self.root, {c: f"GroundTruth/{p.name}" for c, p in gt.items()},
                          {c: ref.name for c, ref in ct.items()}, f"GroundTruth without CT {where}",
-                         "CT without GroundTruth", allow_missing=self.allow_missing)
+                         "CT without GroundTruth", allow_missing=self.allow_missing,
+                         warn_skipped=self.warn_skipped)
         self._ids = ids
         return list(ids)
 
@@ -227,19 +223,35 @@ class KaggleEvalsegSource:
             raise DataError(f"{self.root}: no CT for case {case_id!r}")
         return ref
 
+    @contextlib.contextmanager
+    def _member(self, ref: _CTRef, where: str) -> Iterator[BinaryIO]:
+        """The CT.zip member as a stream (never extracted: its name is never used as a path); a zip or bzip2 error
+        while opening or reading it is one CorruptFileError line naming ``where``."""
+        try:
+            with zipfile.ZipFile(self._zip_path) as zf, zf.open(zf.getinfo(ref.member)) as stream:
+                yield stream
+        except (MemoryError, DataError):
+            raise
+        except Exception as err:  # BadZipFile (CRC), EOFError/OSError (truncated bz2), RuntimeError (encrypted)
+            raise CorruptFileError(f"{where}: corrupt zip member ({type(err).__name__}: {one_line(err)})") from None
+
     def _read_ct(self, case_id: str, ref: _CTRef) -> NiftiVolume:
         where = f"{self.root / ref.name} (case {case_id})"
         if ref.path is not None:
             return load_nifti(ref.path, source=where)
-        try:
-            # Read the member as a stream: never extracted, its name is never used as a path.
-            with zipfile.ZipFile(self._zip_path) as zf, zf.open(zf.getinfo(ref.member)) as stream:
-                data = stream.read()  # zipfile checks the CRC when the stream reaches its end
-        except MemoryError:
-            raise
-        except Exception as err:  # BadZipFile (CRC), EOFError/OSError (truncated bz2), RuntimeError (encrypted)
-            raise DataError(f"{where}: corrupt zip member ({type(err).__name__}: {one_line(err)})") from None
+        with self._member(ref, where) as stream:
+            data = stream.read()  # zipfile checks the CRC when the stream reaches its end
         return load_nifti(data=data, source=where)
+
+    def shape(self, case_id: str) -> tuple[int, int, int]:
+        """(X, Y, Z) of the case's CT from its NIfTI header, nothing decoded: of a CT.zip member only the first 540
+        bytes are read (bzip2 decompresses its first block)."""
+        ref = self._ct_ref(case_id)
+        where = f"{self.root / ref.name} (case {case_id})"
+        if ref.path is not None:
+            return nifti_shape(ref.path, source=where)
+        with self._member(ref, where) as stream:
+            return nifti_shape(stream=stream, source=where)
 
     def _read_labels(self, path: Path, case_id: str) -> LabelVolume:
         try:
@@ -263,7 +275,7 @@ class KaggleEvalsegSource:
         lv = self._read_labels(gt_path, case_id)
         image, nii = self.load_image(case_id)
         if image.shape != lv.volume.shape:
-            raise DataError(
+            raise ShapeMismatchError(
                 f"{self.root / ref.name} vs {gt_path} (case {case_id}): CT shape {image.shape} "
                 f"!= GroundTruth shape {lv.volume.shape}"
             )

@@ -7,7 +7,6 @@ Only single-channel datasets are read: a Case holds one image volume.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -15,66 +14,36 @@ from typing import Iterator
 
 import numpy as np
 
+from medseg.data.sources import common
 from medseg.data.sources.base import Case
-from medseg.data.sources.common import (
-    PairedFiles,
-    NIFTI_SUFFIXES,
-    check_labels,
-    file_stamp,
-    fingerprint_of,
-    is_hidden,
-    load_nifti,
-    one_line,
-    paired_ids,
-    parse_labels,
-    spacing_of,
-    strip_suffix,
-    to_image,
-    to_label,
-)
-from medseg.errors import DataError
+from medseg.data.sources.common import PairedFiles
+from medseg.errors import DataError, ShapeMismatchError
 
 _CHANNEL = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
 
 
 def _nifti_files(folder: Path) -> dict[str, Path]:
-    """stem -> path for the NIfTI files of ``folder``, skipping hidden files (``._x.nii.gz``)."""
-    if not folder.is_dir():
-        raise DataError(f"{folder}: missing (the MSD / nnU-Net layout has imagesTr/ and labelsTr/)")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        stem = strip_suffix(path.name, NIFTI_SUFFIXES)
-        if stem is None or is_hidden(path.name) or not path.is_file():
-            continue
-        if stem in found:
-            raise DataError(f"{folder}: case {stem}: both {found[stem].name} and {path.name}")
-        found[stem] = path
-    return found
+    """stem -> path for the NIfTI files of ``folder``."""
+    return common.files_by_key(folder, lambda path: common.strip_suffix(path.name, common.NIFTI_SUFFIXES),
+                               "missing (the MSD / nnU-Net layout has imagesTr/ and labelsTr/)")
 
 
 class MSDSource(PairedFiles):
-    """A Decathlon (MSD) task folder or an nnU-Net v2 raw dataset folder; labels and modality from dataset.json."""
+    """A Decathlon (MSD) task folder or an nnU-Net v2 raw dataset folder; labels and modality from dataset.json.
+    ``allow_missing`` and ``warn_skipped`` as for ``KaggleEvalsegSource``."""
 
-    def __init__(self, path: str | os.PathLike, allow_missing: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, allow_missing: bool = False, *, warn_skipped: bool = True) -> None:
         self.root = Path(path)
         meta_path = self.root / "dataset.json"
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{meta_path}: missing (an MSD / nnU-Net dataset folder has a dataset.json)") from None
-        except (OSError, ValueError) as err:
-            raise DataError(f"{meta_path}: unreadable JSON ({one_line(err)})") from None
-        self.labels: dict[int, str] = parse_labels(meta.get("labels"), source=str(meta_path))
+        meta = common.read_json_object(meta_path, "an MSD / nnU-Net dataset folder has a dataset.json")
+        self.labels: dict[int, str] = common.parse_labels(meta.get("labels"), source=str(meta_path))
         channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}  # v2 or MSD
         if not isinstance(channels, dict) or len(channels) != 1:
             raise DataError(f"{meta_path}: only single-channel datasets are supported, channels: {channels!r}")
         self.modality: str = str(next(iter(channels.values())))
         self.name: str = str(meta.get("name", self.root.name))
-        self.allow_missing = allow_missing
+        self.allow_missing, self.warn_skipped = allow_missing, warn_skipped
         self._pairs: dict[str, tuple[Path, Path]] | None = None
-
-    def __repr__(self) -> str:
-        return f"MSDSource({str(self.root)!r})"
 
     def _index(self) -> dict[str, tuple[Path, Path]]:
         """case id -> (image, label) paths; validates the pairing once."""
@@ -92,18 +61,19 @@ class MSDSource(PairedFiles):
             if cid in images:
                 raise DataError(f"{self.root / 'imagesTr'}: case {cid}: both {images[cid].name} and {path.name}")
             images[cid] = path
-        ids = paired_ids(self.root, {c: f"imagesTr/{p.name}" for c, p in images.items()},
+        ids = common.paired_ids(self.root, {c: f"imagesTr/{p.name}" for c, p in images.items()},
                          {c: f"labelsTr/{p.name}" for c, p in labels.items()}, "images without label",
-                         "labels without image", allow_missing=self.allow_missing)
+                         "labels without image", allow_missing=self.allow_missing,
+                         warn_skipped=self.warn_skipped)
         pairs = {cid: (images[cid], labels[cid]) for cid in ids}
         self._pairs = pairs
         return pairs
 
     def fingerprint(self) -> str:
         """Hash of dataset.json and the paired files' names, sizes and mtimes (nothing decompressed)."""
-        stamps = [file_stamp(self.root / "dataset.json", self.root)]
-        stamps += [file_stamp(p, self.root) for pair in self._index().values() for p in pair]
-        return fingerprint_of(stamps)
+        stamps = [common.file_stamp(self.root / "dataset.json", self.root)]
+        stamps += [common.file_stamp(p, self.root) for pair in self._index().values() for p in pair]
+        return common.fingerprint_of(stamps)
 
     def ground_truth_ids(self) -> list[str]:
         """Ids of every file in labelsTr/, image or not."""
@@ -111,8 +81,8 @@ class MSDSource(PairedFiles):
 
     def _read_label(self, path: Path, case_id: str) -> np.ndarray:
         where = f"{path} (case {case_id})"
-        label = to_label(load_nifti(path, source=where).array, source=where)
-        check_labels(label, self.labels, where=where)
+        label = common.to_label(common.load_nifti(path, source=where).array, source=where)
+        common.check_labels(label, self.labels, where=where)
         return label
 
     def load_label(self, case_id: str) -> np.ndarray:
@@ -122,20 +92,25 @@ class MSDSource(PairedFiles):
             raise DataError(f"{self.root / 'labelsTr'}: no label for case {case_id!r}")
         return self._read_label(path, case_id)
 
+    def shape(self, case_id: str) -> tuple[int, int, int]:
+        """(X, Y, Z) of the case's image from its NIfTI header (no voxel decoded)."""
+        image_path = self._pair(case_id)[0]
+        return common.nifti_shape(image_path, source=f"{image_path} (case {case_id})")
+
     def load(self, case_id: str) -> Case:
         """Decode one case: image float32 (X, Y, Z), label uint8 (X, Y, Z), spacing from the image header."""
         image_path, label_path = self._pair(case_id)
         label = self._read_label(label_path, case_id)
-        nii = load_nifti(image_path, source=f"{image_path} (case {case_id})")
-        image = to_image(nii.array)
+        nii = common.load_nifti(image_path, source=f"{image_path} (case {case_id})")
+        image = common.to_image(nii.array)
         if image.shape != label.shape:
-            raise DataError(f"{image_path} vs {label_path} (case {case_id}): image shape {image.shape} "
-                            f"!= label shape {label.shape}")
+            raise ShapeMismatchError(f"{image_path} vs {label_path} (case {case_id}): image shape {image.shape} "
+                                     f"!= label shape {label.shape}")
         return Case(
             case_id=case_id,
             image=image,
             label=label,
-            spacing=spacing_of(nii.zooms),
+            spacing=common.spacing_of(nii.zooms),
             source=str(image_path),
             affine=nii.affine,
             meta={"label_file": str(label_path)},
