@@ -59,9 +59,11 @@ test-all: venv
 
 bench: venv data
 	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_cache_parallel.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_asha.py
 	$(PY) benchmarks/bench_seed_spread.py
+	$(PY) benchmarks/bench_eval_infer.py
 
 # The ASHA and seed-spread benchmarks with a moving average of the weights validated (training.ema_decay).
 bench-ema: venv data
