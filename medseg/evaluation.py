@@ -16,7 +16,7 @@ import numpy as np
 
 from medseg import metrics as M
 from medseg.data.dataset import label_lut
-from medseg.errors import DataError, MedsegError
+from medseg.errors import DataError, MedsegError, UsageError
 from medseg.io_utils import atomic_path, atomic_write_json, json_safe
 from medseg.io_utils import format_table as format_cells
 
@@ -82,7 +82,7 @@ def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: 
     data = data or prepare_data(cfg, progress=progress)
     trained_on = predictor.meta.get("split_hash")
     if trained_on != data.split.hash and not allow_split_mismatch:
-        raise MedsegError(f"{ckpt}: trained with split {trained_on}, but the config gives split {data.split.hash} "
+        raise UsageError(f"{ckpt}: trained with split {trained_on}, but the config gives split {data.split.hash} "
                           f"({data.split.path}); scoring there may include its training cases "
                           "(use --allow-split-mismatch to force)")
     labels = predictor.labels
@@ -417,7 +417,7 @@ def _leaderboard_part(cfg, source, scored: list[EvalResult], *, missing_as_empty
     """``scored`` ranked among the source's Predictions/<method> folders, on the cases of ``scored[0]``."""
     methods = getattr(source, "predictions_methods", lambda: [])()
     if not methods:
-        raise MedsegError(f"{source.root}: no Predictions/<method> folders to rank against")
+        raise UsageError(f"{source.root}: no Predictions/<method> folders to rank against")
     case_ids = list(scored[0].per_case_dice()) if scored else None
     results = list(scored)
     for method in methods:

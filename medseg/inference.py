@@ -20,7 +20,7 @@ from medseg import postprocess
 from medseg.checkpoint import model_from_checkpoint
 from medseg.data.cache import make_normaliser, resize_slice
 from medseg.data.dataset import stack_context
-from medseg.errors import DataError, MedsegError
+from medseg.errors import DataError, UsageError
 from medseg.models import autocast, predict_classes
 from medseg.tta import mirrored_logits, mirrors_from_augment
 
@@ -81,7 +81,7 @@ class Predictor:
     def __init__(self, ckpt: str | Path, *, device: str | None = None, batch_size: int = 16, flip_tta: bool = False,
                  postprocess: bool = True):
         if device == "cuda" and not torch.cuda.is_available():
-            raise MedsegError("--device cuda: no CUDA device is available (leave --device out to use the CPU)")
+            raise UsageError("--device cuda: no CUDA device is available (leave --device out to use the CPU)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.meta, self.cfg = model_from_checkpoint(ckpt, device=self.device)
         self.ckpt = Path(ckpt)

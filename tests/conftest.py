@@ -9,6 +9,16 @@ import pytest
 os.environ.setdefault("PYTHONHASHSEED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
+
+
+@pytest.fixture(autouse=True)
+def _cache_builds_in_one_process(monkeypatch):
+    """Auto ``dataset.cache_workers`` decides from the first case's time whether to start processes; on a slow or
+    loaded machine even a tiny task could cross the line. Builds in this process stay in it (tests of the worker
+    processes set ``cache_workers`` or patch the threshold themselves)."""
+    monkeypatch.setattr("medseg.data.cache.PARALLEL_MIN_SECONDS", float("inf"))
+
+
 TINY_MODEL = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_050", "encoder_depth": 3, "decoder_channels": [16, 8, 8]}
 
 

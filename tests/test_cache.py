@@ -23,13 +23,14 @@ from medseg.config import config_from_dict
 from medseg.data.cache import (
     SliceCache,
     build_cache,
+    build_processes,
     dataset_dir_for,
     make_normaliser,
     preprocessing_settings,
     resize_slice,
 )
 from medseg.data.sources import open_source_from_config
-from medseg.data.workers import available_cores
+from medseg.data.workers import available_cores, run_cases
 from medseg.errors import DataError, ShapeMismatchError
 from tests.fixtures import evalseg_dir, hu, make_kaggle_task, tiny_case, write_nifti
 
@@ -315,6 +316,59 @@ def test_a_case_error_in_a_worker_is_raised_with_its_type_and_case(task, tmp_pat
     with pytest.raises(ShapeMismatchError, match=rf"^case {bad}: image shape") as err:
         build_cache(cfg, FaultySource(source, bad=bad), progress=False)
     assert err.value.case_id == bad and leftovers(cfg, source) == []
+
+
+def test_auto_workers_are_capped_by_the_memory_a_case_needs(monkeypatch):
+    monkeypatch.setattr("medseg.data.cache.PARALLEL_MIN_SECONDS", 1.0)
+    monkeypatch.setattr("medseg.data.workers.available_cores", lambda: 8)
+    monkeypatch.setattr("medseg.data.workers.available_memory_mb", lambda: 4000.0)
+    # 300 MB + 8 bytes per voxel: 512x512x300 needs 900 MB a worker, 4 fit; 64x64x10 needs ~300 MB, the 8 cores fit
+    assert build_processes(None, 11, 5.0, (512, 512, 300)) == 4
+    assert build_processes(None, 11, 5.0, (64, 64, 10)) == 8
+    assert build_processes(None, 11, 0.01, (64, 64, 10)) == 1  # 10 cases of 0.01 s: not worth a process
+    assert build_processes(3, 11) == 3 and build_processes(3, 2) == 2  # an explicit count, capped by the cases
+
+
+def _unpicklable_result(case_id: str):
+    return lambda: case_id
+
+
+def _sleepy(case_id: str) -> str:
+    time.sleep(0.5)
+    return case_id
+
+
+def test_a_result_that_cannot_travel_is_an_error_naming_its_case_not_a_hang():
+    with pytest.raises(Exception, match="pickle") as err:
+        list(run_cases(_unpicklable_result, ["a", "b"], 2))
+    assert err.value.case_id in {"a", "b"}
+
+
+PARENT_KILLED_CHILD = """
+import sys
+from medseg.data.workers import run_cases
+from tests.test_cache import _sleepy
+for _ in run_cases(_sleepy, [str(i) for i in range(200)], 2):
+    pass
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the worker processes")
+def test_workers_exit_when_their_parent_is_killed():
+    proc = subprocess.Popen([sys.executable, "-c", PARENT_KILLED_CHILD], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 120
+    while len(workers := _children(proc.pid)) < 3:  # the resource tracker and two workers
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL: no finally, no cleanup in the parent
+    proc.wait()
+    deadline = time.monotonic() + 30  # a worker notices between cases (0.5 s here) or within its 1 s poll
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = {pid for pid in alive if Path(f"/proc/{pid}").exists()
+                 and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"}
+    assert not alive
 
 
 CTRL_C_CHILD = """

@@ -72,6 +72,7 @@ def test_sizes_and_times_by_hand():
 
 
 def test_processes_follow_the_builds_rule(task, tmp_path, monkeypatch):
+    monkeypatch.setattr("medseg.data.cache.PARALLEL_MIN_SECONDS", 8.0)  # the shipped value (conftest sets infinity)
     assert [build_processes(3, 10), build_processes(3, 2), build_processes(None, 1, 100.0)] == [3, 2, 1]
     assert build_processes(None, 10, 0.5) == 1  # 9 cases left x 0.5 s: under PARALLEL_MIN_SECONDS (8 s)
     assert build_processes(None, 10, 1.0) == min(available_cores(), 9)  # 9 s: the cores, capped by the cases left

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -234,19 +235,39 @@ def build_cache(dataset_cfg, source=None, *, progress: bool = True, case_info: C
 PARALLEL_MIN_SECONDS = 8.0  # auto workers: start processes only when the cases left would take longer than this
 
 
-def build_processes(workers: int | None, n_cases: int, first_case_seconds: float = 0.0) -> int:
+def build_processes(workers: int | None, n_cases: int, first_case_seconds: float = 0.0,
+                    first_case_shape: Sequence[int] = ()) -> int:
     """The processes that make the cases of a build of ``n_cases`` (the manifest's ``build.processes``; 1: this one).
 
     ``workers`` (dataset.cache_workers) processes, capped by the cases. Auto (None): this process makes the first case
-    and its time, ``first_case_seconds``, decides for the rest: the available cores, capped by the cases left, when
-    the rest would take longer than ``PARALLEL_MIN_SECONDS`` in one process, else this one process.
+    and its time, ``first_case_seconds``, decides for the rest: the available cores, capped by the cases left and by
+    the memory available for a case like the first (``first_case_shape``), when the rest would take longer than
+    ``PARALLEL_MIN_SECONDS`` in one process, else this one process.
     """
-    from medseg.data.workers import available_cores
+    from medseg.data.workers import available_cores, available_memory_mb
 
     if workers is None:
         n_cases -= 1  # the first case, made here
         workers = available_cores() if first_case_seconds * n_cases > PARALLEL_MIN_SECONDS else 1
+        per_worker_mb = WORKER_BASE_MB + WORKER_BYTES_PER_VOXEL * math.prod(first_case_shape or (0,)) / 2**20
+        memory = available_memory_mb()
+        if math.isfinite(memory):
+            workers = min(workers, max(1, int(memory // per_worker_mb)))
     return max(1, min(workers, n_cases))
+
+
+# Memory of one worker process: the interpreter with numpy, cv2 and nibabel, plus a case (the decoded integer volume,
+# its float32 image and uint8 label, with slack for the decoder's buffers).
+WORKER_BASE_MB = 300.0
+WORKER_BYTES_PER_VOXEL = 8.0
+
+
+def _warm_imports() -> None:
+    """Import what preprocessing a case uses (cv2, scipy.ndimage, nibabel), so the first case's time, which decides
+    the processes and the estimate, is the case's own and not the imports'."""
+    import cv2  # noqa: F401
+    import nibabel  # noqa: F401
+    from scipy import ndimage  # noqa: F401
 
 
 @dataclass
@@ -290,9 +311,11 @@ def _case_results(job: BuildJob, tmp_dir: Path, ids: list[str], stems: dict[str,
         return (case_id, *one_case(case_id), peak_rss_mb())
 
     rest, first = list(ids), None
-    if job.workers is None:  # auto: the first case made here, its time decides
+    if job.workers is None:  # auto: the first case made here, its time (first[3]) and size decide
+        _warm_imports()
         first = here(rest.pop(0))
-    job.processes = build_processes(job.workers, len(ids), first[3] if first else 0.0)  # first[3]: its seconds
+    job.processes = build_processes(job.workers, len(ids), first[3] if first else 0.0,
+                                    first[1]["orig_shape"] if first else ())
     if first is not None:
         yield first
     if job.processes == 1:
@@ -513,7 +536,8 @@ def time_first_case(dataset_cfg, source, case_info: Callable | None = None) -> C
     settings = preprocessing_settings(dataset_cfg, source.modality)
     cache_dir = Path(dataset_cfg.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _warm_imports()
     with tempfile.TemporaryDirectory(prefix=".estimate-", dir=cache_dir) as tmp:
         entry, _, seconds = _cache_case(source, settings, Path(tmp), _file_stems(ids[:1]), case_info, ids[0])
-    processes = build_processes(getattr(dataset_cfg, "cache_workers", None), len(ids), seconds)
+    processes = build_processes(getattr(dataset_cfg, "cache_workers", None), len(ids), seconds, entry["orig_shape"])
     return CaseTiming(ids[0], entry["n_slices"], seconds, processes)

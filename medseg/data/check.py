@@ -498,8 +498,11 @@ def _load_cases(report: Report, dataset_cfg, source, ids: list[str], *, progress
     else None."""
     is_ct = str(source.modality).upper() == "CT"
 
+    from medseg.data.workers import WorkerDiedError
+
     def failed(case_id: str | None, err: DataError) -> None:
-        if case_id is None:  # the build's own error, not a case's
+        # the build's own error, or a worker killed (out of memory?): not the case's data, which is audited below
+        if case_id is None or isinstance(err, WorkerDiedError):
             report.error("cache", str(err))
         else:
             report.failed_case(case_id, err.kind, str(err))

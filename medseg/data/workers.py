@@ -33,6 +33,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def available_memory_mb() -> float:
+    """Memory available to new processes, MiB: Linux's MemAvailable; elsewhere unknown (infinity: no cap)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, MiB: Linux's VmHWM (``ru_maxrss`` survives execve, so a spawned
     worker would report at least its parent's peak), else ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
@@ -54,19 +65,40 @@ def _worker(job: Callable[[str], Any], case_ids: Sequence[str], slot: int, curre
         cv2.setNumThreads(1)  # one core per worker: the workers are the parallelism
     except ImportError:
         pass
-    while (index := tasks.get()) is not None:
+    while (index := _next_task(tasks)) is not None:
         case_id = case_ids[index]
         current[slot] = index  # shared memory, written before the work starts: the parent can name the case we die on
         try:
-            result = job(case_id)
+            message = ("done", case_id, pickle.dumps((job(case_id), peak_rss_mb())))  # pickled here, not silently
         except Exception as err:  # noqa: BLE001 - sent to the parent, which raises it
-            try:
-                pickle.dumps(err)
-            except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the parent as text
-                err = DataError(f"case {case_id}: {type(err).__name__}: {err}")
-            results.put(("error", case_id, err))
+            message = ("error", case_id, _portable(err, case_id))
+        current[slot] = -1  # idle again: a death from here on is not this case's
+        results.put(message)
+
+
+def _next_task(tasks) -> int | None:
+    """The next case index; None when the queue says stop or the parent is gone (SIGKILLed: nobody would read our
+    results, and a worker must never outlive its build)."""
+    parent = mp.parent_process()
+    while parent is None or parent.is_alive():
+        try:
+            return tasks.get(timeout=1.0)
+        except queue.Empty:
             continue
-        results.put(("done", case_id, (result, peak_rss_mb())))
+    return None
+
+
+def _portable(err: Exception, case_id: str) -> Exception:
+    """``err`` if it survives a pickle round trip (what the queue does), else a DataError with its text; either way
+    naming its case (``case_id`` attribute, and a note on errors whose message may not name it)."""
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:  # noqa: BLE001 - an exception that does not travel still reaches the parent as text
+        err = DataError(f"case {case_id}: {type(err).__name__}: {err}")
+    err.case_id = case_id
+    if not isinstance(err, DataError):
+        err.add_note(f"(while preprocessing case {case_id} in a cache worker)")
+    return err
 
 
 def _exit_reason(code: int | None) -> str:
@@ -91,20 +123,22 @@ def run_cases(job: Callable[[str], Any], case_ids: Sequence[str], workers: int) 
         tasks.put(None)
     procs = [ctx.Process(target=_worker, args=(job, list(case_ids), slot, current, tasks, results), daemon=True)
              for slot in range(n)]
-    for p in procs:
-        p.start()
-    remaining = len(case_ids)
+    remaining, all_exited = len(case_ids), False
     try:
+        _start(procs)
         while remaining:
             try:
                 kind, case_id, payload = results.get(timeout=_POLL_S)
             except queue.Empty:
-                _check_alive(procs, [case_ids[i] if i >= 0 else None for i in current])
+                if all_exited:  # a poll after they all left (their last results were already in the pipe)
+                    raise WorkerDiedError(f"cache workers exited with {remaining} case(s) not reported; nothing "
+                                          "was kept") from None
+                all_exited = _check_alive(procs, [case_ids[i] if i >= 0 else None for i in current])
                 continue
             if kind == "error":
                 raise payload
             remaining -= 1
-            yield case_id, payload[0], payload[1]
+            yield case_id, *pickle.loads(payload)
     finally:
         _stop(procs)
         for q in (tasks, results):
@@ -112,14 +146,31 @@ def run_cases(job: Callable[[str], Any], case_ids: Sequence[str], workers: int) 
             q.close()
 
 
-def _check_alive(procs, working: list[str | None]) -> None:
+class WorkerDiedError(DataError, kind="cache_worker"):
+    """A cache worker process died (killed, out of memory): the machine's fault, not the case's data."""
+
+
+def _start(procs) -> None:
+    """Start the workers with SIGINT ignored, so that they inherit it: a Ctrl-C while they import would otherwise
+    print a traceback from each."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _check_alive(procs, working: list[str | None]) -> bool:
+    """Raise for a worker that died; True when every worker has exited cleanly."""
     for p, case in zip(procs, working):
         if p.exitcode is not None and p.exitcode != 0:
-            what = f"case {case}" if case else "before its first case"
-            err = DataError(f"{what}: cache worker {p.pid} died ({_exit_reason(p.exitcode)}); nothing was kept, "
-                            "the cache is rebuilt from the start next time")
+            what = f"case {case}" if case else "between cases"
+            err = WorkerDiedError(f"{what}: cache worker {p.pid} died ({_exit_reason(p.exitcode)}); nothing was "
+                                  "kept, the cache is rebuilt from the start next time")
             err.case_id = case
             raise err
+    return all(p.exitcode is not None for p in procs)
 
 
 def _stop(procs) -> None:
