@@ -27,24 +27,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import (
-    REPO,
-    RESULTS,
-    RunClock,
-    add_out_arg,
-    add_set_arg,
-    ensure_synthetic_task,
-    machine_info,
-    out_path,
-    parse_sets,
-    repo_relative,
-    write_results,
-)
+from benchmarks import common
 
 
 def train_seed(space_path: str, seed: int, run_dir: str, params: dict | None = None) -> dict:
     """One seed of the space's base configuration; returns its validation Dice curve."""
-    os.chdir(REPO)  # the space's relative paths (data/synthetic, cache/) are the project's own
+    os.chdir(common.REPO)  # the space's relative paths (data/synthetic, cache/) are the project's own
     from medseg.search_space import load_space
     from medseg.training import fit
     from medseg.tuning import trial_config
@@ -90,43 +78,44 @@ def config_spread(asha: Path) -> tuple[list[float] | None, dict | None]:
     full = json.loads(asha.read_text())
     trials = full["studies"]["no_early_stopping"]["trials"]
     return ([t["best_dice"] for t in trials if t["status"] == "completed"],
-            {"file": repo_relative(asha), "date": full.get("date")})
+            {"file": common.repo_relative(asha), "date": full.get("date")})
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", default=str(REPO / "search_spaces" / "default.yaml"))
+    parser.add_argument("--space", default=str(common.REPO / "search_spaces" / "default.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once, one torch thread each")
-    add_set_arg(parser, "dotted config keys changed in every seed, as a trial's parameters "
+    common.add_set_arg(parser, "dotted config keys changed in every seed, as a trial's parameters "
                         "(e.g. training.ema_decay=0.99)")
-    parser.add_argument("--asha-results", default=str(RESULTS / "asha_vs_full.json"))
-    add_out_arg(parser, "seed_spread.json")
+    parser.add_argument("--asha-results", default=str(common.RESULTS / "asha_vs_full.json"))
+    common.add_out_arg(parser, "seed_spread.json")
     args = parser.parse_args()
     space_path = Path(args.space).resolve()
     from medseg.errors import ConfigError
 
     try:
-        params = parse_sets(args.sets)
+        params = common.parse_sets(args.sets)
     except ConfigError as err:
         parser.error(str(err))
-    os.chdir(REPO)
+    os.chdir(common.REPO)
     from medseg.search_space import load_space
     from medseg.training import prepare_data
     from medseg.tuning import trial_config
 
-    ensure_synthetic_task()
+    common.ensure_synthetic_task()
     # the cache and the split once, before the workers
     prepare_data(trial_config(params, load_space(space_path)), progress=False)
-    clock = RunClock()
+    clock = common.RunClock()
     runs = train_seeds(space_path, args.seeds, params, args.parallel)
     for r in runs:
         print(f"seed {r['seed']}: best val Dice {r['best_dice']:.4f} at epoch {r['best_epoch']} ({r['seconds']:.0f} s)")
     config_best, source = config_spread(Path(args.asha_results))
     report = {"runs": runs, "params": params, "summary": summarize(runs, config_best), "config_spread_source": source,
-              "space": repo_relative(space_path), "machine": machine_info(("torch", "segmentation-models-pytorch")),
+              "space": common.repo_relative(space_path),
+              "machine": common.machine_info(("torch", "segmentation-models-pytorch")),
               "parallel": args.parallel, **clock.record()}
-    write_results(out_path(args, "seed_spread"), report)
+    common.write_results(common.out_path(args, "seed_spread"), report)
     return 0
 
 

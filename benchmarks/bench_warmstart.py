@@ -22,18 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (
-    REPO,
-    RunClock,
-    add_out_arg,
-    add_set_arg,
-    ensure_synthetic_task,
-    machine_info,
-    out_path,
-    repo_relative,
-    study_work_overrides,
-    write_results,
-)
+from benchmarks import common
 
 QUICK = ["num_samples=2", "overrides.training.epochs=1", "asha.max_t=1", "asha.grace_period=1"]
 
@@ -73,9 +62,9 @@ def run(space_path: Path, *, quick: bool, work: Path, sets: list[str] | None = N
     from medseg.search_space import load_space
     from medseg.tuning import run_study
 
-    os.chdir(REPO)  # the space's relative paths (data/synthetic, cache/) are the project's own
-    ensure_synthetic_task()
-    overrides = study_work_overrides(work) + (QUICK if quick else []) + list(sets or [])
+    os.chdir(common.REPO)  # the space's relative paths (data/synthetic, cache/) are the project's own
+    common.ensure_synthetic_task()
+    overrides = common.study_work_overrides(work) + (QUICK if quick else []) + list(sets or [])
     studies = {}
     second = [f"optuna_seed={second_seed}"]
     plan = (("first", [], False), ("warm", second, False), ("cold", second, True))
@@ -106,16 +95,18 @@ def main() -> int:
                         help="default: search_spaces/default.yaml (--quick: search_spaces/smoke.yaml)")
     parser.add_argument("--quick", action="store_true", help="smoke.yaml, 2 trials of 1 epoch per study")
     parser.add_argument("--second-seed", type=int, default=1, help="Optuna seed of both second studies")
-    add_set_arg(parser, "search-space keys for all studies")
-    add_out_arg(parser, "warmstart.json")
+    common.add_set_arg(parser, "search-space keys for all studies")
+    common.add_out_arg(parser, "warmstart.json")
     args = parser.parse_args()
-    space_path = Path(args.space or REPO / "search_spaces" / ("smoke.yaml" if args.quick else "default.yaml")).resolve()
-    clock = RunClock()
+    default_space = common.REPO / "search_spaces" / ("smoke.yaml" if args.quick else "default.yaml")
+    space_path = Path(args.space or default_space).resolve()
+    clock = common.RunClock()
     with tempfile.TemporaryDirectory(prefix="bench-warmstart-") as tmp:
         report = run(space_path, quick=args.quick, work=Path(tmp), sets=args.sets, second_seed=args.second_seed)
-    report.update(space=repo_relative(space_path), quick=args.quick, sets=args.sets,
-                  machine=machine_info(("torch", "ray", "optuna", "segmentation-models-pytorch")), **clock.record())
-    write_results(out_path(args, "warmstart"), report)
+    report.update(space=common.repo_relative(space_path), quick=args.quick, sets=args.sets,
+                  machine=common.machine_info(("torch", "ray", "optuna", "segmentation-models-pytorch")),
+                  **clock.record())
+    common.write_results(common.out_path(args, "warmstart"), report)
     return 0
 
 

@@ -298,24 +298,20 @@ def test_auto_workers_start_processes_only_for_a_task_worth_them(task, tmp_path,
     assert big.manifest["cases"] == small.manifest["cases"]
 
 
-def test_a_killed_worker_fails_the_build_naming_its_case_and_leaves_nothing(task, tmp_path):
+@pytest.mark.parametrize("fault, error, message", [
+    ("kill", DataError, r"cache worker \d+ died \(killed by SIGKILL"),  # the worker process dies
+    ("bad", ShapeMismatchError, r"image shape != label shape"),  # the reader refuses the case, in the worker
+])
+def test_a_fault_in_a_worker_fails_the_build_naming_its_case_and_leaves_nothing(task, tmp_path, fault, error,
+                                                                                  message):
     cfg = dataset_config(task, tmp_path / "cache", cache_workers=2)
     source = open_source_from_config(cfg)
     victim = source.case_ids()[2]
-    with pytest.raises(DataError, match=rf"^case {victim}: cache worker \d+ died \(killed by SIGKILL") as err:
-        build_cache(cfg, FaultySource(source, kill=victim), progress=False)
+    with pytest.raises(error, match=rf"^case {victim}: {message}") as err:
+        build_cache(cfg, FaultySource(source, **{fault: victim}), progress=False)
     assert err.value.case_id == victim and "\n" not in str(err.value)
     assert leftovers(cfg, source) == []
     assert build_cache(cfg, source, progress=False).manifest["complete"] is True  # rebuilt next time
-
-
-def test_a_case_error_in_a_worker_is_raised_with_its_type_and_case(task, tmp_path):
-    cfg = dataset_config(task, tmp_path / "cache", cache_workers=2)
-    source = open_source_from_config(cfg)
-    bad = source.case_ids()[3]
-    with pytest.raises(ShapeMismatchError, match=rf"^case {bad}: image shape") as err:
-        build_cache(cfg, FaultySource(source, bad=bad), progress=False)
-    assert err.value.case_id == bad and leftovers(cfg, source) == []
 
 
 def test_auto_workers_are_capped_by_the_memory_a_case_needs(monkeypatch):

@@ -33,26 +33,29 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def available_memory_mb() -> float:
-    """Memory available to new processes, MiB: Linux's MemAvailable; elsewhere unknown (infinity: no cap)."""
+def _proc_mb(path: str, key: str) -> float | None:
+    """A ``key: N kB`` line of a Linux /proc file in MiB; None where there is none (not Linux)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return float("inf")
+    return None
+
+
+def available_memory_mb() -> float:
+    """Memory available to new processes, MiB: Linux's MemAvailable; elsewhere unknown (infinity: no cap)."""
+    available = _proc_mb("/proc/meminfo", "MemAvailable")
+    return float("inf") if available is None else available
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, MiB: Linux's VmHWM (``ru_maxrss`` survives execve, so a spawned
     worker would report at least its parent's peak), else ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _proc_mb("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
