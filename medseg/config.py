@@ -11,10 +11,11 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -31,6 +32,16 @@ from medseg.io_utils import absolute_path, stable_hash
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _file_name(value: str) -> str:
+    # a NUL byte is no path the OS takes (resolving it raises); a line break would split the errors naming the file
+    if "\x00" in value or (value and value.splitlines() != [value]):
+        raise ValueError(f"{value!r} is not a usable path (NUL byte or line break)")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_file_name)]  # a file or folder name of a config or search space
 
 
 class Window(_Strict):
@@ -64,7 +75,7 @@ class SplitConfig(_OmitUnset):
     fold: int = Field(0, ge=0)
     group_regex: str | None = Field(None, description="regex on the case file name; group(1) (or the match) is the "
                                     "patient key")
-    groups_file: str | None = Field(None, description="CSV 'case_id,group' giving every case its patient group; "
+    groups_file: PathText | None = Field(None, description="CSV 'case_id,group' giving every case its patient group; "
                                     "relative to the config file's folder")
     _omit_unset = ("groups_file",)
 
@@ -90,7 +101,7 @@ class SplitConfig(_OmitUnset):
 
 class DatasetConfig(_OmitUnset):
     format: Literal["kaggle", "msd", "folders2d", "auto"] = "kaggle"
-    path: str = "data/synthetic"
+    path: PathText = "data/synthetic"
     task: str | None = None
     allow_missing: bool = Field(False, description="skip (and list) cases whose image or mask is missing")
     labels: list[int] | None = Field(None, description="foreground label values to learn; null: all non-zero labels "
@@ -99,7 +110,7 @@ class DatasetConfig(_OmitUnset):
     percentiles: tuple[float, float] = (0.5, 99.5)
     image_size: int = Field(128, ge=16, le=1024)
     context_slices: int = Field(0, ge=0, le=8, description="2.5D: k neighbouring slices each side as extra channels")
-    cache_dir: str = "cache"
+    cache_dir: PathText = "cache"
     cache_workers: int | None = Field(None, ge=1, description="processes that build the cache, one case each at a "
                                       "time; null: the cores available (one process for a small task)")
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -273,7 +284,7 @@ class TrainingConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    run_dir: str = "runs"
+    run_dir: PathText = "runs"
     tracking_uri: str | None = Field(None, description="null: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
     experiment: str = "medseg"
     run_name: str | None = None
@@ -299,9 +310,14 @@ class Config(_Strict):
 # --------------------------------------------------------------------------------------------- loading
 
 
+def printable(key: Any) -> str:
+    """``key`` as text for a one-line error: its repr when it holds a line break or another unprintable character."""
+    return str(key) if str(key).isprintable() else repr(key)
+
+
 def _format_error(err: ValidationError, source: str) -> ConfigError:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = ".".join(printable(p) for p in first["loc"])
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -315,7 +331,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected dotted.key=value")
     key, value = text.split("=", 1)
-    parsed = yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
     if isinstance(parsed, str):
         # YAML reads "3e-4" as a string (no dot); accept it as the number a user means.
         try:
@@ -334,7 +353,7 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
+            raise ConfigError(f"--set {printable(key)}: '{printable('.'.join(parts[: i + 1]))}' is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -375,6 +394,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

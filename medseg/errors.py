@@ -37,6 +37,10 @@ class CorruptFileError(DataError, kind="corrupt_file"):
     """A file that cannot be read or decoded: NIfTI, zip member, gzip, pickle, image, JSON."""
 
 
+class NonFiniteImageError(DataError, kind="non_finite"):
+    """An image holding NaN or infinite values: refused at load, before they reach the cache and the loss."""
+
+
 class UnsafePickleError(DataError, kind="unsafe_pickle"):
     """A pickle referenced a global outside the evalseg allow-list; nothing was executed."""
 

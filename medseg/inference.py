@@ -173,7 +173,7 @@ def read_nifti(path: Path) -> InputItem:
     from medseg.data.sources.common import load_nifti, to_image
 
     nii = load_nifti(path, source=str(path))
-    return InputItem(_stem(path), to_image(nii.array), "nifti", nii)
+    return InputItem(_stem(path), to_image(nii.array, source=str(path)), "nifti", nii)
 
 
 def read_image(path: Path) -> InputItem:

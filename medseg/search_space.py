@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medseg.config import Config, _format_error, config_from_dict, load_yaml
+from medseg.config import Config, PathText, _format_error, config_from_dict, load_yaml, printable
 from medseg.errors import ConfigError
 from medseg.io_utils import absolute_path
 
@@ -100,7 +100,7 @@ class ChampionRule(_Strict):
     min_probability: float = Field(0.95, gt=0, le=1)
     bootstrap_resamples: int = Field(10000, ge=100)
     seed: int = 0
-    models_dir: str = "models"
+    models_dir: PathText = "models"
     guards: dict[str, float] = Field(default_factory=dict, description="metric -> tolerance, e.g. "
                                      "{val/lesion_recall: 0.02}: a challenger whose re-evaluated metric is below the "
                                      "champion's by more is not promoted")
@@ -119,7 +119,7 @@ class ChampionRule(_Strict):
 class SearchSpace(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    base_config: str
+    base_config: PathText
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys applied to the base config")
     params: dict[str, Domain] = Field(default_factory=dict)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="trials to run first "
@@ -133,10 +133,10 @@ class SearchSpace(_Strict):
     optuna_seed: int = 0
     time_budget_s: float | None = Field(None, gt=0)
     max_failures: int = Field(1, ge=0, description="retries of a crashed trial, from its last checkpoint")
-    storage_path: str = "runs/ray"
+    storage_path: PathText = "runs/ray"
     tracking_uri: str | None = None
     experiment: str = "medseg-tune"
-    reports_dir: str = "reports"
+    reports_dir: PathText = "reports"
     champion: ChampionRule = Field(default_factory=ChampionRule)
 
     # derived by load_space / space_for_configs, validated with the rest
@@ -232,7 +232,7 @@ def _check_points(space: SearchSpace, path: Path) -> None:
                               f"{sorted(space.params)}")
         outside = [k for k, v in point.items() if not space.params[k].contains(v)]
         if outside:
-            raise ConfigError(f"{path}: points_to_evaluate.{i}: {outside[0]}={point[outside[0]]!r} "
+            raise ConfigError(f"{path}: points_to_evaluate.{i}: {printable(outside[0])}={point[outside[0]]!r} "
                               "is outside its domain")
 
 
@@ -241,7 +241,8 @@ def _check_domains(space: SearchSpace, base: dict[str, Any], path: Path) -> None
     for key, domain in space.params.items():
         for value in domain.probe_values():
             try:
-                config_from_dict(base, source=f"{path}: params.{key}={value!r}", overrides={key: value}, resolve=False)
+                config_from_dict(base, source=f"{path}: params.{printable(key)}={value!r}", overrides={key: value},
+                                 resolve=False)
             except ConfigError as err:
                 raise ConfigError(str(err)) from None
 

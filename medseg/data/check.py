@@ -20,7 +20,7 @@ load_error for any other DataError):
   corrupt_file   unreadable NIfTI, corrupt zip member; unsafe_pickle: a pickle outside the evalseg allow-list
   load_error     any other DataError raised while loading a case
   spacing_mismatch  NIfTI header spacing vs GroundTruth pickle voxel size, relative tolerance ``SPACING_RTOL``
-  non_finite     NaN or infinite intensities
+  non_finite     NaN or infinite intensities (NonFiniteImageError from the reader; kept as a fallback here)
   leakage        a patient group (group_regex or groups_file) on two sides of the split (LeakageError when a saved
                  split holds one); split: the split cannot be made or read (a groups file missing a case or naming
                  an unknown one)

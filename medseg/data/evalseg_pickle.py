@@ -13,6 +13,7 @@ import os
 import pickle
 import sys
 import types
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
     if raw[:2] == b"\x1f\x8b":  # gzip magic: .pkl.gz (GitHub copy), also tolerated under a .pkl name
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise CorruptFileError(f"{path}: corrupt gzip ({err})") from None
     return raw
 
@@ -110,7 +111,8 @@ def load_segment_array(path: str | os.PathLike | None = None, *, data: bytes | N
     except UnsafePickleError:
         raise
     except Exception as err:  # truncated / not a pickle / wrong protocol
-        raise CorruptFileError(f"{src}: not a readable evalseg pickle ({type(err).__name__}: {err})") from None
+        detail = " ".join(str(err).split())  # some unpickling errors span two lines
+        raise CorruptFileError(f"{src}: not a readable evalseg pickle ({type(err).__name__}: {detail})") from None
     if not isinstance(obj, SegmentArray):
         raise DataError(f"{src}: pickle holds {type(obj).__name__}, expected evalseg SegmentArray")
     for key in ("shape", "segments"):

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -12,7 +14,14 @@ from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 
-from medseg.errors import BadLabelError, CorruptFileError, DataError, MissingPairError, UnknownLabelError
+from medseg.errors import (
+    BadLabelError,
+    CorruptFileError,
+    DataError,
+    MissingPairError,
+    NonFiniteImageError,
+    UnknownLabelError,
+)
 from medseg.io_utils import stable_hash
 
 log = logging.getLogger("medseg.data.sources")
@@ -67,25 +76,89 @@ def load_nifti(path: str | os.PathLike | None = None, *, data: bytes | None = No
     """
     import nibabel as nib
 
+    if data is None:
+        _check_room(_file_head(path), os.path.getsize(path), source=source, gz=str(path).lower().endswith(".gz"))
     try:
-        if data is None:
-            img = nib.load(os.fspath(path))
-        else:
-            if data[:2] == b"\x1f\x8b":  # .nii.gz member
-                data = gzip.decompress(data)
+        if data is not None:
+            if data[:2] == GZIP_MAGIC:  # .nii.gz member
+                data = _gunzip_nifti(data, source)
+            _check_room(data[:NIFTI2_HEADER_BYTES], len(data), source=source)
             # sizeof_hdr (first 4 bytes, either byte order) is 348 for NIfTI-1 and 540 for NIfTI-2.
             nifti2 = 540 in (int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big"))
             img = (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(data)
+        else:
+            img = nib.load(os.fspath(path))
         array = _scaled_float32(img.dataobj)  # applies scl_slope / scl_inter
         zooms = tuple(float(z) for z in img.header.get_zooms())
         affine = np.asarray(img.affine, dtype=np.float64)
         header = img.header
-    except MemoryError:
+    except (MemoryError, DataError):
         raise
     except Exception as err:  # nibabel, gzip and short reads each raise their own types; all mean "damaged file"
         raise CorruptFileError(f"{source}: unreadable NIfTI ({type(err).__name__}: {one_line(err)})") from None
     array = array.reshape(volume_shape(array.shape, source=source), order="A")  # a view: singleton axes only
     return NiftiVolume(array=array, zooms=zooms[:3], affine=affine, header=header)
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+DEFLATE_MAX_RATIO = 1032  # DEFLATE's ceiling: a .nii.gz never inflates to more than ~1032 times its size
+TRAILING_SLACK = 1 << 16  # bytes a NIfTI may hold past its voxel data (padding) before it is refused as a bomb
+
+
+def _parse_header(head: bytes):
+    """The nibabel header of a NIfTI-1/2 header block; raises where nibabel's loader raises."""
+    import nibabel as nib
+
+    nifti2 = NIFTI2_HEADER_BYTES in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))
+    header_class = nib.Nifti2Header if nifti2 else nib.Nifti1Header
+    header = header_class(head[:header_class.template_dtype.itemsize], check=False)
+    header.check_fix(logger=_SILENT)  # nibabel's notes on fixable fields are the load's to give
+    return header
+
+
+def nifti_data_end(head: bytes) -> tuple[tuple[int, ...], int] | None:
+    """(data shape, bytes the file needs: vox_offset + voxels x bytes per voxel) declared by a NIfTI header block;
+    None when the header cannot be read (the load then says why)."""
+    try:
+        header = _parse_header(head)
+        shape = tuple(int(n) for n in header.get_data_shape())
+        return shape, int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize
+    except Exception:  # any damage: reported by the load itself
+        return None
+
+
+def _check_room(head: bytes, room: int, *, source: str, gz: bool = False) -> None:
+    """CorruptFileError before any voxel is allocated when the header in ``head`` declares more bytes than a file of
+    ``room`` bytes can hold (``gz``: inflated at DEFLATE's ceiling): nibabel would allocate them all first."""
+    declared = nifti_data_end(head)
+    if declared is not None and declared[1] > (room * DEFLATE_MAX_RATIO if gz else room):
+        gzipped = f"a {room}-byte .nii.gz inflates to at most {room * DEFLATE_MAX_RATIO}"
+        holds = gzipped if gz else f"the file holds {room}"
+        raise CorruptFileError(f"{source}: unreadable NIfTI (its header declares shape {declared[0]}, "
+                               f"{declared[1]} bytes; {holds})")
+
+
+def _file_head(path: str | os.PathLike) -> bytes:
+    """The header block of the NIfTI file at ``path`` (gunzipped); b"" when it cannot be read (the load says why)."""
+    try:
+        with open(path, "rb") as file:
+            return _header_block(file)
+    except (OSError, EOFError, zlib.error):
+        return b""
+
+
+def _gunzip_nifti(data: bytes, source: str) -> bytes:
+    """A .nii.gz member inflated no further than its header's voxel data (and ``TRAILING_SLACK``): a gzip bomb stops
+    there, as one CorruptFileError line."""
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+        head = stream.read(NIFTI2_HEADER_BYTES)
+        declared = nifti_data_end(head)
+        limit = (declared[1] if declared else len(data) * DEFLATE_MAX_RATIO) + TRAILING_SLACK
+        body = stream.read(limit + 1 - len(head))
+    if len(head) + len(body) > limit:
+        raise CorruptFileError(f"{source}: .nii.gz inflates past the {limit} bytes its header declares "
+                               "(a decompression bomb?)")
+    return head + body
 
 
 def volume_shape(shape: Iterable[int], *, source: str) -> tuple[int, int, int]:
@@ -98,6 +171,8 @@ def volume_shape(shape: Iterable[int], *, source: str) -> tuple[int, int, int]:
         shape += (1,)
     if len(shape) != 3:
         raise DataError(f"{source}: NIfTI of shape {shape} is not a single 3D volume")
+    if 0 in shape:
+        raise CorruptFileError(f"{source}: NIfTI of shape {shape} holds no voxel (a zero-length axis)")
     return shape
 
 
@@ -107,7 +182,7 @@ NIFTI2_HEADER_BYTES = 540  # NIfTI-1's header is 348 bytes: 540 holds either
 def _header_block(stream: BinaryIO) -> bytes:
     """The first ``NIFTI2_HEADER_BYTES`` of a NIfTI stream, gunzipping a .nii.gz as far as needed and no further."""
     head = stream.read(NIFTI2_HEADER_BYTES)
-    if head[:2] != b"\x1f\x8b":
+    if head[:2] != GZIP_MAGIC:
         return head
     inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
     out = inflate.decompress(head)
@@ -121,19 +196,13 @@ def nifti_shape(path: str | os.PathLike | None = None, *, stream: BinaryIO | Non
     """(X, Y, Z) of a NIfTI-1/2 file at ``path`` or open as ``stream`` (a zip member), as ``load_nifti`` returns its
     array, from the header alone: no voxel is read (of a bzip2 zip member, only the first block is decompressed).
     """
-    import nibabel as nib
-
     try:
         if stream is None:
             with open(path, "rb") as file:
                 head = _header_block(file)
         else:
             head = _header_block(stream)
-        nifti2 = NIFTI2_HEADER_BYTES in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))
-        header_class = nib.Nifti2Header if nifti2 else nib.Nifti1Header
-        header = header_class(head[:header_class.template_dtype.itemsize], check=False)
-        header.check_fix(logger=_SILENT)  # raises where nibabel's loader raises; its notes are the load's to give
-        shape = header.get_data_shape()
+        shape = _parse_header(head).get_data_shape()
     except MemoryError:
         raise
     except Exception as err:  # nibabel, zlib and short reads each raise their own types; all mean "damaged file"
@@ -186,9 +255,20 @@ def to_label(array: np.ndarray, *, source: str) -> np.ndarray:
     return np.asarray(array).astype(np.uint8, copy=False)
 
 
-def to_image(array: np.ndarray) -> np.ndarray:
-    """Scaled image data -> float32, same shape (no intensity assumption: HU or raw values)."""
-    return np.asarray(array).astype(np.float32, copy=False)
+def to_image(array: np.ndarray, *, source: str | None = None) -> np.ndarray:
+    """Scaled image data -> float32, same shape (no intensity assumption: HU or raw values). With ``source``, NaN or
+    infinite values are a NonFiniteImageError naming it (``check_finite``)."""
+    image = np.asarray(array).astype(np.float32, copy=False)
+    if source is not None:
+        check_finite(image, source=source)
+    return image
+
+
+def check_finite(image: np.ndarray, *, source: str) -> None:
+    """NonFiniteImageError naming ``source`` when ``image`` holds NaN or infinite values: they would reach the cache
+    and the loss as NaN. Two reductions, no volume-sized temporary (min and max propagate NaN)."""
+    if image.dtype.kind == "f" and image.size and not (np.isfinite(image.min()) and np.isfinite(image.max())):
+        raise NonFiniteImageError(f"{source}: image holds NaN or infinite values")
 
 
 def label_counts(label: np.ndarray) -> dict[int, int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +24,7 @@ import numpy as np
 from medseg.data.sources.base import Case
 from medseg.data.sources.common import (
     PairedFiles,
+    check_finite,
     check_labels,
     file_stamp,
     files_by_key,
@@ -48,11 +50,15 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as Pil
 
 @contextlib.contextmanager
 def _opened(path: Path) -> Iterator[Any]:
-    """The Pillow image of ``path``, opened lazily (its header read); CorruptFileError when it cannot be read."""
+    """The Pillow image of ``path``, opened lazily (its header read); CorruptFileError when it cannot be read, or
+    holds more than ``Image.MAX_IMAGE_PIXELS`` pixels (Pillow only warns below twice that: a decompression bomb)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             yield img
     except (MemoryError, DataError):
         raise
@@ -72,10 +78,12 @@ def _open(path: Path):
 
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:
-    """Image file -> float32 (rows, cols, 1); colour is reduced to luma, 16-bit and float values kept."""
+    """Image file -> float32 (rows, cols, 1); colour is reduced to luma, 16-bit and float values kept. NaN or
+    infinite values (a float TIFF) are a NonFiniteImageError."""
     img = _open(Path(path))
     if img.mode in _GRAY_MODES:
         gray = np.asarray(img, dtype=np.float32)
+        check_finite(gray, source=str(path))
     elif img.mode in ("1", "LA", "La"):
         gray = np.asarray(img.convert("L"), dtype=np.float32)
     else:  # RGB, RGBA, P, CMYK, YCbCr...

@@ -5,19 +5,26 @@
 """
 from __future__ import annotations
 
+import bz2
 import contextlib
+import io
 import os
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from medseg.data.evalseg_pickle import LabelVolume, read_label_pickle
 from medseg.data.sources.base import Case
 from medseg.data.sources.common import (
+    GZIP_MAGIC,
+    NIFTI2_HEADER_BYTES,
     NIFTI_SUFFIXES,
+    TRAILING_SLACK,
     NiftiVolume,
     check_labels,
     file_stamp,
@@ -25,6 +32,7 @@ from medseg.data.sources.common import (
     format_names,
     is_hidden,
     load_nifti,
+    nifti_data_end,
     nifti_shape,
     one_line,
     paired_ids,
@@ -37,6 +45,11 @@ from medseg.data.sources.common import (
 from medseg.errors import CorruptFileError, DataError, ShapeMismatchError
 
 PICKLE_SUFFIXES = (".pkl.gz", ".pkl")
+# A CT member inflating more than this many times its compressed size is refused unread: CT volumes (noise, air at
+# -1024) compress ~2-10:1 with bzip2; a bomb of zeros ~1,000,000:1.
+MAX_MEMBER_RATIO = 1000
+HEADER_READ = 1 << 16  # inflated bytes of a member that hold its NIfTI header (a .nii.gz's: gzip framing, 540 bytes)
+BZIP2_STEP = 1 << 20  # bzip2 output per step: a block of zeros (~40 bytes compressed) inflates to ~46 MB
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class _CTRef:
     path: Path | None
     size: int
     stamp: int
+    packed: int = 0  # compressed size of a CT.zip member
 
 
 def find_tasks(root: Path) -> list[Path]:
@@ -81,6 +95,29 @@ def _select_task(path: Path, task: str | None) -> Path:
     if len(matches) != 1:
         raise DataError(f"{path}: no single task named {task!r}; tasks: {', '.join(t.name for t in tasks)}")
     return matches[0]
+
+
+def _read_bzip2(zip_path: Path, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """The first ``limit + 1`` inflated bytes of a bzip2 member at most, inflated step by step (zipfile inflates each
+    read whole: a bomb's gigabytes at once); CRC checked when the member was read to its end."""
+    with open(zip_path, "rb") as raw:
+        raw.seek(info.header_offset)
+        local = raw.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"Bad magic number for file header of {info.filename!r}")
+        raw.seek(info.header_offset + 30 + sum(struct.unpack_from("<HH", local, 26)))  # name and extra field
+        inflate, out, left = bz2.BZ2Decompressor(), bytearray(), info.compress_size
+        while not inflate.eof and len(out) <= limit:
+            chunk = b""
+            if inflate.needs_input:
+                chunk = raw.read(min(1 << 16, left))
+                if not chunk:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                left -= len(chunk)
+            out += inflate.decompress(chunk, min(BZIP2_STEP, limit + 1 - len(out)))
+    if inflate.eof and zlib.crc32(out) != info.CRC:
+        raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
+    return bytes(out)
 
 
 def _plain_name(name: str, what: str, where: Path) -> str:
@@ -165,7 +202,8 @@ class KaggleEvalsegSource:
                     continue
                 if len(parts) > 1:
                     raise DataError(f"{zip_path}: member {info.filename!r} is not at the zip root")
-                add(cid, _CTRef(f"CT.zip:{info.filename}", info.filename, None, info.file_size, info.CRC))
+                add(cid, _CTRef(f"CT.zip:{info.filename}", info.filename, None, info.file_size, info.CRC,
+                                info.compress_size))
         elif ct_dir.is_dir():
             for path in sorted(ct_dir.iterdir()):
                 cid = strip_suffix(path.name, NIFTI_SUFFIXES)
@@ -224,34 +262,51 @@ class KaggleEvalsegSource:
         return ref
 
     @contextlib.contextmanager
-    def _member(self, ref: _CTRef, where: str) -> Iterator[BinaryIO]:
-        """The CT.zip member as a stream (never extracted: its name is never used as a path); a zip or bzip2 error
-        while opening or reading it is one CorruptFileError line naming ``where``."""
+    def _member(self, ref: _CTRef, where: str) -> Iterator[Callable[[int], bytes]]:
+        """``read(limit)``: the first ``limit + 1`` inflated bytes of the CT.zip member at most (never extracted: its
+        name is never used as a path). Refused unread, as one CorruptFileError line naming ``where``: an encrypted
+        member, one declaring more than ``MAX_MEMBER_RATIO`` times its compressed size; so is a zip or bzip2 error."""
+        if ref.size > MAX_MEMBER_RATIO * max(ref.packed, 1):
+            raise CorruptFileError(f"{where}: zip member declares {ref.size} bytes from {ref.packed} compressed "
+                                   f"(ratio above {MAX_MEMBER_RATIO}: a zip bomb?)")
         try:
-            with zipfile.ZipFile(self._zip_path) as zf, zf.open(zf.getinfo(ref.member)) as stream:
-                yield stream
+            with zipfile.ZipFile(self._zip_path) as zf:
+                info = zf.getinfo(ref.member)
+                if info.flag_bits & 0x1:
+                    raise CorruptFileError(f"{where}: encrypted zip member (a password is needed to read it)")
+                if info.compress_type == zipfile.ZIP_BZIP2:
+                    yield lambda limit: _read_bzip2(self._zip_path, info, limit)
+                else:  # zipfile inflates stored and deflated members no further than asked
+                    with zf.open(info) as stream:
+                        yield lambda limit: stream.read(limit + 1)
         except (MemoryError, DataError):
             raise
-        except Exception as err:  # BadZipFile (CRC), EOFError/OSError (truncated bz2), RuntimeError (encrypted)
+        except Exception as err:  # BadZipFile (CRC), EOFError/OSError (truncated bz2)
             raise CorruptFileError(f"{where}: corrupt zip member ({type(err).__name__}: {one_line(err)})") from None
 
     def _read_ct(self, case_id: str, ref: _CTRef) -> NiftiVolume:
         where = f"{self.root / ref.name} (case {case_id})"
         if ref.path is not None:
             return load_nifti(ref.path, source=where)
-        with self._member(ref, where) as stream:
-            data = stream.read()  # zipfile checks the CRC when the stream reaches its end
+        with self._member(ref, where) as read:
+            data = read(ref.size)  # the CRC is checked when the member is read to its end
+        if len(data) > ref.size:
+            raise CorruptFileError(f"{where}: corrupt zip member (inflates past the {ref.size} bytes it declares)")
+        declared = nifti_data_end(data[:NIFTI2_HEADER_BYTES]) if data[:2] != GZIP_MAGIC else None  # .nii.gz: inflated
+        if declared is not None and ref.size > declared[1] + TRAILING_SLACK:  # its own bound
+            raise CorruptFileError(f"{where}: zip member declares {ref.size} bytes, its NIfTI header (shape "
+                                   f"{declared[0]}) {declared[1]} (a zip bomb?)")
         return load_nifti(data=data, source=where)
 
     def shape(self, case_id: str) -> tuple[int, int, int]:
-        """(X, Y, Z) of the case's CT from its NIfTI header, nothing decoded: of a CT.zip member only the first 540
-        bytes are read (bzip2 decompresses its first block)."""
+        """(X, Y, Z) of the case's CT from its NIfTI header, nothing decoded: of a CT.zip member only the first
+        ``HEADER_READ`` bytes are inflated."""
         ref = self._ct_ref(case_id)
         where = f"{self.root / ref.name} (case {case_id})"
         if ref.path is not None:
             return nifti_shape(ref.path, source=where)
-        with self._member(ref, where) as stream:
-            return nifti_shape(stream=stream, source=where)
+        with self._member(ref, where) as read:
+            return nifti_shape(stream=io.BytesIO(read(HEADER_READ)), source=where)
 
     def _read_labels(self, path: Path, case_id: str) -> LabelVolume:
         try:
@@ -264,7 +319,7 @@ class KaggleEvalsegSource:
     def load_image(self, case_id: str) -> tuple[np.ndarray, NiftiVolume]:
         """The CT of any case in CT.zip / CT/: float32 (X, Y, Z) with NIfTI scaling, and its geometry."""
         nii = self._read_ct(case_id, self._ct_ref(case_id))
-        nii.array = to_image(nii.array)
+        nii.array = to_image(nii.array, source=f"{self.root / self._ct_ref(case_id).name} (case {case_id})")
         return nii.array, nii
 
     def load(self, case_id: str) -> Case:

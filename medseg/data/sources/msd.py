@@ -101,8 +101,9 @@ class MSDSource(PairedFiles):
         """Decode one case: image float32 (X, Y, Z), label uint8 (X, Y, Z), spacing from the image header."""
         image_path, label_path = self._pair(case_id)
         label = self._read_label(label_path, case_id)
-        nii = common.load_nifti(image_path, source=f"{image_path} (case {case_id})")
-        image = common.to_image(nii.array)
+        where = f"{image_path} (case {case_id})"
+        nii = common.load_nifti(image_path, source=where)
+        image = common.to_image(nii.array, source=where)
         if image.shape != label.shape:
             raise ShapeMismatchError(f"{image_path} vs {label_path} (case {case_id}): image shape {image.shape} "
                                      f"!= label shape {label.shape}")

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Reliability figures of issue 14: one section per guarantee, each a function ``(quick) -> dict`` of counts whose
+``nothing_lost`` says whether the guarantee held on every case tried (docs/reliability.md maps them to the tests).
+
+- fuzzed_loaders (guarantee 5): the properties of tests/test_fuzz.py (configs, --set overrides, search spaces,
+  evalseg pickles: random, mutated and hostile bytes) with more examples: every outcome counted, none raised.
+- hostile_archives (guarantee 4): ``benchmarks/reliability_hostile.py``'s ``run(quick)``, when that module exists.
+
+  python benchmarks/bench_reliability.py [--quick] [--examples N]
+
+Writes benchmarks/results/reliability.json.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import importlib.util
+import sys
+from typing import Callable
+
+from benchmarks import common
+
+EXAMPLES, QUICK_EXAMPLES = 2000, 200  # per fuzzed property
+OPTIONAL_SECTIONS = {"hostile_archives": "benchmarks.reliability_hostile"}  # section -> module with run(quick)
+
+
+def fuzz_properties():
+    """tests/test_fuzz.py, loaded from its file (the tests folder is not an installed package)."""
+    path = common.REPO / "tests" / "test_fuzz.py"
+    spec = importlib.util.spec_from_file_location("medseg_fuzz_properties", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fuzzed_loaders(quick: bool, examples: int | None = None) -> dict:
+    """Each property driven by hypothesis with ``examples`` examples; outcomes counted per loader."""
+    fuzz = fuzz_properties()
+    n = examples or (QUICK_EXAMPLES if quick else EXAMPLES)
+    names = list(fuzz.properties())
+    by_loader = {}
+    for name in names:
+        outcomes: collections.Counter = collections.Counter()
+        fuzz.run_property(name, n, lambda result, c=outcomes: c.update([result]))
+        other = {k: v for k, v in outcomes.items() if k not in (fuzz.VALID, fuzz.REFUSED, "code_run")}
+        by_loader[name] = {"examples": sum(outcomes.values()), "valid": outcomes[fuzz.VALID],
+                           "refused_one_line": outcomes[fuzz.REFUSED], "other_exceptions": sum(other.values()),
+                           "code_run": outcomes["code_run"], "escaped": dict(sorted(other.items())[:10])}
+        print(f"{name}: {by_loader[name]}", flush=True)
+    totals = {key: sum(r[key] for r in by_loader.values())
+              for key in ("examples", "valid", "refused_one_line", "other_exceptions", "code_run")}
+    skipped = [] if fuzz.EVALSEG_DIR.is_dir() else [f"evalseg pickles: {fuzz.EVALSEG_DIR} not found"]
+    return {**totals, "examples_per_property": n, "nothing_lost": totals["other_exceptions"] + totals["code_run"] == 0,
+            "by_loader": by_loader, "skipped": skipped, "tests": "tests/test_fuzz.py"}
+
+
+def sections() -> dict[str, Callable[[bool], dict]]:
+    """Guarantee section -> its figures; the optional modules' ``run`` when they are there."""
+    out: dict[str, Callable[[bool], dict]] = {"fuzzed_loaders": fuzzed_loaders}
+    for name, module in OPTIONAL_SECTIONS.items():
+        if importlib.util.find_spec(module) is not None:
+            out[name] = importlib.import_module(module).run
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"fewer cases ({QUICK_EXAMPLES} examples a property)")
+    parser.add_argument("--examples", type=int, help=f"examples per fuzzed property (default {EXAMPLES})")
+    common.add_out_arg(parser, "reliability.json")
+    args = parser.parse_args(argv)
+    clock = common.RunClock()
+    report = {}
+    for name, run in sections().items():
+        report[name] = fuzzed_loaders(args.quick, args.examples) if run is fuzzed_loaders else run(args.quick)
+    report["summary"] = {name: figures.get("nothing_lost") for name, figures in report.items()}
+    report.update(quick=args.quick, machine=common.machine_info(("hypothesis", "pydantic", "PyYAML", "numpy")),
+                  **clock.record())
+    common.write_results(common.out_path(args, "reliability"), report)
+    return 0 if all(report["summary"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
