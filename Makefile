@@ -7,7 +7,7 @@ DATA := data/synthetic
 TASK := $(DATA)/Task900_SynthLiverTumor
 export PYTHONHASHSEED := 0
 
-.PHONY: demo improve experiments holdout lint test test-slow test-all venv data mlflow-ui bench bench-ema bench-asha-long clean
+.PHONY: demo improve grow experiments holdout lint test test-slow test-all venv data mlflow-ui bench bench-ema bench-asha-long clean
 
 # The pinned packages, then medseg itself in editable mode (no sys.path edits in scripts, tests or benchmarks).
 venv: $(VENV)/.installed
@@ -28,6 +28,12 @@ demo: venv data
 
 # One scheduled step of the improvement loop (cron, CI): audit, skip if nothing changed, a warm study, the decision.
 improve: venv data
+	$(PY) tune.py --space search_spaces/default.yaml --improve
+
+# The data grows: the embedded task rewritten with 20 more cases (its first 40 unchanged, byte for byte), then one
+# step of the loop: a warm study judged against the champion re-evaluated on the validation cases neither trained on.
+grow: venv data
+	$(PY) -m medseg.data.synthetic --out $(DATA) --cases 60 --force
 	$(PY) tune.py --space search_spaces/default.yaml --improve
 
 # The numbered experiments (configs/exp_*.yaml) as one study: the same MLflow runs, champion rule and report.

@@ -68,6 +68,10 @@ class _OmitUnset(_Strict):
 
 
 class SplitConfig(_OmitUnset):
+    method: Literal["ordered", "stable"] = Field(
+        "ordered", description="stable: a group's side depends only on a hash of (seed, group) against the fractions, "
+        "so adding cases never moves an existing one (for data that grows); ordered: each stratum shuffled and cut "
+        "at the exact fractions, redrawn whenever the case list changes")
     seed: int = 0
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.0, ge=0, lt=1)
@@ -77,7 +81,7 @@ class SplitConfig(_OmitUnset):
                                     "patient key")
     groups_file: PathText | None = Field(None, description="CSV 'case_id,group' giving every case its patient group; "
                                     "relative to the config file's folder")
-    _omit_unset = ("groups_file",)
+    _omit_unset = ("groups_file", "method")
 
     @model_validator(mode="after")
     def _check(self) -> "SplitConfig":

@@ -70,9 +70,11 @@ def score_case(case_id: str, pred: np.ndarray, target: np.ndarray, labels: Seque
 
 def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: bool = False,
                         allow_split_mismatch: bool = False, batch_size: int = 16, device: str | None = None,
-                        progress: bool = True, data=None, postprocess: bool = True) -> EvalResult:
+                        progress: bool = True, data=None, postprocess: bool = True,
+                        cases: Sequence[str] | None = None) -> EvalResult:
     """Score a checkpoint on ``split`` of the config's dataset at full (original) resolution, with the post-processing
-    it carries (``postprocess=False``: without)."""
+    it carries (``postprocess=False``: without). ``cases``: only these cases of the split (e.g. those a champion
+    trained on left out), in the split's order."""
     from tqdm import tqdm
 
     from medseg.inference import Predictor
@@ -87,7 +89,13 @@ def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: 
                           "(use --allow-split-mismatch to force)")
     labels = predictor.labels
     rows = []
-    for cid in tqdm(data.split.cases(split), desc=f"eval {split}", unit="case", disable=not progress, leave=False):
+    chosen = data.split.cases(split)
+    if cases is not None:
+        outside = sorted(set(cases) - set(chosen))
+        if outside:
+            raise UsageError(f"case {outside[0]!r} is not in split '{split}' of {data.split.path}")
+        chosen = [cid for cid in chosen if cid in set(cases)]
+    for cid in tqdm(chosen, desc=f"eval {split}", unit="case", disable=not progress, leave=False):
         case = data.source.load(cid)
         rows.append(score_case(cid, predictor.predict(case.image), case.label, labels))
     if not rows:

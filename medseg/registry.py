@@ -1,11 +1,14 @@
 """Champion / challenger: re-evaluate, compare with a paired bootstrap, set MLflow registry aliases, mirror.
 
 The figure that decides is the eval code's mean per-case validation Dice at full resolution (never the
-training-time number). A challenger replaces the champion only when, on the same split,
+training-time number). A challenger replaces the champion only when, on the same cases,
   delta = Dice(challenger) - Dice(champion) >= margin   and   P(challenger better) >= min_probability,
 the probability coming from a paired bootstrap over validation cases, and no metric named in the rule's ``guards``
 (e.g. ``val/lesion_recall: 0.02``) is below the champion's by more than its tolerance. Otherwise it gets the alias
-``challenger`` and the decision says which condition (or guard) failed. The champion is mirrored to
+``challenger`` and the decision says which condition (or guard) failed. When the champion was validated on another
+split (the data grew, or the split rule changed), it is re-evaluated on the candidate's validation cases it did not
+train on (``shared_cases``); the decision says how many were left out, and with fewer than
+``min_shared_cases`` left there is no comparison and the champion stays. The champion is mirrored to
 ``<models_dir>/champion`` as a symlink switched atomically to a complete version folder.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import yaml
 
 from medseg import metrics as M
+from medseg.errors import MedsegError
 from medseg.io_utils import atomic_write_json, atomic_write_text, publish_mode
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -41,6 +45,9 @@ class Decision:
     bootstrap: dict[str, Any] | None = None
     rule: dict[str, Any] = field(default_factory=dict)
     mirror: str | None = None
+    # how the comparison was made: the cases both were scored on, and those left out because the champion (validated
+    # on another split: the data grew) trained on them
+    comparison: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,37 +167,111 @@ def decide_and_register(*, checkpoint: str | Path, run_id: str, cfg, rule, uri: 
     # One decision at a time per models folder: two studies finishing together would otherwise both judge against
     # the old champion, and their alias switches and mirrors could interleave (alias on one, folder on the other).
     with FileLock(str(Path(rule.models_dir) / ".champion.lock")):
-        return _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, progress)
+        return _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, progress, candidate_eval)
 
 
-def _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, progress) -> Decision:
+def champion_training_cases(meta: dict[str, Any], data) -> set[str] | None:
+    """The cases a champion checkpoint learnt from: ``meta["split_train"]``, else (checkpoints written before it) the
+    train side of the saved splits.json whose fold has the champion's split hash, in the cache of any version of the
+    data (``<cache_dir>/<task>-<fingerprint>/splits-*/``: the champion's data may be an older version); None when
+    neither says."""
+    from medseg.data.split import split_from_table
+
+    if isinstance(meta.get("split_train"), list):
+        return {str(c) for c in meta["split_train"]}
+    wanted = meta.get("split_hash")
+    for path in sorted(Path(data.split.path).parent.parent.parent.glob("*/splits-*/splits.json")):
+        try:
+            table = json.loads(path.read_text())
+            for fold in range(len(table["folds"])):
+                split = split_from_table(table, path, fold)
+                if split.hash == wanted:
+                    return set(split.train)
+        except (OSError, ValueError, KeyError, TypeError, MedsegError):
+            continue  # an unreadable or foreign file cannot vouch for anything
+    return None
+
+
+def shared_cases(champion_meta: dict[str, Any], data, rule) -> tuple[list[str] | None, dict[str, Any]]:
+    """The candidate's validation cases the champion may be scored on, and the comparison's record.
+
+    Same split: all of them. Another split (cases were added, or the rule changed): those the champion did not train
+    on; None (no comparison) when its training cases are unknown or fewer than ``rule.min_shared_cases`` remain."""
+    val = data.split.cases("val")
+    record: dict[str, Any] = {"champion_split": champion_meta.get("split_hash"), "candidate_split": data.split.hash,
+                              "n_val": len(val), "left_out": []}
+    if champion_meta.get("split_hash") == data.split.hash:
+        return val, {**record, "n_cases": len(val), "same_split": True}
+    trained = champion_training_cases(champion_meta, data)
+    if trained is None:
+        return None, {**record, "same_split": False, "why": (
+            f"it was validated on split {champion_meta.get('split_hash')}, the candidate on {data.split.hash}, and "
+            "the cases it trained on are unknown (no split_train in its checkpoint, no saved splits.json with its "
+            "split); scores on different cases are not comparable")}
+    kept = [c for c in val if c not in trained]
+    record = {**record, "same_split": False, "n_cases": len(kept), "left_out": [c for c in val if c in trained]}
+    if len(kept) < rule.min_shared_cases:
+        return None, {**record, "why": (
+            f"only {len(kept)} of the candidate's {len(val)} validation cases were not trained on by the champion "
+            f"(champion.min_shared_cases {rule.min_shared_cases}); no comparison")}
+    return kept, record
+
+
+def _subset_record(result, cases: list[str], run_id: str | None, checkpoint: str) -> dict[str, Any]:
+    """An evaluation record of ``result`` restricted to ``cases`` (its summary recomputed on them)."""
+    from medseg.evaluation import EvalResult
+
+    rows = [r for r in result.rows if r["case_id"] in set(cases)]
+    return _eval_record(EvalResult(name=result.name, rows=rows, summary=M.summarize(rows), labels=result.labels,
+                                   info=result.info), run_id, checkpoint)
+
+
+def _check_same_task(champion_meta: dict[str, Any], data, rule, version) -> None:
+    """A registry whose champion segments other labels (another task) cannot judge this study: one line, nothing
+    registered or promoted."""
+    theirs = [str(v) for v in champion_meta.get("labels") or []]
+    ours = [str(v) for v in data.labels or []]
+    if theirs != ours:
+        raise MedsegError(f"champion.registry_name {rule.registry_name!r}: its champion (v{version.version}) segments "
+                          f"labels {theirs}, this study {ours}: another task; give this space its own registry_name")
+
+
+def _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, progress, candidate_eval=None
+                   ) -> Decision:
     from medseg.checkpoint import load_checkpoint
     from medseg.evaluation import evaluate_checkpoint
 
     champion_version = current_champion(client, rule.registry_name)
-    champion_before, boot = None, None
+    champion_before, boot, comparison = None, None, None
     if champion_version is None:
         promoted, reason = True, f"promoted: no champion yet (Dice {candidate['dice']:.4f})"
     else:
         with tempfile.TemporaryDirectory(prefix="medseg-champion-") as tmp:
             champ_ckpt = download_checkpoint(champion_version, uri, Path(tmp))
-            champ_split = load_checkpoint(champ_ckpt)["meta"].get("split_hash")
-            if champ_split != data.split.hash:
+            champ_meta = load_checkpoint(champ_ckpt)["meta"]
+            _check_same_task(champ_meta, data, rule, champion_version)
+            cases, comparison = shared_cases(champ_meta, data, rule)
+            if cases is None:
                 champion_before = {"version": champion_version.version, "run_id": champion_version.run_id,
-                                   "split_hash": champ_split}
-                promoted = False
-                reason = (f"kept the champion: it was validated on split {champ_split}, the candidate on "
-                          f"{data.split.hash}; scores on different splits are not comparable")
+                                   "split_hash": comparison["champion_split"]}
+                promoted, reason = False, f"kept the champion: {comparison['why']}"
             else:
-                champ_eval = evaluate_checkpoint(champ_ckpt, cfg, split="val", data=data, progress=progress)
+                champ_eval = evaluate_checkpoint(champ_ckpt, cfg, split="val", data=data, progress=progress,
+                                                 cases=cases, allow_split_mismatch=not comparison["same_split"])
                 champion_before = {**_eval_record(champ_eval, champion_version.run_id, champion_version.source),
                                    "version": champion_version.version}
-                promoted, reason, boot = compare(champion_before, candidate, rule)
+                judged = candidate if comparison["same_split"] or candidate_eval is None else _subset_record(
+                    candidate_eval, cases, run_id, str(checkpoint))
+                promoted, reason, boot = compare(champion_before, judged, rule)
+                if not comparison["same_split"]:
+                    reason += (f" [re-judged on {len(cases)} shared validation cases of split {data.split.hash}; "
+                               f"{len(comparison['left_out'])} left out: the champion (split "
+                               f"{comparison['champion_split']}) trained on them]")
     version = register_version(client, rule.registry_name, run_id, candidate, promoted, reason, bootstrap=boot)
     alias = CHAMPION if promoted else CHALLENGER
     decision = Decision(promoted=promoted, alias=alias, reason=reason, registry_name=rule.registry_name,
                         version=version, candidate=candidate, champion_before=champion_before, bootstrap=boot,
-                        rule=rule.model_dump())
+                        rule=rule.model_dump(), comparison=comparison)
     if promoted:  # mirror first: if it fails, the alias still names the champion that models/champion holds
         try:
             decision.mirror = str(mirror_champion(Path(rule.models_dir), checkpoint, cfg, decision))

@@ -213,6 +213,13 @@ def _decision_lines(summary, decision) -> list[str]:
              f"lesion precision {_fmt(c['lesion_precision'])} ({c['n_scored']} of {c['n_cases']} cases scored).", "",
              f"**{decision.alias.upper()}** (registry `{decision.registry_name}` v{decision.version}): "
              f"{decision.reason}", ""]
+    comp = getattr(decision, "comparison", None) or {}
+    if comp and not comp.get("same_split", True) and comp.get("n_cases") is not None:
+        lines += [f"The data changed since the champion was judged (its split `{comp['champion_split']}`, this study's "
+                  f"`{comp['candidate_split']}`): both were scored on the {comp['n_cases']} validation cases the "
+                  f"champion never trained on; {len(comp['left_out'])} of {comp['n_val']} left out"
+                  + (f" ({', '.join(map(str, comp['left_out'][:10]))}{', …' if len(comp['left_out']) > 10 else ''})"
+                     if comp["left_out"] else "") + ".", ""]
     if decision.mirror:
         lines += [f"Mirrored to `{decision.mirror}` (checkpoint, config, metrics.json, MODEL_CARD.md).", ""]
     return lines

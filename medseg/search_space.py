@@ -101,6 +101,9 @@ class ChampionRule(_Strict):
     bootstrap_resamples: int = Field(10000, ge=100)
     seed: int = 0
     models_dir: PathText = "models"
+    min_shared_cases: int = Field(5, ge=1, description="a champion validated on another split (the data grew) is "
+                                  "re-judged on the candidate's validation cases it did not train on; fewer than "
+                                  "this many such cases: no comparison, the champion stays")
     guards: dict[str, float] = Field(default_factory=dict, description="metric -> tolerance, e.g. "
                                      "{val/lesion_recall: 0.02}: a challenger whose re-evaluated metric is below the "
                                      "champion's by more is not promoted")

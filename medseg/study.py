@@ -27,6 +27,10 @@ def run_and_promote(space, *, resume: bool = False, name: str | None = None, add
                                            uri=outcome.tracking_uri, progress=progress)
             client.set_tag(outcome.parent_run_id, "decision", decision.alias)
             client.log_metric(outcome.parent_run_id, "best/eval_dice", decision.candidate["dice"])
+            comp = decision.comparison or {}
+            if comp.get("n_cases") is not None:  # the cases the decision rests on (fewer when the data grew)
+                client.log_metric(outcome.parent_run_id, "decision/shared_cases", comp["n_cases"])
+                client.log_metric(outcome.parent_run_id, "decision/left_out_cases", len(comp["left_out"]))
             # the new champion's robustness set (strongest severities), in the report and on the study run
             if decision.promoted:
                 from medseg.robustness import champion_robustness

@@ -338,6 +338,7 @@ def checkpoint_meta_base(cfg: Config, data: PreparedData, classes: int,
         "config": cfg.to_dict(), "preprocessing": data.preprocessing(cfg), "labels": data.labels,
         "in_channels": (2 * cfg.dataset.context_slices + 1) * data.in_channels, "classes": classes,
         "split_hash": data.split.hash, "split_fold": data.split.fold, "dataset_fingerprint": data.source.fingerprint(),
+        "split_train": sorted(data.split.train),  # the cases it learnt from: a later champion decision leaves them out
         "versions": library_versions(),
         "tta_axes": mirrors_from_augment(cfg.augment),  # the mirrors training showed the model: what --tta may use
         **(extra or {}),

@@ -72,6 +72,30 @@ def test_keep_largest_that_lowers_dice_is_not_chosen():
     assert P.choose(preds, truths, [1], {1: [4]}, min_gain=0.02)["labels"]["1"]["op"] == "none"
 
 
+def test_a_size_that_costs_more_lesion_recall_than_allowed_is_not_chosen():
+    """C: a small true lesion (2 voxels, predicted) and two false 2-voxel components; a big lesion predicted exactly.
+    remove_below 3 removes the three small components: Dice 2*29/(33+29)=58/62 -> 54/56, but lesion recall
+    2/2 -> 1/2. Allowed a recall drop of 0.05 it is refused; allowed 0.5 it is taken."""
+    big = _box(SHAPE, slice(1, 4), slice(1, 4), slice(1, 4))
+    small = _box(SHAPE, slice(6, 7), slice(6, 7), slice(6, 8))
+    false = _box(SHAPE, slice(9, 10), slice(0, 1), slice(0, 2)) | _box(SHAPE, slice(0, 1), slice(9, 10), slice(9, 11))
+    preds, truths = {"c": (big | small | false).astype(np.uint8)}, {"c": (big | small).astype(np.uint8)}
+    strict = P.choose(preds, truths, [1], {1: [3]})["labels"]["1"]
+    assert strict["tried"]["remove_below_3"] == pytest.approx(54 / 56)
+    assert strict["recall"] == {"none": 1.0, "keep_largest": 0.5, "remove_below_3": 0.5}
+    assert strict["op"] == "none" and strict["recall_after"] == 1.0
+    loose = P.choose(preds, truths, [1], {1: [3]}, max_recall_drop=0.5)["labels"]["1"]
+    # (keep_largest ties with remove_below 3 here; the first of equal Dice is taken)
+    assert loose["op"] == "keep_largest" and loose["dice_after"] == pytest.approx(54 / 56)
+    assert loose["recall_after"] == 0.5
+    # false positives of a lesion-free case removed at no cost in recall: taken (case B keeps its two lesions)
+    b_preds, b_truths = _cases()
+    mixed = P.choose({"b": b_preds["b"], "d": false.astype(np.uint8)}, {"b": b_truths["b"], "d": 0 * b_truths["b"]},
+                     [1], {1: [3]})["labels"]["1"]
+    assert mixed["op"] == "remove_below" and mixed["recall_before"] == mixed["recall_after"] == 1.0
+    assert mixed["dice_before"] == pytest.approx(0.5) and mixed["dice_after"] == 1.0  # d: 0 before, NaN after
+
+
 def test_apply_scales_sizes_to_the_input_resolution_and_keeps_other_labels():
     preds, _ = _cases()
     volume = preds["b"] * 2  # label value 2: the 27- and 8-voxel lesions

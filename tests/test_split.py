@@ -295,3 +295,66 @@ def test_groups_file_errors_are_one_line_naming_the_file_and_the_case(task, tmp_
 def test_missing_groups_file_is_named(task, tmp_path):
     with pytest.raises(DataError, match=r"nowhere\.csv \(dataset\.split\.groups_file\): not found"):
         split_for(task, tmp_path / "cache", groups_file=str(tmp_path / "nowhere.csv"))
+
+
+# --------------------------------------------------------------------------------------- stable under additions
+
+
+def _stable_cfg(**split):
+    return config_from_dict({"dataset": {"split": {"method": "stable", **split}}}, resolve=False).dataset.split
+
+
+@pytest.mark.parametrize("split", [{"seed": 0, "val_fraction": 0.25},
+                                   {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.1},
+                                   {"seed": 1, "val_fraction": 0.2, "n_folds": 5, "fold": 2}])
+def test_stable_rule_never_moves_a_case_when_cases_are_added(split):
+    from medseg.data.split import make_split_table, split_from_table
+
+    cfg = _stable_cfg(**split)
+    before_ids = [f"{i:03d}" for i in range(40)]
+    after_ids = before_ids + [f"new{i}" for i in range(10)]
+    has_fg = {cid: i % 4 != 1 for i, cid in enumerate(after_ids)}
+
+    def sides(ids):
+        table = make_split_table({c: f"{c}.nii" for c in ids}, has_fg, cfg)
+        s = split_from_table(table, Path("splits.json"), cfg.fold)
+        side = {c: name for name in ("train", "val", "test") for c in s.cases(name)}
+        folds = {c: i for i, f in enumerate(table["folds"]) for c in f["val"]}
+        return side, folds
+
+    before, before_folds = sides(before_ids)
+    after, after_folds = sides(after_ids)
+    assert sorted(after) == sorted(after_ids)
+    moved = [c for c in before_ids if before[c] != after[c] or before_folds.get(c) != after_folds.get(c)]
+    assert moved == []
+    # the rule depends on (seed, group) alone: the order in which cases are listed changes nothing
+    assert sides(list(reversed(after_ids)))[0] == after
+
+
+def test_stable_rule_shares_follow_the_fractions_within_the_stated_tolerance():
+    """Each group's side is a draw: for n groups a share is within about 3 sqrt(p(1-p)/n) of its fraction (n=2000:
+    ±0.027 for 0.2); per stratum too, since the hash ignores the stratum."""
+    import math
+
+    from medseg.data.split import make_split_table
+
+    ids = [f"case{i:05d}" for i in range(2000)]
+    has_fg = {cid: i % 4 != 0 for i, cid in enumerate(ids)}
+    cfg = _stable_cfg(seed=7, val_fraction=0.2, test_fraction=0.1)
+    table = make_split_table({c: c for c in ids}, has_fg, cfg)
+    sides = {"val": set(table["folds"][0]["val"]), "test": set(table["test"]), "train": set(table["folds"][0]["train"])}
+    for name, frac in (("val", 0.2), ("test", 0.1), ("train", 0.7)):
+        for stratum in (True, False):
+            members = [c for c in ids if has_fg[c] is stratum]
+            share = len(sides[name] & set(members)) / len(members)
+            assert abs(share - frac) <= 3 * math.sqrt(frac * (1 - frac) / len(members)), (name, stratum, share)
+
+
+def test_the_rule_is_part_of_the_split_key_and_ordered_stays_the_default(task, tmp_path):
+    ordered = split_for(task, tmp_path / "c", seed=0, val_fraction=0.2)
+    stable = split_for(task, tmp_path / "c", seed=0, val_fraction=0.2, method="stable")
+    assert ordered.path != stable.path  # a changed rule is a new split file, never a reassignment in place
+    assert "method" not in json.loads(ordered.path.read_text())["settings"]  # unset: old keys and hashes kept
+    assert json.loads(stable.path.read_text())["settings"]["method"] == "stable"
+    with pytest.raises(Exception, match="method"):
+        _stable_cfg(method="random")

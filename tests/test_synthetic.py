@@ -289,3 +289,22 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         synthetic.generate_task(tmp_path, cases=1, size=48, slices=(5, 4))
     with pytest.raises(ConfigError, match="task_name"):
         synthetic.generate_task(tmp_path, cases=1, size=48, slices=(4, 4), task_name="../Task1")
+
+
+def test_a_bigger_twin_extends_a_smaller_one_case_for_case(tmp_path):
+    """--cases 45 is the 40-case task with 5 cases added (the data grows): the first 40 cases' CT members and ground
+    truths are the same bytes, so a stable split keeps them on their sides."""
+    import zipfile
+
+    from medseg.data.synthetic import generate_task
+    from medseg.data.synthetic.anatomy import _task_roles
+
+    small, big = (generate_task(tmp_path / name, cases=n, size=32, slices=(3, 4), seed=2, methods=("threshold",))
+                  for name, n in (("small", 40), ("big", 45)))
+    assert _task_roles(2, 45)[0] & set(range(40)) == _task_roles(2, 40)[0]
+    with zipfile.ZipFile(small / "CT.zip") as a, zipfile.ZipFile(big / "CT.zip") as b:
+        names = a.namelist()
+        assert len([n for n in b.namelist() if n.endswith(".nii")]) == 45 and set(names) < set(b.namelist())
+        assert all(a.read(n) == b.read(n) for n in names)
+    for pkl in sorted((small / "GroundTruth").iterdir()):
+        assert pkl.read_bytes() == (big / "GroundTruth" / pkl.name).read_bytes()

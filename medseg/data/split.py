@@ -4,8 +4,14 @@ A split is made once per (case list, grouping, split settings) and written to
 ``<cache dataset dir>/splits-<hash>/splits.json``; every later run, trial or evaluation reads the same file
 (nnU-Net's splits_final.json idea). Cases are grouped by ``group_regex`` over their file names, or by a
 ``groups_file`` (CSV ``case_id,group``: e.g. the video sequence of each frame), so that several files of one
-patient never land on both sides, and groups are stratified by "has foreground" so that lesion-free cases
-appear in every split in proportion.
+patient never land on both sides.
+
+Two rules (``dataset.split.method``). ``ordered`` (the default, and the only rule before it existed): groups are
+stratified by "has foreground", shuffled by the seed and cut at the exact fractions, so lesion-free cases appear in
+every split in proportion; any change of the case list redraws the sides. ``stable``: a group's side depends only
+on a hash of (seed, group) against the fractions, so adding cases never moves an existing one (data that grows:
+the champion and a new study then share their validation cases); shares follow the fractions in expectation.
+The rule is one of the settings in the file's key: changing it makes a new split, never a silent reassignment.
 """
 from __future__ import annotations
 
@@ -148,6 +154,34 @@ def _deal(groups_by_stratum: dict[bool, list[str]], n_parts: int, rng: np.random
     return parts
 
 
+def stable_unit(seed: int, group: str) -> float:
+    """A number in [0, 1) fixed by (seed, group) alone: where the ``stable`` rule places a group against the
+    fractions (sha256, so it is the same on every machine, Python version and ordering of the cases)."""
+    digest = hashlib.sha256(f"medseg-split\0{int(seed)}\0{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def _stable_parts(group_list: list[str], split_cfg) -> tuple[list[str], list[list[str]]]:
+    """The ``stable`` rule: (test groups, parts of the rest). A group's unit u = ``stable_unit(seed, group)`` goes to
+    test when u < test_fraction; the rest, rescaled to v in [0, 1), go to fold floor(v * n_folds) (k-fold), or to
+    validation when v < val_fraction / (1 - test_fraction), else to training (parts: [val, train]). Adding groups
+    never moves an existing one; each side's share, per stratum too, follows the fractions in expectation only
+    (a binomial draw: about ±sqrt(p(1-p)/n) for n groups)."""
+    test: list[str] = []
+    n_parts = split_cfg.n_folds if split_cfg.n_folds >= 2 else 2
+    parts: list[list[str]] = [[] for _ in range(n_parts)]
+    val_share = split_cfg.val_fraction / (1 - split_cfg.test_fraction)
+    for group in sorted(group_list):
+        u = stable_unit(split_cfg.seed, group)
+        if u < split_cfg.test_fraction:
+            test.append(group)
+            continue
+        v = (u - split_cfg.test_fraction) / (1 - split_cfg.test_fraction)
+        index = min(int(v * n_parts), n_parts - 1) if split_cfg.n_folds >= 2 else (0 if v < val_share else 1)
+        parts[index].append(group)
+    return test, parts
+
+
 def _split_settings(split_cfg) -> dict[str, Any]:
     """The settings that decide the table: all but ``fold``, which only picks one of its folds, so every fold
     of a cross-validation reads the same splits.json. An unset ``groups_file`` is absent (the config leaves it out
@@ -158,6 +192,20 @@ def _split_settings(split_cfg) -> dict[str, Any]:
     if settings.get("groups_file"):
         settings["groups_file"] = Path(settings["groups_file"]).name
     return settings
+
+
+def _ordered_parts(strata: dict[bool, list[str]], split_cfg) -> tuple[list[str], list[list[str]]]:
+    """The ``ordered`` rule: (test groups, parts of the rest), each stratum shuffled by the seed and cut at the
+    rounded fractions (k-fold: dealt round-robin); parts are [val, train] for a hold-out split. Exact shares, but
+    any change of the case list redraws every side."""
+    rng = np.random.default_rng(split_cfg.seed)
+    test_groups, rest = _assign(strata, [split_cfg.test_fraction, 1 - split_cfg.test_fraction], rng)
+    rest_set = set(rest)
+    rest_strata = {s: [g for g in gs if g in rest_set] for s, gs in strata.items()}
+    if split_cfg.n_folds >= 2:
+        return test_groups, _deal(rest_strata, split_cfg.n_folds, rng)
+    val_share = split_cfg.val_fraction / (1 - split_cfg.test_fraction)
+    return test_groups, _assign(rest_strata, [val_share, 1 - val_share], rng)
 
 
 def make_split_table(case_files: dict[str, str], has_fg: dict[str, bool], split_cfg,
@@ -174,26 +222,25 @@ def make_split_table(case_files: dict[str, str], has_fg: dict[str, bool], split_
     strata: dict[bool, list[str]] = defaultdict(list)
     for g, cids in members.items():
         strata[any(has_fg.get(c, True) for c in cids)].append(g)
-    rng = np.random.default_rng(split_cfg.seed)
 
     def cases_of(group_list: list[str]) -> list[str]:
         return sorted(c for g in group_list for c in members[g])
 
-    test_groups, rest = _assign(strata, [split_cfg.test_fraction, 1 - split_cfg.test_fraction], rng)
-    rest_set = set(rest)
-    rest_strata = {s: [g for g in gs if g in rest_set] for s, gs in strata.items()}
+    if getattr(split_cfg, "method", "ordered") == "stable":
+        test_groups, parts = _stable_parts(list(members), split_cfg)
+    else:
+        test_groups, parts = _ordered_parts(strata, split_cfg)
     if split_cfg.n_folds >= 2:
-        parts = _deal(rest_strata, split_cfg.n_folds, rng)
         folds = [{"train": cases_of([g for j, p in enumerate(parts) if j != i for g in p]), "val": cases_of(part)}
                  for i, part in enumerate(parts)]
     else:
-        val_share = split_cfg.val_fraction / (1 - split_cfg.test_fraction)
-        val_groups, train_groups = _assign(rest_strata, [val_share, 1 - val_share], rng)
-        folds = [{"train": cases_of(train_groups), "val": cases_of(val_groups)}]
+        folds = [{"train": cases_of(parts[1]), "val": cases_of(parts[0])}]
     for i, fold in enumerate(folds):
         if not fold["train"] or not fold["val"]:
+            hint = (" (the stable rule draws each side's size; with few patients try another split seed)"
+                    if getattr(split_cfg, "method", "ordered") == "stable" else "")
             raise DataError(f"split fold {i} has an empty train or val side ({len(members)} patients); "
-                            "lower dataset.split.val_fraction/test_fraction or n_folds")
+                            f"lower dataset.split.val_fraction/test_fraction or n_folds{hint}")
     return {
         "settings": _split_settings(split_cfg),
         "n_cases": len(groups),

@@ -176,15 +176,29 @@ def case_ids(cases: int) -> list[str]:
     return [str(n) if n % 3 == 0 else f"{n:03d}" for n in range(1, cases + 1)]
 
 
+ROLE_BLOCK = 40  # cases whose roles are drawn together: a task of more cases extends, never redraws, a smaller one
+
+
 def _task_roles(seed: int, cases: int) -> tuple[set[int], set[int]]:
     """Case indices without lesions (about a quarter; none for a single case) and lesion cases forced to hold
-    a tiny lesion (a third of them, at least one), so every task has both kinds whatever the draw."""
-    rng = np.random.default_rng([seed, 0x7A5C])  # task-level stream, apart from the per-case ones
-    n_free = int(cases * LESION_FREE_FRACTION + 0.5) if cases > 1 else 0
-    free = {int(i) for i in rng.choice(cases, size=n_free, replace=False)}
-    with_lesions = [i for i in range(cases) if i not in free]
-    n_tiny = max(1, math.ceil(len(with_lesions) / 3)) if with_lesions else 0
-    tiny = {int(i) for i in rng.choice(with_lesions, size=n_tiny, replace=False)} if with_lesions else set()
+    a tiny lesion (a third of them, at least one), so every task has both kinds whatever the draw.
+
+    Drawn per block of ``ROLE_BLOCK`` cases, each block from its own stream: the first ``k * ROLE_BLOCK`` cases of a
+    bigger task are those of the smaller one, byte for byte (per-case streams are already ``[seed, index]``), so
+    ``--cases 60`` is the 40-case task with 20 cases added: data that grows."""
+    free: set[int] = set()
+    tiny: set[int] = set()
+    for start in range(0, cases, ROLE_BLOCK):
+        n = min(ROLE_BLOCK, cases - start)
+        # block 0 keeps the original stream, so tasks of up to ROLE_BLOCK cases are unchanged
+        rng = np.random.default_rng([seed, 0x7A5C] if start == 0 else [seed, 0x7A5C, start // ROLE_BLOCK])
+        n_free = int(n * LESION_FREE_FRACTION + 0.5) if n > 1 else 0
+        block_free = {int(i) for i in rng.choice(n, size=n_free, replace=False)}
+        with_lesions = [i for i in range(n) if i not in block_free]
+        n_tiny = max(1, math.ceil(len(with_lesions) / 3)) if with_lesions else 0
+        block_tiny = {int(i) for i in rng.choice(with_lesions, size=n_tiny, replace=False)} if with_lesions else set()
+        free |= {start + i for i in block_free}
+        tiny |= {start + i for i in block_tiny}
     return free, tiny
 
 
