@@ -5,10 +5,16 @@
 - fuzzed_loaders (guarantee 5): the properties of tests/test_fuzz.py (configs, --set overrides, search spaces,
   evalseg pickles: random, mutated and hostile bytes) with more examples: every outcome counted, none raised.
 - hostile_archives (guarantee 4): ``benchmarks/reliability_hostile.py``'s ``run(quick)``, when that module exists.
+- concurrent_tracking (guarantee 2): ``benchmarks/reliability_concurrency.py``: rounds of 4 train.py processes
+  released together on a fresh sqlite store; runs, metrics expected / present, runs left RUNNING, lock errors.
+- full_disk (guarantee 6): ``benchmarks/reliability_disk.py``: a checkpoint, a metadata update, the slice cache and
+  the champion mirror written on a full disk (a file size limit, and a small tmpfs where it can be mounted);
+  previous files intact, one-line errors, temp files left.
 
-  python benchmarks/bench_reliability.py [--quick] [--examples N]
+  python benchmarks/bench_reliability.py [--quick] [--examples N] [--sections NAME ...]
 
-Writes benchmarks/results/reliability.json.
+Writes benchmarks/results/reliability.json; with --sections, only those sections are run and replaced in it (the
+others kept as they were).
 """
 from __future__ import annotations
 
@@ -16,13 +22,21 @@ import argparse
 import collections
 import importlib
 import importlib.util
+import json
+import os
 import sys
+import time
 from typing import Callable
 
 from benchmarks import common
 
 EXAMPLES, QUICK_EXAMPLES = 2000, 200  # per fuzzed property
-OPTIONAL_SECTIONS = {"hostile_archives": "benchmarks.reliability_hostile"}  # section -> module with run(quick)
+OPTIONAL_SECTIONS = {  # section -> module with run(quick)
+    "hostile_archives": "benchmarks.reliability_hostile",
+    "concurrent_tracking": "benchmarks.reliability_concurrency",
+    "full_disk": "benchmarks.reliability_disk",
+}
+RUN_KEYS = ("quick", "machine", "load_average_before", "load_average_after", "total_seconds", "date")
 
 
 def fuzz_properties():
@@ -68,16 +82,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"fewer cases ({QUICK_EXAMPLES} examples a property)")
     parser.add_argument("--examples", type=int, help=f"examples per fuzzed property (default {EXAMPLES})")
+    parser.add_argument("--sections", nargs="+", metavar="NAME", choices=sorted(sections()),
+                        help="run only these sections; the other sections of the results file are kept")
     common.add_out_arg(parser, "reliability.json")
     args = parser.parse_args(argv)
+    out = common.out_path(args, "reliability")
     clock = common.RunClock()
-    report = {}
+    # --sections: the other sections stay as they were measured, and so do the run keys that describe that run
+    previous = json.loads(out.read_text()) if args.sections and out.exists() else {}
+    report = {k: v for k, v in previous.items() if k not in ("summary", *RUN_KEYS)}
     for name, run in sections().items():
+        if args.sections and name not in args.sections:
+            continue
+        started = time.perf_counter()
         report[name] = fuzzed_loaders(args.quick, args.examples) if run is fuzzed_loaders else run(args.quick)
+        if args.sections:  # this section's own run: how, how long, when
+            report[name]["measured"] = {"quick": args.quick, "seconds": round(time.perf_counter() - started, 1),
+                                        "load_average_after": os.getloadavg(),
+                                        "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     report["summary"] = {name: figures.get("nothing_lost") for name, figures in report.items()}
-    report.update(quick=args.quick, machine=common.machine_info(("hypothesis", "pydantic", "PyYAML", "numpy")),
-                  **clock.record())
-    common.write_results(common.out_path(args, "reliability"), report)
+    run_keys = {k: previous[k] for k in RUN_KEYS if k in previous}
+    report.update(run_keys or dict(quick=args.quick,
+                                   machine=common.machine_info(("hypothesis", "pydantic", "PyYAML", "numpy")),
+                                   **clock.record()))
+    common.write_results(out, report)
     return 0 if all(report["summary"].values()) else 1
 
 

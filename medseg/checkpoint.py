@@ -54,9 +54,48 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[
     meta = json.loads(json.dumps(meta, default=str))  # plain types only, so weights_only loading accepts it
     payload = {"format": FORMAT, "version": VERSION, "meta": meta, "state_dict": state, "sha256": _digest(state, meta)}
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch_atomic(path, payload)
     return path
+
+
+class _RecordingSink:
+    """The file ``torch.save`` writes to, keeping the first OSError of its writes: torch reports a write that failed
+    (a full disk) as a RuntimeError of its own ("unexpected pos ..."), without the errno."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def save_torch_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (temp file beside it, fsync, rename). A disk that fills up (or the
+    file size limit) is one ``DiskFullError`` line naming ``path``; the previous file is left as it was.
+
+    torch's own file writer reports a failed write without its errno ("unexpected pos ..."); when it fails, the
+    object is written again through Python's file I/O (``_RecordingSink``), which keeps the OSError: the disk is still
+    full then, and the write fails for its real reason (if it succeeds, the first failure was transient and the
+    file is complete)."""
+    with atomic_path(Path(path)) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except Exception as first:
+            with open(tmp, "wb") as fh:
+                sink = _RecordingSink(fh)
+                try:
+                    torch.save(obj, sink)
+                except Exception:
+                    if sink.error is not None:
+                        raise sink.error from None  # atomic_path turns it into a DiskFullError naming ``path``
+                    raise first from None
 
 
 def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any]) -> dict[str, Any]:
@@ -66,8 +105,7 @@ def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any]) -> 
     meta = json.loads(json.dumps({**ckpt["meta"], **updates}, default=str))
     state = ckpt["state_dict"]
     payload = {"format": FORMAT, "version": VERSION, "meta": meta, "state_dict": state, "sha256": _digest(state, meta)}
-    with atomic_path(Path(path)) as tmp:
-        torch.save(payload, tmp)
+    save_torch_atomic(path, payload)
     return meta
 
 

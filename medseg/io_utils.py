@@ -1,13 +1,74 @@
-"""Small file helpers: atomic writes (temp file in the same folder, fsync, rename), hashing, JSON."""
+"""Small file helpers: atomic writes (temp file in the same folder, fsync, rename), hashing, JSON.
+
+A write that fails for space (a full disk, ``ENOSPC``; the file size limit of ``ulimit -f``, ``EFBIG``; a quota,
+``EDQUOT``) inside ``atomic_path`` or ``disk_full_as_error`` is a ``DiskFullError``: one line naming the file, saying
+that the previous file is unchanged (the temp file is removed, nothing was renamed over it) and what to do.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+
+from medseg.errors import MedsegError
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+class DiskFullError(MedsegError, OSError):
+    """A write that failed for space; the message names the file, what was kept and what to do. Also an OSError (its
+    ``errno`` the original one), so code that handled the OSError of a failed write still does."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def disk_full_cause(err: BaseException | None) -> OSError | None:
+    """The OSError with a disk-full errno (``DISK_FULL_ERRNOS``) in ``err`` or the errors it was raised from."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def disk_full_error(path: str | os.PathLike, cause: OSError, kept: str | None = None) -> DiskFullError:
+    """The one-line error of ``path`` not written for space; ``kept`` says what stays (default: the previous file
+    unchanged when there is one, else that no partial file was left)."""
+    path = Path(path)
+    if kept is None:
+        kept = f"the previous {path.name} is unchanged" if path.exists() else "no partial file was left"
+    what, todo = {
+        errno.EFBIG: ("the file is over the size limit of this process (`ulimit -f`) or of its file system",
+                      "raise the limit or write elsewhere, and run again"),
+        errno.EDQUOT: ("the disk quota is used up", f"free space in {path.parent} (or raise the quota) and run again"),
+    }.get(cause.errno, ("the disk is full", f"free space in {path.parent} and run again"))
+    reason = cause.strerror or os.strerror(cause.errno)
+    err = DiskFullError(f"{path}: not written, {what} ({reason}); {kept}; {todo}")
+    err.errno, err.filename = cause.errno, str(path)
+    return err
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike, kept: str | None = None) -> Iterator[None]:
+    """Turn a write inside the block that fails for space (its OSError, or any error raised from one) into a
+    ``DiskFullError`` naming ``path``; other errors pass unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        cause = disk_full_cause(err)
+        if cause is None:
+            raise
+        raise disk_full_error(path, cause, kept) from err
 
 
 def _current_umask() -> int:
@@ -25,22 +86,24 @@ def publish_mode(path: str | os.PathLike, directory: bool = False) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it is renamed over ``path``, on error removed."""
+    """Yield a temp path beside ``path``; on success it is renamed over ``path``, on error removed. A write that
+    fails for space (in the caller's block, the fsync or the rename) is a ``DiskFullError`` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the temp name ends in ``suffix`` so writers that pick a format by extension (nibabel, PIL) still work
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        publish_mode(tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+    with disk_full_as_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the temp name ends in ``suffix`` so writers that pick a format by extension (nibabel, PIL) still work
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            publish_mode(tmp_path)
+            os.replace(tmp_path, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -27,7 +27,7 @@ import yaml
 
 from medseg import metrics as M
 from medseg.errors import MedsegError
-from medseg.io_utils import atomic_write_json, atomic_write_text, publish_mode
+from medseg.io_utils import atomic_write_json, atomic_write_text, disk_full_as_error, publish_mode
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # what MLflow answers for a missing model / alias
@@ -354,11 +354,13 @@ def mirror_champion(models_dir: Path, checkpoint: str | Path, cfg, decision: Dec
     models_dir.mkdir(parents=True, exist_ok=True)
     final = models_dir / "versions" / f"{decision.registry_name}-v{decision.version}"
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=models_dir))
+    kept = f"the champion ({models_dir / 'champion'}) is unchanged and the partial version folder removed"
     try:
-        shutil.copyfile(checkpoint, staging / "checkpoint.pt")
-        (staging / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        atomic_write_json(staging / "metrics.json", {k: v for k, v in decision.to_dict().items()})
-        atomic_write_text(staging / "MODEL_CARD.md", model_card(decision, cfg))
+        with disk_full_as_error(final, kept=kept):
+            shutil.copyfile(checkpoint, staging / "checkpoint.pt")
+            (staging / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            atomic_write_json(staging / "metrics.json", {k: v for k, v in decision.to_dict().items()})
+            atomic_write_text(staging / "MODEL_CARD.md", model_card(decision, cfg))
         final.parent.mkdir(parents=True, exist_ok=True)
         publish_mode(staging, directory=True)
         if final.exists():  # a version number seen before: another (or a reset) tracking store; never delete it

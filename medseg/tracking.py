@@ -2,18 +2,27 @@
 
 All calls go through ``MlflowClient`` with explicit run ids (no global "active run"), so the tuning driver
 can own many runs at once and a trial never depends on process-global MLflow state.
+
+Several processes may write to one embedded sqlite store at once (train.py runs, a study's driver, eval.py):
+``get_client`` creates a new store's tables under a file lock beside it (MLflow's own first use races: every process
+creates and migrates the schema, and all of them fail), and each call of the client it returns is retried with
+backoff while the store is locked by another writer, ending in one ``TrackingStoreError`` line when it stays locked.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import random
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from medseg.config import Config, flatten
+from medseg.errors import MedsegError
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
@@ -61,15 +70,162 @@ def ui_url(experiment_id: str, *, port: int = 5000) -> str:
     return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
-def get_client(uri: str):
+class TrackingStoreError(MedsegError):
+    """The tracking store could not be used: locked by other writers through every retry, or its first-use set-up
+    waited too long for another process. One line naming the store and what to do."""
+
+
+LOCKED = ("database is locked", "database table is locked")  # sqlite's SQLITE_BUSY / SQLITE_LOCKED texts
+LOCK_ATTEMPTS = 6  # tries of one MLflow write on a locked sqlite store (each waits up to MLflow's busy_timeout, 20 s)
+# Reads get one try: a reader waits only while a writer commits (milliseconds), so one still locked after MLflow's 20 s
+# means a connection holding the store exclusively, not contention; the writes are what must not be lost.
+READ_ATTEMPTS = 1
+READ_METHODS = ("get_", "search_", "list_", "download_")  # MlflowClient methods that only read
+LOCK_BACKOFF_S = 0.5  # pause after the first locked try, doubled after each (with jitter)
+SCHEMA_LOCK_TIMEOUT_S = 600.0  # wait for another process creating a new store's tables
+_PREPARED: set[str] = set()  # sqlite stores whose tables this process has checked (created) under the file lock
+_RETRY_JITTER = random.Random()  # its own generator: a retry never moves the seeded global one training relies on
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (``sqlite:////abs/path.db`` or a path relative to the
+    working directory), None for any other store or an in-memory database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def store_locked(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) is sqlite's "database is locked": another writer holds it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if any(text in str(err) for text in LOCKED):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def call_with_retries(uri: str, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, tried again after a pause (0.5 s, doubled each time, with jitter) while the store is
+    locked, ``LOCK_ATTEMPTS`` tries in all; then one ``TrackingStoreError`` line. Safe to repeat: a locked write was
+    rolled back, nothing of it is in the store."""
+    return _call_retried(uri, LOCK_ATTEMPTS, fn, args, kwargs)
+
+
+def _call_retried(uri: str, attempts: int, fn: Callable, args: tuple, kwargs: dict):
+    started, delay = time.monotonic(), LOCK_BACKOFF_S
+    for attempt in range(1, max(1, attempts) + 1):
+        try:
+            return fn(*args, **kwargs)
+        except TrackingStoreError:
+            raise  # an inner call already retried and gave up
+        except Exception as err:
+            if not store_locked(err):
+                raise
+            if attempt >= attempts:
+                tries = "1 try" if attempt == 1 else f"{attempt} tries"
+                raise _locked_error_class()(
+                    f"{uri}: the tracking store stayed locked by other processes (database is locked) after "
+                    f"{tries} over {time.monotonic() - started:.0f} s; run fewer jobs against this sqlite store at "
+                    "once, or point MLFLOW_TRACKING_URI at a tracking server") from None
+            time.sleep(delay * (0.5 + _RETRY_JITTER.random()))
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+@functools.cache
+def _locked_error_class() -> type[TrackingStoreError]:
+    """``TrackingStoreError`` that is also an ``MlflowException`` (TEMPORARILY_UNAVAILABLE, as MLflow answers a locked
+    store), so that code handling MLflow's own error (e.g. ``registry.current_champion``: never "no champion") still
+    does. Made on first use: importing mlflow takes seconds that importing medseg.tracking does not."""
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+    except ImportError:
+        return TrackingStoreError
+
+    def init(self, message: str) -> None:
+        MlflowException.__init__(self, message, error_code=TEMPORARILY_UNAVAILABLE)
+
+    return type("TrackingStoreLockedError", (TrackingStoreError, MlflowException),
+                {"__init__": init, "__module__": __name__, "__str__": lambda self: str(self.message)})
+
+
+class _LockedStoreLogFilter(logging.Filter):
+    """Drops MLflow's logged traceback of a "database is locked" error: ``call_with_retries`` retries the call and,
+    if the store stays locked, says so in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return not any(locked in text for locked in LOCKED)
+
+
+@functools.cache
+def _retrying_client_class():
+    """``MlflowClient`` whose public methods go through ``call_with_retries`` (the reads with ``READ_ATTEMPTS``)."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    logging.getLogger("mlflow.store.db.utils").addFilter(_LockedStoreLogFilter())
+
+    def retried(name, method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            attempts = READ_ATTEMPTS if name.startswith(READ_METHODS) else LOCK_ATTEMPTS
+            return _call_retried(self._medseg_uri, attempts, method, (self, *args), kwargs)
+
+        return call
+
+    def reduce(self):  # pickled (a Ray callback, a copy): a new client of the same store
+        return get_client, (self._medseg_uri,)
+
+    methods = {name: retried(name, attr) for name, attr in vars(MlflowClient).items()
+               if not name.startswith("_") and inspect.isfunction(attr)}
+    return type("RetryingMlflowClient", (MlflowClient,), {**methods, "__module__": __name__, "__reduce__": reduce})
+
+
+def prepare_store(uri: str) -> None:
+    """Create a new sqlite store's tables once, under a file lock beside it (``<db>-schema.lock``), before this
+    process uses it: MLflow creates and migrates them on a process's first use, and processes starting together on a
+    fresh store would all do it at once and fail ("table experiments already exists", a failed migration). Other
+    stores (a server) and stores this process already prepared: nothing to do."""
+    path = sqlite_path(uri)
+    if path is None or uri in _PREPARED:
+        return
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(f"{path}-schema.lock", timeout=SCHEMA_LOCK_TIMEOUT_S):
+            client = _new_client(uri)  # MlflowClient opens the tracking store at once: tables created, migrated
+            client.search_registered_models(max_results=1)  # the registry store on the same database
+    except Timeout:
+        raise TrackingStoreError(f"{uri}: another process has held {path}-schema.lock (creating the store's "
+                                 f"tables) for {SCHEMA_LOCK_TIMEOUT_S:.0f} s; let it finish or stop it, and run "
+                                 "again") from None
+    _PREPARED.add(uri)
+
+
+def get_client(uri: str):
+    """An ``MlflowClient`` for ``uri`` (tracking and registry) whose calls are retried while a sqlite store is locked
+    (``call_with_retries``); a new sqlite store gets its tables first (``prepare_store``)."""
+    prepare_store(uri)
+    return _new_client(uri)
+
+
+def _new_client(uri: str):
+    client = call_with_retries(uri, _retrying_client_class(), tracking_uri=uri, registry_uri=uri)
+    client._medseg_uri = uri
+    return client
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """Experiment id for ``name``, created (with an absolute artifact root) if missing. Call this once on the
-    driver before trials start: concurrent first use of a new sqlite store races on table creation.
+    """Experiment id for ``name``, created (with an absolute artifact root) if missing; a process that loses the race
+    to create it (another created it meanwhile) gets the other's. A new sqlite store's tables are created by
+    ``get_client`` under its file lock.
 
     New experiments get ``mlflow.experimentKind = custom_model_development``; an existing active experiment
     without that tag (an older store) gets it too, but a kind already set (by a user, in the UI) is kept."""

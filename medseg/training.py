@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from medseg import metrics as M
-from medseg.checkpoint import library_versions, save_checkpoint
+from medseg.checkpoint import library_versions, save_checkpoint, save_torch_atomic
 from medseg.config import Config
 from medseg.data.dataset import EpochSampler, SliceDataset, build_augmentation, label_lut, seed_worker
 from medseg.errors import ConfigError, MedsegError, NonFiniteLossError
@@ -452,8 +452,7 @@ def _save_state(path: Path, model, optimizer, scaler, epoch: int, history, best,
              "scaler": scaler.state_dict(), "history": history, "best": best}
     if ema is not None:
         state["ema"] = ema.state_dict()
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch_atomic(path, state)  # a full disk: one line naming last.pt, the previous one kept
 
 
 def _load_state(path, model, optimizer, scaler, ema=None) -> tuple[int, list, dict]:

@@ -17,6 +17,7 @@ A folder without a valid manifest, or whose files do not match it, is a half-wri
 """
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import json
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from medseg.errors import DataError
-from medseg.io_utils import atomic_write_json, stable_hash
+from medseg.io_utils import atomic_write_json, disk_full_as_error, stable_hash
 
 CACHE_VERSION = 2  # 2: labels resized with pixel-centre nearest neighbour (INTER_NEAREST_EXACT)
 HU_LIKE_MIN = -200.0  # a CT volume whose minimum is above this is not in Hounsfield units (e.g. 0..255 PNG-like)
@@ -407,6 +408,20 @@ def _file_stems(case_ids: Iterable[str]) -> dict[str, str]:
     return stems
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks now: a sparse map on a full disk fails with SIGBUS when a page is first
+    written (the process dies without a word), an allocation fails with ENOSPC, which ``disk_full_as_error`` words."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: as before
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: as before
+                return
+            raise
+
+
 def _write_case(out_dir: Path, case, settings: dict[str, Any], stem: str) -> dict[str, Any]:
     """Normalise, resize and store one case slice by slice; return its manifest entry.
 
@@ -419,8 +434,14 @@ def _write_case(out_dir: Path, case, settings: dict[str, Any], stem: str) -> dic
     norm, method = make_normaliser(image, settings, minimum=low)
     n_slices = image.shape[2]
     img_name, lbl_name = f"{stem}.img.npy", f"{stem}.lbl.npy"
-    img_out = np.lib.format.open_memmap(out_dir / img_name, mode="w+", dtype=np.float16, shape=(n_slices, size, size))
-    lbl_out = np.lib.format.open_memmap(out_dir / lbl_name, mode="w+", dtype=np.uint8, shape=(n_slices, size, size))
+    kept = "the cache is not built and nothing of it is kept (its temp folder is removed)"
+    with disk_full_as_error(out_dir / img_name, kept=kept):
+        img_out = np.lib.format.open_memmap(out_dir / img_name, mode="w+", dtype=np.float16,
+                                            shape=(n_slices, size, size))
+        _reserve(out_dir / img_name)
+    with disk_full_as_error(out_dir / lbl_name, kept=kept):
+        lbl_out = np.lib.format.open_memmap(out_dir / lbl_name, mode="w+", dtype=np.uint8, shape=(n_slices, size, size))
+        _reserve(out_dir / lbl_name)
     fg = []
     counts = np.zeros(256, np.int64)  # voxels per label value, original resolution
     fg_sum = 0.0
