@@ -257,13 +257,16 @@ def _best_epoch_scores(client, run_id: str) -> tuple[float | None, float | None,
 
 
 def _experiment_rows(client, experiment_ids: list[str], prefix: str) -> list[dict[str, Any]]:
-    """The latest finished training or trial run of each config named ``<prefix>*``, best epoch's scores."""
+    """The latest finished run of each config named ``<prefix>*`` trained as it is: a train.py run, or a trial of a
+    ``--configs`` study (sampled: the config file only); best epoch's scores. Trials of a search space whose base
+    config has that name are left out: they train it with the space's overrides and sampled values."""
     runs = client.search_runs(experiment_ids,
                               filter_string=f"params.name LIKE '{prefix}%' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1000)
     latest: dict[str, Any] = {}
     for run in runs:
-        if run.data.tags.get("kind") in ("train", "trial"):
+        if run.data.tags.get("kind") == "train" or (run.data.tags.get("kind") == "trial"
+                                                     and set(_sampled_keys(run)) <= {"config_file"}):
             latest.setdefault(run.data.params["name"], run)
     rows = []
     for name in sorted(latest):
@@ -273,6 +276,14 @@ def _experiment_rows(client, experiment_ids: list[str], prefix: str) -> list[dic
         rows.append({"experiment": f"`{name}`", "change": run.data.params.get("description", ""), "dice": dice,
                      "iou": iou, "note": f"best of {n_epochs} epochs (epoch {epoch})", "run": run})
     return rows
+
+
+def _sampled_keys(run) -> list[str]:
+    try:
+        sampled = json.loads(run.data.tags.get("sampled", "{}"))
+    except ValueError:
+        return ["?"]
+    return list(sampled) if isinstance(sampled, dict) else ["?"]
 
 
 def _sampled(run) -> str:

@@ -33,6 +33,14 @@ def test_results_table_from_runs_registry_and_held_out_evaluation(tiny_cfg, synt
     held = get_client(uri).search_runs([e.experiment_id for e in get_client(uri).search_experiments()],
                                        filter_string="tags.kind = 'eval'")[0].data.metrics
 
+    # a later trial of a search space built on the same config (its own sampled values): not the experiment's row
+    from medseg.tracking import ensure_experiment, log_metrics, start_run
+
+    trial = start_run(get_client(uri), ensure_experiment(uri, cfg.output.experiment), run_name="trial",
+                      params={"name": "exp_900_tiny"}, tags={"kind": "trial", "sampled": '{"training.lr": 0.1}'})
+    log_metrics(get_client(uri), trial, {"val/dice": 0.999, "val/iou": 0.999}, step=1)
+    get_client(uri).set_terminated(trial, "FINISHED")
+
     table = results_table(uri, registry_name="tiny-models", holdout_config="holdout_tiny")
     lines = table.splitlines()
     assert lines[0] == "| Experiment | Key change | Val Dice | Val IoU | How measured |"
