@@ -22,7 +22,8 @@ def main() -> int:
           f"(train/dice {best['train/dice']:.4f}, train/iou {best['train/iou']:.4f})")
     print(f"checkpoint: {result.best_checkpoint}")
     experiment_id = get_client(tracking_uri(cfg)).get_run(run_id).info.experiment_id
-    print(f"tracking:   {tracking_uri(cfg)}  ({ui_command(tracking_uri(cfg))}, then {ui_url(experiment_id)})")
+    uri = tracking_uri(cfg)
+    print(f"tracking:   {uri}  ({ui_command(uri)}, then {ui_url(experiment_id, uri=uri)})")
     return 0
 
 

@@ -10,6 +10,9 @@
 - full_disk (guarantee 6): ``benchmarks/reliability_disk.py``: a checkpoint, a metadata update, the slice cache and
   the champion mirror written on a full disk (a file size limit, and a small tmpfs where it can be mounted);
   previous files intact, one-line errors, temp files left.
+- tracking_server (guarantee 3): ``benchmarks/reliability_server.py``: train.py tracked into a real ``mlflow server``
+  (plain; the server SIGKILLed after the first epoch and restarted on the same port and store; killed for good):
+  runs FINISHED, metrics expected / present on the server, checkpoint artifacts there, one-line errors, tracebacks.
 
   python benchmarks/bench_reliability.py [--quick] [--examples N] [--sections NAME ...]
 
@@ -35,6 +38,7 @@ OPTIONAL_SECTIONS = {  # section -> module with run(quick)
     "hostile_archives": "benchmarks.reliability_hostile",
     "concurrent_tracking": "benchmarks.reliability_concurrency",
     "full_disk": "benchmarks.reliability_disk",
+    "tracking_server": "benchmarks.reliability_server",
 }
 RUN_KEYS = ("quick", "machine", "load_average_before", "load_average_after", "total_seconds", "date")
 

@@ -72,3 +72,12 @@ class NonFiniteLossError(MedsegError):
 class RunInterrupted(MedsegError):
     """Ctrl-C stopped the work and it returned instead of raising KeyboardInterrupt (Ray Tune saves a study on the
     first Ctrl-C): the message names how to continue. CLIs exit 130, as for Ctrl-C itself."""
+
+
+def error_chain(err: BaseException | None):
+    """``err`` and the errors it was raised from (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, error_chain
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
@@ -30,13 +30,7 @@ class DiskFullError(MedsegError, OSError):
 
 def disk_full_cause(err: BaseException | None) -> OSError | None:
     """The OSError with a disk-full errno (``DISK_FULL_ERRNOS``) in ``err`` or the errors it was raised from."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-            return err
-        err = err.__cause__ or err.__context__
-    return None
+    return next((e for e in error_chain(err) if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS), None)
 
 
 def disk_full_error(path: str | os.PathLike, cause: OSError, kept: str | None = None) -> DiskFullError:

@@ -187,8 +187,8 @@ def _markdown(summary, trials, keys, baseline, champion_dice, decision, paths, s
     lines += ["", "## Plots", ""] + [f"![{k}]({Path(p).name})" for k, p in paths.items()] + [
         "", "## Reproduce and inspect", "",
         f"- MLflow: `{ui_command(summary['tracking_uri'])}` (tracking URI `{summary['tracking_uri']}`), then "
-        f"{ui_url(summary['experiment_id'])}: study run `{summary['parent_run_id']}`; tick its child runs and press "
-        "Compare for the parallel-coordinates chart.",
+        f"{ui_url(summary['experiment_id'], uri=summary['tracking_uri'])}: study run `{summary['parent_run_id']}`; "
+        "tick its child runs and press Compare for the parallel-coordinates chart.",
         f"- Study folder: `{summary['study_dir']}`; an interrupted study continues with "
         f"`{resume_command(space, summary['study'])}`.", ""]
     return "\n".join(lines)

@@ -48,6 +48,6 @@ def run_and_promote(space, *, resume: bool = False, name: str | None = None, add
     client.set_terminated(outcome.parent_run_id, "FINISHED")
     print(Path(paths["markdown"]).read_text())
     print(f"report: {paths['markdown']}\nMLflow: {ui_command(outcome.tracking_uri)}, "
-          f"then {ui_url(outcome.experiment_id)} "
+          f"then {ui_url(outcome.experiment_id, uri=outcome.tracking_uri)} "
           "(runs table; tick runs, Compare: parallel coordinates)")
     return outcome, decision, paths

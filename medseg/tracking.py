@@ -7,6 +7,8 @@ Several processes may write to one embedded sqlite store at once (train.py runs,
 ``get_client`` creates a new store's tables under a file lock beside it (MLflow's own first use races: every process
 creates and migrates the schema, and all of them fail), and each call of the client it returns is retried with
 backoff while the store is locked by another writer, ending in one ``TrackingStoreError`` line when it stays locked.
+A tracking server that refuses connections (restarted, down) is waited for the same way, up to
+``MEDSEG_TRACKING_SERVER_WAIT_S`` seconds (300), then one ``TrackingServerError`` line.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from medseg.config import Config, flatten
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, error_chain
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
@@ -63,11 +65,13 @@ def ui_command(uri: str, cwd: Path | None = None) -> str:
     return f"open {uri} in a browser"
 
 
-def ui_url(experiment_id: str, *, port: int = 5000) -> str:
-    """The experiment's runs table in the UI that ``ui_command`` serves. MLflow 3.17's UI opens an experiment in
-    GenAI mode (its traces overview) whatever the experiment's ``mlflow.experimentKind`` tag says, unless the URL
-    (or an earlier click on "Model training" in that browser) asks for the model-training mode."""
-    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
+def ui_url(experiment_id: str, *, uri: str | None = None, port: int = 5000) -> str:
+    """The experiment's runs table in the UI that ``ui_command`` serves (a tracking server's own address when ``uri``
+    is one). MLflow 3.17's UI opens an experiment in GenAI mode (its traces overview) whatever the experiment's
+    ``mlflow.experimentKind`` tag says, unless the URL (or an earlier click on "Model training" in that browser) asks
+    for the model-training mode."""
+    base = uri.rstrip("/") if uri and uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{port}"
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 class TrackingStoreError(MedsegError):
@@ -98,13 +102,7 @@ def sqlite_path(uri: str) -> Path | None:
 
 def store_locked(err: BaseException) -> bool:
     """Whether ``err`` (or an error it was raised from) is sqlite's "database is locked": another writer holds it."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if any(text in str(err) for text in LOCKED):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any(text in str(e) for e in error_chain(err) for text in LOCKED)
 
 
 def call_with_retries(uri: str, fn: Callable, *args, **kwargs):
@@ -116,12 +114,27 @@ def call_with_retries(uri: str, fn: Callable, *args, **kwargs):
 
 def _call_retried(uri: str, attempts: int, fn: Callable, args: tuple, kwargs: dict):
     started, delay = time.monotonic(), LOCK_BACKOFF_S
-    for attempt in range(1, max(1, attempts) + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn(*args, **kwargs)
         except TrackingStoreError:
             raise  # an inner call already retried and gave up
         except Exception as err:
+            if server_unreachable(uri, err):
+                waited = time.monotonic() - started
+                if attempt == 1:
+                    logging.getLogger(__name__).warning("%s: the tracking server does not answer; trying again for "
+                                                        "up to %.0f s", uri, server_wait_s())
+                if waited >= server_wait_s():
+                    raise TrackingServerError(
+                        f"{uri}: the tracking server did not answer (connection refused) for {waited:.0f} s, "
+                        f"{attempt} tries; start it again on the same store and rerun (train.py: a new run; "
+                        "tune.py --resume: finished trials are kept)") from None
+                time.sleep(min(SERVER_PAUSE_MAX_S, delay * (0.5 + _RETRY_JITTER.random())))
+                delay *= 2
+                continue
             if not store_locked(err):
                 raise
             if attempt >= attempts:
@@ -132,7 +145,34 @@ def _call_retried(uri: str, attempts: int, fn: Callable, args: tuple, kwargs: di
                     "once, or point MLFLOW_TRACKING_URI at a tracking server") from None
             time.sleep(delay * (0.5 + _RETRY_JITTER.random()))
             delay *= 2
-    raise AssertionError("unreachable")
+
+
+class TrackingServerError(TrackingStoreError):
+    """A tracking server (``http(s)://``) refused connections through every retry (``MEDSEG_TRACKING_SERVER_WAIT_S``
+    seconds): one line naming the server and what was kept. Not an ``MlflowException``: code that treats MLflow's
+    errors as "nothing there" (no champion yet) must stop, not promote without its comparison."""
+
+
+SERVER_WAIT_S = 300.0  # how long a call waits for a tracking server that refuses connections (a restart) by default
+SERVER_PAUSE_MAX_S = 15.0  # longest pause between two tries of an unreachable server
+UNREACHABLE = ("Failed to establish a new connection", "Connection refused", "Connection aborted",
+               "RemoteDisconnected", "Connection reset by peer")
+
+
+def server_wait_s() -> float:
+    """``$MEDSEG_TRACKING_SERVER_WAIT_S`` (seconds) or ``SERVER_WAIT_S``."""
+    try:
+        return max(0.0, float(os.environ.get("MEDSEG_TRACKING_SERVER_WAIT_S", SERVER_WAIT_S)))
+    except ValueError:
+        return SERVER_WAIT_S
+
+
+def server_unreachable(uri: str, err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a tracking server at ``uri`` not answering: the request
+    never reached it (connection refused, reset or aborted), so trying it again cannot write twice."""
+    if not uri.startswith(("http://", "https://")):
+        return False
+    return any(text in str(e) for e in error_chain(err) for text in UNREACHABLE)
 
 
 @functools.cache
@@ -164,12 +204,21 @@ class _LockedStoreLogFilter(logging.Filter):
         return not any(locked in text for locked in LOCKED)
 
 
+class _UnreachableServerLogFilter(logging.Filter):
+    """Drops urllib3's warning for each retry of a refused connection: ``_call_retried`` says once that it waits for
+    the server and, if it never answers, ends in one ``TrackingServerError`` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in UNREACHABLE)
+
+
 @functools.cache
 def _retrying_client_class():
     """``MlflowClient`` whose public methods go through ``call_with_retries`` (the reads with ``READ_ATTEMPTS``)."""
     from mlflow import MlflowClient
 
     logging.getLogger("mlflow.store.db.utils").addFilter(_LockedStoreLogFilter())
+    logging.getLogger("urllib3.connectionpool").addFilter(_UnreachableServerLogFilter())
 
     def retried(name, method):
         @functools.wraps(method)
@@ -356,6 +405,8 @@ def tracked_run(client, run_id: str) -> Iterator[str]:
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED")
         raise
+    except TrackingServerError:
+        raise  # the server stopped answering through every retry: the run's end cannot be written there either
     except BaseException as err:
         try:
             client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
