@@ -28,6 +28,8 @@ from medseg.data.cache import build_cache
 from tests.conftest import tiny_config_dict
 
 
+# 4 train.py processes at once, 1-2 min on 2 cores: in make test-slow (its figure: bench_reliability.py)
+@pytest.mark.slow
 def test_four_train_runs_released_together_on_a_fresh_store_lose_nothing(synth_root, shared_cache, tmp_path):
     """No mlflow.db yet: the four processes reach it within milliseconds (gated after their imports), so each one's
     first use would create and migrate the schema at once ("table experiments already exists", a failed alembic

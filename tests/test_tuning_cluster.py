@@ -49,6 +49,8 @@ def _histories(study_dir: Path) -> dict[str, int]:
     return out
 
 
+# ~2 min on 2 cores: in make test-slow, so that make test stays near its time budget
+@pytest.mark.slow
 def test_ctrl_c_then_resume_does_not_rerun_finished_trials(tmp_path, synth_root, shared_cache):
     space = _study_files(tmp_path, synth_root, shared_cache)
     study_dir = tmp_path / "ray" / "resumable"
