@@ -362,3 +362,12 @@ def peak_rss_mb() -> float:
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Relative path -> (size, mtime_ns) of everything under ``folder``: what a read must leave unchanged."""
     return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child a test will Ctrl-C: SIGINT back to its default, so that Python installs its
+    KeyboardInterrupt handler even when the test runner was started as a background job (which ignores SIGINT, and
+    passes that on)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -32,7 +32,7 @@ from medseg.data.cache import (
 from medseg.data.sources import open_source_from_config
 from medseg.data.workers import available_cores, run_cases
 from medseg.errors import DataError, ShapeMismatchError
-from tests.fixtures import evalseg_dir, hu, make_kaggle_task, tiny_case, write_nifti
+from tests.fixtures import evalseg_dir, hu, interruptible, make_kaggle_task, tiny_case, write_nifti
 
 IDS = ("021", "21", "101", "7")  # "021" and "21" are different cases
 
@@ -384,7 +384,8 @@ def _children(pid: int) -> set[int]:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the worker processes")
 def test_ctrl_c_stops_every_worker_and_leaves_nothing(task, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, str(task), str(tmp_path / "cache")],
-                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while len(workers := _children(proc.pid)) < 2:  # the resource tracker and two workers, once spawned
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"

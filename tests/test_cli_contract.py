@@ -28,7 +28,7 @@ from medseg.errors import (
     ShapeMismatchError,
     UsageError,
 )
-from tests.fixtures import SPACING, make_kaggle_task, tiny_case
+from tests.fixtures import SPACING, interruptible, make_kaggle_task, tiny_case
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["train.py", "eval.py", "infer.py", "tune.py", "medseg/data/__main__.py",
@@ -104,7 +104,7 @@ def _reading_a_fifo_config(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     fifo = tmp_path / "config.yaml"
     os.mkfifo(fifo)
     proc = subprocess.Popen([sys.executable, "-m", "medseg.data", "check", "--config", str(fifo)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while True:  # a FIFO's write end opens once a reader has it open
         try:
