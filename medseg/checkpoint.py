@@ -161,7 +161,8 @@ def checkpoint_config(path: str | os.PathLike, meta: dict[str, Any] | None = Non
 
 
 def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model in eval mode, meta, Config) from a checkpoint alone."""
+    """(model in eval mode, meta, Config) from a checkpoint alone; a colour one (``channel_mean`` in its preprocessing)
+    standardises its input (``models.Standardised``)."""
     from medseg.models import build_model
 
     ckpt = load_checkpoint(path)
@@ -171,7 +172,9 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     if missing:
         raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)} "
                               f"(checkpoint format version {VERSION}{_written_by(meta)})")
-    model = build_model(cfg.model, in_channels=meta["in_channels"], classes=meta["classes"])
+    prep = meta.get("preprocessing") or {}
+    stats = {"mean": prep["channel_mean"], "std": prep["channel_std"]} if "channel_mean" in prep else None
+    model = build_model(cfg.model, in_channels=meta["in_channels"], classes=meta["classes"], channel_stats=stats)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

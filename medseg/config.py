@@ -125,7 +125,19 @@ class DatasetConfig(_OmitUnset):
     mask_suffix: str = ""
     mask_threshold: float | None = Field(None, gt=0, description="binarise greyscale masks: value >= threshold -> "
                                          "label 1 (JPEG masks: 128); null: mask values are label values")
-    _omit_unset = ("mask_threshold", "cache_workers")
+    channels: Literal["auto", "rgb", "gray"] = Field(
+        "auto", description="input channels of 2D images: auto (3 when the images are colour, else 1), rgb (3, "
+        "colour kept), gray (1, colour reduced to luma); volumes (CT, NIfTI) always have 1")
+    _omit_unset = ("mask_threshold", "cache_workers", "channels")
+
+    @field_validator("channels")
+    @classmethod
+    def _colour_needs_images(cls, v: str, info: ValidationInfo) -> str:
+        fmt = info.data.get("format")
+        if v == "rgb" and fmt in ("kaggle", "msd"):
+            raise ValueError(f"rgb reads colour 2D images; format {fmt!r} reads volumes, which have 1 channel "
+                             "(use auto or gray)")
+        return v
 
     @model_validator(mode="after")
     def _check_mask_threshold(self) -> "DatasetConfig":

@@ -97,6 +97,7 @@ def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: 
         chosen = [cid for cid in chosen if cid in set(cases)]
     for cid in tqdm(chosen, desc=f"eval {split}", unit="case", disable=not progress, leave=False):
         case = data.source.load(cid)
+        predictor.check_channels(case.image, f"{case.source} (case {cid})")
         rows.append(score_case(cid, predictor.predict(case.image), case.label, labels))
     if not rows:
         raise MedsegError(f"split '{split}' of {data.split.path} is empty")
@@ -117,8 +118,9 @@ def find_prediction(pred_dir: Path, case_id: str) -> Path | None:
     return None
 
 
-def read_prediction(path: Path, *, labels: dict[int, str] | None = None) -> np.ndarray:
-    """A prediction file -> uint8 (X, Y, Z) label volume: evalseg pickle, NIfTI, or a 2D mask image (depth 1)."""
+def read_prediction(path: Path, *, labels: dict[int, str] | None = None, case_id: str | None = None) -> np.ndarray:
+    """A prediction file -> uint8 (X, Y, Z) label volume: evalseg pickle, NIfTI, or a 2D mask image (depth 1);
+    ``case_id`` is named in the errors of a mask image (a colour one, values that are no labels)."""
     name = path.name.lower()
     if name.endswith((".pkl", ".pkl.gz")):
         from medseg.data.evalseg_pickle import read_label_pickle
@@ -131,7 +133,7 @@ def read_prediction(path: Path, *, labels: dict[int, str] | None = None) -> np.n
         return to_label(vol.array, source=str(path))
     from medseg.data.sources.folders2d import read_mask
 
-    return read_mask(path, labels)
+    return read_mask(path, labels, case_id=case_id)
 
 
 def evaluate_predictions(source, pred_dir: str | Path, *, labels: Sequence[int] | None = None,
@@ -168,7 +170,7 @@ def evaluate_predictions(source, pred_dir: str | Path, *, labels: Sequence[int] 
     rows = []
     for cid in tqdm(ids, desc=f"score {pred_dir.name}", unit="case", disable=not progress, leave=False):
         target = source.load_label(cid)
-        pred = read_prediction(found[cid], labels=source.labels) if found[cid] else np.zeros_like(target)
+        pred = read_prediction(found[cid], labels=source.labels, case_id=cid) if found[cid] else np.zeros_like(target)
         rows.append(score_case(cid, pred, target, labels, lesions=lesions))
     info = {"predictions": str(pred_dir.resolve()), "missing": missing,
             "missing_scored_as_empty": missing_as_empty, "dataset": str(source.root)}

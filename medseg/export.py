@@ -61,8 +61,9 @@ def pick_cases(rows: list[dict[str, Any]], n: int = 5) -> list[str]:
 
 
 def overlay_triptych(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Path, title: str, window) -> Path:
-    """(X, Y) slice in three panels: the image, the ground truth (green) and the prediction (red) over it."""
-    from medseg.plots import _pyplot, save_figure
+    """(X, Y) slice (colour: (X, Y, 3)) in three panels: the image, the ground truth (green) and the prediction (red)
+    over it."""
+    from medseg.plots import _pyplot, save_figure, show_image
 
     plt = _pyplot()
     if window:
@@ -72,7 +73,7 @@ def overlay_triptych(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, pat
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
     panels = zip(axes, (None, truth, pred), ("image", "ground truth", "prediction"), ("", "lime", "red"))
     for ax, mask, name, colour in panels:
-        ax.imshow(image.T, cmap="gray", origin="lower", vmin=low, vmax=high)
+        show_image(ax, image, low, high)
         if mask is not None and mask.any():
             ax.imshow(np.ma.masked_equal((mask > 0).T.astype(float), 0),
                       cmap=plt.matplotlib.colors.ListedColormap([colour]), origin="lower", alpha=0.45)
@@ -93,7 +94,7 @@ def write_overlays(ckpt: Path, data, case_ids: list[str], rows: dict[str, dict],
     for cid in case_ids:
         case = data.source.load(cid)
         pred = predictor.predict(case.image)
-        image, truth, pred = (np.moveaxis(a, -1, 0) for a in (case.image, case.label, pred))  # (Z, X, Y)
+        image, truth, pred = (np.moveaxis(a, 2, 0) for a in (case.image, case.label, pred))  # (Z, X, Y[, C])
         z = pick_slice(truth, pred)
         dice, lesion_free = rows[cid]["dice"], _truth_empty(rows[cid])
         if not lesion_free:

@@ -5,6 +5,8 @@ training's validation (``predict_volume``, on the cached resolution) and ``Predi
 predict through it. The ``Predictor``'s preprocessing is the checkpoint's own (window or percentiles, in-plane size,
 2.5D context), run through the same functions that built the training cache; probabilities are resized back to each
 slice's original size before thresholding, so masks line up voxel for voxel with the input.
+A colour checkpoint (``channels`` 3 in its preprocessing) takes (X, Y, Z, 3) images, as the 2D reader gives them with
+dataset.channels rgb; an image with another number of channels is a one-line DataError naming it (``check_channels``).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 def slice_logits(model: torch.nn.Module, volume: np.ndarray, *, context: int, device: torch.device, batch_size: int,
                  amp: bool = False, tta_axes: list[list[int]] | None = None) -> Iterator[tuple[range, torch.Tensor]]:
     """(Z, S, S) normalised volume -> per batch of consecutive slices: (their z indices, (n, C, S, S) float32
-    logits), each slice stacked with ``context`` neighbours on either side (2k+1 channels).
+    logits), each slice stacked with ``context`` neighbours on either side (2k+1 channels; a colour (Z, 3, S, S)
+    volume: 3 (2k+1)).
 
     ``tta_axes`` (mirrors, see ``medseg.tta``) averages probabilities over the identity and those mirrors.
     """
@@ -55,12 +58,13 @@ def slice_logits(model: torch.nn.Module, volume: np.ndarray, *, context: int, de
 def predict_volume(model: torch.nn.Module, volume: np.ndarray, *, context: int, device: torch.device, batch_size: int,
                    threshold: float = 0.5, amp: bool = False, tta_axes: list[list[int]] | None = None,
                    target: np.ndarray | None = None, loss_fn=None) -> tuple[np.ndarray, float | None]:
-    """(Z, S, S) normalised volume -> (Z, S, S) uint8 class map, slice batches through the model (``slice_logits``).
+    """(Z, S, S) (or colour (Z, C, S, S)) normalised volume -> (Z, S, S) uint8 class map, slice batches through the
+    model (``slice_logits``).
 
     With ``target`` (class indices) and ``loss_fn``, also returns the mean loss over slices.
     """
     n = volume.shape[0]
-    out = np.empty((n, volume.shape[1], volume.shape[2]), np.uint8)
+    out = np.empty((n, *volume.shape[-2:]), np.uint8)
     with_loss = target is not None and loss_fn is not None
     loss_sum = 0.0
     for zs, logits in slice_logits(model, volume, context=context, device=device, batch_size=batch_size, amp=amp,
@@ -87,6 +91,7 @@ class Predictor:
         self.ckpt = Path(ckpt)
         self.settings: dict[str, Any] = self.meta["preprocessing"]
         self.context = int(self.settings.get("context_slices", 0))
+        self.channels = int(self.settings.get("channels", 1))  # of an input image: 3 for a colour checkpoint
         self.labels = [int(v) for v in self.meta["labels"]]
         self.batch_size = batch_size
         self.flip_tta = flip_tta
@@ -105,13 +110,30 @@ class Predictor:
         # class index -> raw label value (class 0 is background)
         self.class_to_label = np.array([0, *self.labels], dtype=np.uint8)
 
+    def check_channels(self, image: np.ndarray, where: str = "input") -> None:
+        """DataError (one line naming ``where``, e.g. "<file> (case <id>)") when ``image`` ((X, Y, Z) or colour
+        (X, Y, Z, C)) has other channels than the checkpoint was trained on."""
+        have = image.shape[3] if image.ndim == 4 else 1
+        if have == self.channels:
+            return
+        if self.channels > 1:
+            fix = ("give it the colour image, or use a checkpoint trained with dataset.channels: gray")
+        else:
+            fix = "read the image with dataset.channels: gray (luma), or use a checkpoint trained in colour"
+        raise DataError(f"{where}: the image has {have} channel{'s' * (have != 1)}, the checkpoint {self.ckpt} "
+                        f"expects {self.channels} (dataset.channels: {'rgb' if self.channels > 1 else 'gray'}): "
+                        f"{fix}")
+
     def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """(X, Y, Z) raw intensities -> (Z, S, S) float32 in [0, 1], exactly as the training cache."""
+        """(X, Y, Z) raw intensities -> (Z, S, S) float32 in [0, 1], exactly as the training cache; a colour image
+        (X, Y, Z, C) -> (Z, C, S, S)."""
         norm, _ = make_normaliser(image, self.settings)
         size = self.settings["image_size"]
         # float16 like the cache, so a checkpoint sees exactly the values it was trained and validated on
-        planes = [resize_slice(norm(image[:, :, z]), size, is_label=False) for z in range(image.shape[2])]
-        return np.stack(planes).astype(np.float16).astype(np.float32)
+        planes = np.stack([resize_slice(norm(image[:, :, z]), size, is_label=False) for z in range(image.shape[2])])
+        if planes.ndim == 4:  # colour: (Z, S, S, C) -> (Z, C, S, S), the cache's layout
+            planes = planes.transpose(0, 3, 1, 2)
+        return planes.astype(np.float16).astype(np.float32)
 
     @torch.no_grad()
     def batch_probabilities(self, image: np.ndarray) -> Iterator[tuple[range, torch.Tensor]]:
@@ -131,10 +153,12 @@ class Predictor:
                 yield z, probs[i].cpu().numpy()
 
     def predict(self, image: np.ndarray) -> np.ndarray:
-        """(X, Y, Z) float32 -> (X, Y, Z) uint8 raw label values (the task's own label numbering)."""
-        if image.ndim != 3:
+        """(X, Y, Z) float32 (colour: (X, Y, Z, C)) -> (X, Y, Z) uint8 raw label values (the task's own label
+        numbering)."""
+        if image.ndim not in (3, 4):
             raise DataError(f"expected an (X, Y, Z) volume, got shape {image.shape}")
-        out = np.zeros(image.shape, np.uint8)
+        self.check_channels(image)
+        out = np.zeros(image.shape[:3], np.uint8)
         for zs, probs in self.batch_probabilities(image):
             classes = predict_classes(probs, self.threshold, probabilities=True).cpu().numpy()  # (n, X, Y)
             out[:, :, zs.start:zs.stop] = np.moveaxis(self.class_to_label[classes], 0, 2)
@@ -149,7 +173,8 @@ class Predictor:
 
 @dataclass
 class InputItem:
-    """One thing to segment: its id, float32 (X, Y, Z) image, and how to write a mask like it."""
+    """One thing to segment: its id, float32 (X, Y, Z) image (colour: (X, Y, Z, 3)), and how to write a mask like
+    it."""
 
     name: str
     image: np.ndarray
@@ -176,14 +201,20 @@ def read_nifti(path: Path) -> InputItem:
     return InputItem(_stem(path), to_image(nii.array, source=str(path)), "nifti", nii)
 
 
-def read_image(path: Path) -> InputItem:
-    from medseg.data.sources.folders2d import read_gray
+def read_image(path: Path, channels: int = 1) -> InputItem:
+    """An image file as a depth-1 volume: luma (X, Y, 1) for ``channels`` 1, else as it is: colour (X, Y, 1, 3), or
+    (X, Y, 1) for a greyscale file (which a colour checkpoint refuses)."""
+    from medseg.data.sources.folders2d import read_colour, read_gray
 
-    return InputItem(_stem(path), read_gray(path), "image", path)
+    if channels == 1:
+        return InputItem(_stem(path), read_gray(path), "image", path)
+    image = read_colour(path)
+    return InputItem(_stem(path), image[:, :, None, :] if image.shape[-1] > 1 else image, "image", path)
 
 
-def iter_inputs(path: str | Path, case_ids: list[str] | None = None) -> Iterator[InputItem]:
-    """A NIfTI file, an image file, a folder of either, or a Kaggle task folder (all or ``case_ids``)."""
+def iter_inputs(path: str | Path, case_ids: list[str] | None = None, channels: int = 1) -> Iterator[InputItem]:
+    """A NIfTI file, an image file, a folder of either, or a Kaggle task folder (all or ``case_ids``); images read
+    for a checkpoint of ``channels`` (``read_image``)."""
     path = Path(path)
     if path.is_dir() and ((path / "CT.zip").exists() or (path / "CT").is_dir()) and (path / "metadata.json").exists():
         from medseg.data.sources import open_source
@@ -207,7 +238,7 @@ def iter_inputs(path: str | Path, case_ids: list[str] | None = None) -> Iterator
         if _has_suffix(f, NIFTI_SUFFIXES):
             yield read_nifti(f)
         elif _has_suffix(f, IMAGE_SUFFIXES):
-            yield read_image(f)
+            yield read_image(f, channels)
         else:
             raise DataError(f"{f}: unsupported input type (use .nii, .nii.gz, or an image)")
 
@@ -254,7 +285,9 @@ def run_inference(ckpt: str | Path, input_path: str | Path, out_dir: str | Path,
     predictor = Predictor(ckpt, device=device, batch_size=batch_size, flip_tta=flip_tta, postprocess=postprocess)
     out_dir = Path(out_dir)
     records = []
-    for item in iter_inputs(input_path, case_ids):
+    for item in iter_inputs(input_path, case_ids, predictor.channels):
+        where = f"{item.reference} (case {item.name})" if item.kind == "image" else f"case {item.name}"
+        predictor.check_channels(item.image, where)
         mask = predictor.predict(item.image)
         path = write_mask(item, mask, out_dir, binary_255=len(predictor.labels) == 1)
         record = {"input": item.name, "mask": str(path), "shape": list(mask.shape),

@@ -11,8 +11,25 @@ def n_classes(labels: list[int]) -> int:
     return 1 if len(labels) == 1 else len(labels) + 1
 
 
-def build_model(model_cfg, *, in_channels: int, classes: int) -> torch.nn.Module:
-    """smp model from the config; offline by default (``encoder_weights: null``)."""
+class Standardised(torch.nn.Module):
+    """A segmentation model whose input is standardised per channel first, ``(x - mean) / std``: colour input, with
+    the training split's statistics (``SliceCache.channel_stats``). They are buffers, so the checkpoint's weights
+    carry them and every prediction (validation, eval.py, infer.py, robustness, TTA) applies them."""
+
+    def __init__(self, model: torch.nn.Module, mean, std) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def build_model(model_cfg, *, in_channels: int, classes: int,
+                channel_stats: dict[str, list[float]] | None = None) -> torch.nn.Module:
+    """smp model from the config; offline by default (``encoder_weights: null``). ``channel_stats`` ({"mean",
+    "std"} per image channel, repeated over the 2.5D context's slices): wrapped in ``Standardised``."""
     import segmentation_models_pytorch as smp
 
     kwargs = dict(model_cfg.kwargs)
@@ -27,7 +44,13 @@ def build_model(model_cfg, *, in_channels: int, classes: int) -> torch.nn.Module
         call = f"smp.create_model({model_cfg.arch}, {model_cfg.encoder}, {kwargs})"
         raise ConfigError(f"model: {call}: {' '.join(str(err).split())[:400]}") from None
     drop_unused_encoder_stages(model, in_channels)
-    return model
+    if channel_stats is None:
+        return model
+    per_slice = len(channel_stats["mean"])
+    if in_channels % per_slice:
+        raise ConfigError(f"model: {in_channels} input channels are not slices of {per_slice} channels each")
+    repeat = in_channels // per_slice
+    return Standardised(model, list(channel_stats["mean"]) * repeat, list(channel_stats["std"]) * repeat)
 
 
 def drop_unused_encoder_stages(model: torch.nn.Module, in_channels: int) -> list[str]:

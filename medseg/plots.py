@@ -59,11 +59,23 @@ def pick_slice(target: np.ndarray, pred: np.ndarray) -> int:
     return target.shape[0] // 2
 
 
+def show_image(ax, image: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> None:
+    """An (X, Y) grey plane, or an (X, Y, 3) colour one (values from vmin to vmax, default [0, 1]), with X
+    horizontal."""
+    if image.ndim == 2:
+        ax.imshow(image.T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax)
+        return
+    low, high = (0.0, 1.0) if vmin is None or vmax is None else (vmin, vmax)
+    rgb = (np.asarray(image, np.float32).transpose(1, 0, 2) - low) / max(high - low, 1e-6)
+    ax.imshow(np.clip(rgb, 0.0, 1.0), origin="lower")
+
+
 def overlay_png(image: np.ndarray, target: np.ndarray | None, pred: np.ndarray, path: Path, title: str = "") -> Path:
-    """One (S, S) slice: grey image, ground truth contour in green, prediction contour in red."""
+    """One (S, S) slice: grey image (or an (S, S, 3) colour one in [0, 1]), ground truth contour in green, prediction
+    contour in red."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(image.T, cmap="gray", origin="lower")  # (X, Y) plane shown with X horizontal
+    show_image(ax, image)
     if target is not None and target.any():
         ax.contour((target > 0).T.astype(float), levels=[0.5], colors=["lime"], linewidths=1.0, origin="lower")
     if pred.any():
@@ -74,7 +86,8 @@ def overlay_png(image: np.ndarray, target: np.ndarray | None, pred: np.ndarray, 
 
 
 def overlay_pngs(cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], out_dir: Path) -> list[Path]:
-    """cases: id -> (image (Z, S, S), target (Z, S, S), prediction (Z, S, S)); one PNG per case."""
+    """cases: id -> (image (Z, S, S) or colour (Z, S, S, 3), target (Z, S, S), prediction (Z, S, S)); one PNG per
+    case."""
     out_dir = Path(out_dir)
     paths = []
     for cid, (image, target, pred) in cases.items():

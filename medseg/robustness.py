@@ -2,10 +2,11 @@
 
 Image perturbations are albumentations transforms (by name, ``p=1``, equal low/high limits so a severity is one
 value, not a range) applied slice by slice to the preprocessed volume the model sees (``Predictor.preprocess``:
-(Z, S, S) in [0, 1]), with a fixed seed per case and perturbation; the CT window shift moves the HU window level of
-the checkpoint's preprocessing settings before normalisation (CT checkpoints only). Post-processing and TTA apply as
-in normal evaluation (``Predictor``). The table: per perturbation and severity, Dice, lesion recall and precision
-(``metrics.summarize`` of ``evaluation.score_case`` over the cases) and the Dice drop against clean.
+(Z, S, S) in [0, 1], colour (Z, 3, S, S)), with a fixed seed per case and perturbation; the CT window shift moves
+the HU window level of the checkpoint's preprocessing settings before normalisation (CT checkpoints only).
+Post-processing and TTA apply as in normal evaluation (``Predictor``). The table: per perturbation and severity,
+Dice, lesion recall and precision (``metrics.summarize`` of ``evaluation.score_case`` over the cases) and the Dice
+drop against clean.
 """
 from __future__ import annotations
 
@@ -58,11 +59,17 @@ def case_seed(seed: int, case_id: str, name: str, severity: str) -> int:
 
 
 def perturb_volume(volume: np.ndarray, spec: dict[str, Any], seed: int) -> np.ndarray:
-    """(Z, S, S) float32 in [0, 1] -> the same, each slice through the spec's transform (seeded, in slice order)."""
+    """(Z, S, S) float32 in [0, 1] -> the same, each slice through the spec's transform (seeded, in slice order). A
+    colour volume (Z, C, S, S): each slice as the (S, S, C) image albumentations expects."""
     import albumentations as A
 
     pipeline = A.Compose([build_transform(spec)], seed=seed)
-    out = np.stack([pipeline(image=np.ascontiguousarray(plane))["image"] for plane in volume]).astype(np.float32)
+    if volume.ndim == 4:
+        planes = [pipeline(image=np.ascontiguousarray(plane.transpose(1, 2, 0)))["image"].transpose(2, 0, 1)
+                  for plane in volume]
+    else:
+        planes = [pipeline(image=np.ascontiguousarray(plane))["image"] for plane in volume]
+    out = np.stack(planes).astype(np.float32)
     return np.clip(out, 0.0, 1.0, out=out)
 
 

@@ -49,11 +49,20 @@ class PreparedData:
 
     @property
     def in_channels(self) -> int:
-        return 1  # single modality; 2.5D context is added by the caller as 2k+1 channels
+        """Channels of one slice: 1, or 3 for colour; 2.5D context is added by the caller as 2k+1 times these."""
+        return self.cache.channels
+
+    @property
+    def channel_stats(self) -> dict[str, list[float]] | None:
+        """Mean and std per channel of the training cases' cached pixels (colour only, else None): the model's input
+        standardisation (``models.Standardised``), stored in the checkpoint."""
+        return self.cache.channel_stats(self.split.train)
 
     def preprocessing(self, cfg: Config) -> dict[str, Any]:
+        stats = self.channel_stats
         return {**self.cache.settings, "context_slices": cfg.dataset.context_slices, "labels": self.labels,
-                "label_names": {str(v): self.source.labels.get(v, str(v)) for v in self.labels}}
+                "label_names": {str(v): self.source.labels.get(v, str(v)) for v in self.labels},
+                **({"channel_mean": stats["mean"], "channel_std": stats["std"]} if stats else {})}
 
 
 def prepare_data(cfg: Config, *, progress: bool = True) -> PreparedData:
@@ -312,7 +321,8 @@ def build_training(cfg: Config, data: PreparedData, device: torch.device) -> Tra
     context = cfg.dataset.context_slices
     classes = n_classes(data.labels)
     seed_everything(t.seed)
-    model = build_model(cfg.model, in_channels=(2 * context + 1) * data.in_channels, classes=classes).to(device)
+    model = build_model(cfg.model, in_channels=(2 * context + 1) * data.in_channels, classes=classes,
+                        channel_stats=data.channel_stats).to(device)
     optimizer = build_optimizer(model, cfg)
     ema = build_ema(model, cfg)
     loss_fn = build_loss(cfg.loss, classes)
@@ -502,8 +512,10 @@ def finish_run(run_dir: Path, cfg: Config, data: PreparedData, history, device,
     if cfg.training.val_overlays:
         cases = sorted(data.split.val)[: cfg.training.val_overlays]
         lut = label_lut(data.labels)
-        volumes = {cid: (np.asarray(data.cache.image(cid)), lut[np.asarray(data.cache.label(cid))],
-                         best_predictions[cid]) for cid in cases}
+        # colour (Z, C, S, S) shown as (Z, S, S, C)
+        volumes = {cid: (np.asarray(data.cache.image(cid)) if data.in_channels == 1
+                         else np.moveaxis(np.asarray(data.cache.image(cid)), 1, -1),
+                         lut[np.asarray(data.cache.label(cid))], best_predictions[cid]) for cid in cases}
         paths += overlay_pngs(volumes, run_dir / "overlays")
     return paths
 

@@ -6,7 +6,7 @@ Layout::
         splits-<hash>/splits.json                     (medseg.data.split)
         prep-<settings hash>/
             manifest.json                              written last: its presence marks a complete cache
-            <case>.img.npy   float16 (Z, S, S) in [0, 1]
+            <case>.img.npy   float16 (Z, S, S) in [0, 1]; colour images (C = 3 channels): (Z, C, S, S)
             <case>.lbl.npy   uint8   (Z, S, S) raw label values
 
 Epochs and trials read the ``.npy`` files memory-mapped, so no NIfTI is decoded after the first build.
@@ -14,6 +14,9 @@ The build holds a file lock (one builder per cache; other processes wait, then r
 temporary folder case by case (one case in memory), and renames it into place only when complete.
 A folder without a valid manifest, or whose files do not match it, is a half-written cache: rebuilt.
 2.5D context is assembled at read time from neighbouring slices, so it does not fork the cache.
+A colour case is normalised with one intensity mapping for its three channels (their balance kept), and its manifest
+entry holds per-channel pixel sums (``channel_sums``): the training split's mean and std per channel
+(``channel_stats``) are added up from them, without reading an image.
 """
 from __future__ import annotations
 
@@ -40,16 +43,25 @@ CACHE_VERSION = 2  # 2: labels resized with pixel-centre nearest neighbour (INTE
 HU_LIKE_MIN = -200.0  # a CT volume whose minimum is above this is not in Hounsfield units (e.g. 0..255 PNG-like)
 
 
-def preprocessing_settings(dataset_cfg, modality: str) -> dict[str, Any]:
-    """The settings that change cached pixels (and nothing else: split and 2.5D context do not)."""
+def preprocessing_settings(dataset_cfg, modality: str, channels: int = 1) -> dict[str, Any]:
+    """The settings that change cached pixels (and nothing else: split and 2.5D context do not). ``channels``
+    (the source's) enters only when there are several, so a grey cache keeps its folder."""
     window = dataset_cfg.window.model_dump() if dataset_cfg.window is not None else None
-    return {
+    settings = {
         "version": CACHE_VERSION,
         "modality": modality,
         "window": window if modality.upper() == "CT" else None,
         "percentiles": list(dataset_cfg.percentiles),
         "image_size": dataset_cfg.image_size,
     }
+    if channels > 1:
+        settings["channels"] = int(channels)
+    return settings
+
+
+def source_settings(dataset_cfg, source) -> dict[str, Any]:
+    """``preprocessing_settings`` of ``source`` (its modality and channels)."""
+    return preprocessing_settings(dataset_cfg, source.modality, int(getattr(source, "channels", 1)))
 
 
 def _sample(volume: np.ndarray) -> np.ndarray:
@@ -84,18 +96,19 @@ def make_normaliser(volume: np.ndarray, settings: dict[str, Any], *, minimum: fl
 
 
 def resize_slice(plane: np.ndarray, size: int, *, is_label: bool) -> np.ndarray:
-    """(H, W) -> (size, size): area averaging when shrinking images, bilinear when enlarging, nearest for labels."""
+    """(H, W) -> (size, size): area averaging when shrinking images, bilinear when enlarging, nearest for labels.
+    A colour plane (H, W, C) -> (size, size, C)."""
     import cv2
 
-    if plane.shape == (size, size):
+    if plane.shape[:2] == (size, size):
         return plane
     if is_label:
         interp = cv2.INTER_NEAREST_EXACT  # pixel centres, aligned with INTER_AREA image downsampling
     else:
-        interp = cv2.INTER_AREA if max(plane.shape) > size else cv2.INTER_LINEAR
+        interp = cv2.INTER_AREA if max(plane.shape[:2]) > size else cv2.INTER_LINEAR
     # cv2 takes (width, height); plane axes are (X, Y) and stay in that order. A plane of a NIfTI volume is
     # Fortran-ordered: resizing its transpose (C-ordered, no copy) and transposing back gives the same pixels.
-    if plane.flags.f_contiguous and not plane.flags.c_contiguous:
+    if plane.ndim == 2 and plane.flags.f_contiguous and not plane.flags.c_contiguous:
         return cv2.resize(plane.T, (size, size), interpolation=interp).T
     return cv2.resize(np.ascontiguousarray(plane), (size, size), interpolation=interp)
 
@@ -150,9 +163,31 @@ class SliceCache:
             self._maps.move_to_end(key)
         return arr
 
+    @property
+    def channels(self) -> int:
+        """Channels of every cached image: 1, or 3 for colour (images then (Z, C, S, S))."""
+        return int(self.settings.get("channels", 1))
+
     def image(self, case_id: str) -> np.ndarray:
-        """float16 (Z, S, S) in [0, 1], memory-mapped."""
+        """float16 (Z, S, S) in [0, 1], or (Z, C, S, S) for colour (``channels``), memory-mapped."""
         return self._open(case_id, "image_file")
+
+    def channel_stats(self, case_ids: Iterable[str]) -> dict[str, list[float]] | None:
+        """Mean and std per channel over every cached pixel of ``case_ids`` (the training split: nothing of another
+        case enters), from the manifest's per-case sums; None for one channel."""
+        if self.channels == 1:
+            return None
+        n, total, total_sq = 0, np.zeros(self.channels), np.zeros(self.channels)
+        for cid in case_ids:
+            sums = self.cases[cid]["channel_sums"]
+            n += int(sums["pixels"])
+            total += np.asarray(sums["sum"], np.float64)
+            total_sq += np.asarray(sums["sum_sq"], np.float64)
+        if not n:
+            raise DataError(f"{self.root}: no case to take channel statistics from")
+        mean = total / n
+        std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+        return {"mean": [float(v) for v in mean], "std": [float(max(v, 1e-6)) for v in std]}
 
     def label(self, case_id: str) -> np.ndarray:
         """uint8 (Z, S, S) raw label values, memory-mapped."""
@@ -192,7 +227,7 @@ def dataset_dir_for(dataset_cfg, source) -> Path:
 
 def prep_dir_for(dataset_cfg, source) -> Path:
     """``<dataset dir>/prep-<settings hash>``: the cache folder of these settings, built or not."""
-    settings = preprocessing_settings(dataset_cfg, source.modality)
+    settings = source_settings(dataset_cfg, source)
     return dataset_dir_for(dataset_cfg, source) / f"prep-{stable_hash(settings)}"
 
 
@@ -227,7 +262,7 @@ def build_cache(dataset_cfg, source=None, *, progress: bool = True, case_info: C
     with FileLock(str(prep_dir) + ".lock"):
         manifest = _valid_manifest(prep_dir)  # another process may have finished while we waited
         if manifest is None:
-            job = BuildJob(source, preprocessing_settings(dataset_cfg, source.modality),
+            job = BuildJob(source, source_settings(dataset_cfg, source),
                            getattr(dataset_cfg, "cache_workers", None), case_info, on_case, on_first_case)
             manifest = _build(prep_dir, job, progress=progress)
     return SliceCache(prep_dir, manifest)
@@ -316,7 +351,7 @@ def _case_results(job: BuildJob, tmp_dir: Path, ids: list[str], stems: dict[str,
         _warm_imports()
         first = here(rest.pop(0))
     job.processes = build_processes(job.workers, len(ids), first[3] if first else 0.0,
-                                    first[1]["orig_shape"] if first else ())
+                                    [*first[1]["orig_shape"], int(job.settings.get("channels", 1))] if first else ())
     if first is not None:
         yield first
     if job.processes == 1:
@@ -349,7 +384,8 @@ def _build(prep_dir: Path, job: BuildJob, *, progress: bool) -> dict[str, Any]:
                   leave=False) as bar:
             for case_id, entry, info, seconds, rss in _case_results(job, tmp_dir, ids, _file_stems(ids)):
                 if not entries and job.on_first_case is not None:
-                    job.on_first_case(CaseTiming(case_id, entry["n_slices"], seconds, job.processes))
+                    job.on_first_case(CaseTiming(case_id, entry["n_slices"], seconds, job.processes,
+                                                 int(job.settings.get("channels", 1))))
                 entries[case_id] = entry
                 peak_rss.append(rss)
                 if job.on_case is not None:
@@ -429,15 +465,19 @@ def _write_case(out_dir: Path, case, settings: dict[str, Any], stem: str) -> dic
     would cast the labels to int64, 8 bytes per voxel) or taken from a strided sample.
     """
     size = settings["image_size"]
+    channels = int(settings.get("channels", 1))
     image, label = case.image, case.label
+    have = image.shape[3] if image.ndim == 4 else 1
+    if have != channels:
+        raise DataError(f"{case.source} (case {case.case_id}): image has {have} channel(s), the cache {channels}")
     low, high = float(image.min()), float(image.max())
     norm, method = make_normaliser(image, settings, minimum=low)
     n_slices = image.shape[2]
     img_name, lbl_name = f"{stem}.img.npy", f"{stem}.lbl.npy"
     kept = "the cache is not built and nothing of it is kept (its temp folder is removed)"
+    img_shape = (n_slices, size, size) if channels == 1 else (n_slices, channels, size, size)
     with disk_full_as_error(out_dir / img_name, kept=kept):
-        img_out = np.lib.format.open_memmap(out_dir / img_name, mode="w+", dtype=np.float16,
-                                            shape=(n_slices, size, size))
+        img_out = np.lib.format.open_memmap(out_dir / img_name, mode="w+", dtype=np.float16, shape=img_shape)
         _reserve(out_dir / img_name)
     with disk_full_as_error(out_dir / lbl_name, kept=kept):
         lbl_out = np.lib.format.open_memmap(out_dir / lbl_name, mode="w+", dtype=np.uint8, shape=(n_slices, size, size))
@@ -445,26 +485,34 @@ def _write_case(out_dir: Path, case, settings: dict[str, Any], stem: str) -> dic
     fg = []
     counts = np.zeros(256, np.int64)  # voxels per label value, original resolution
     fg_sum = 0.0
+    channel_sum, channel_sum_sq = np.zeros(channels), np.zeros(channels)
     for z in range(n_slices):
-        plane = image[:, :, z]  # a view: Fortran-ordered (contiguous) for NIfTI volumes
+        plane = image[:, :, z]  # a view: Fortran-ordered (contiguous) for NIfTI volumes; (X, Y, C) for colour
         lbl = np.ascontiguousarray(label[:, :, z])  # labels decoded from pickles are C-ordered: gather the plane once
-        img_out[z] = resize_slice(norm(plane), size, is_label=False)
+        resized = resize_slice(norm(plane), size, is_label=False)
+        if channels == 1:
+            img_out[z] = resized
+        else:
+            img_out[z] = resized.transpose(2, 0, 1)
+            stored = np.asarray(img_out[z], np.float64)  # the float16 values training reads
+            channel_sum += stored.sum(axis=(1, 2))
+            channel_sum_sq += np.square(stored).sum(axis=(1, 2))
         small = resize_slice(lbl, size, is_label=True)
         lbl_out[z] = small
         fg.append(int(np.count_nonzero(small)))
         if lbl.any():
             on = lbl != 0
             counts += np.bincount(lbl[on], minlength=256)
-            fg_sum += float(plane[on].sum(dtype=np.float64))
+            fg_sum += float(plane[on].sum(dtype=np.float64)) / channels  # colour: the mean over the channels
     img_out.flush()
     lbl_out.flush()
     del img_out, lbl_out
     n_fg = int(counts[1:].sum())
-    return {
+    entry = {
         "case_id": case.case_id,
         "source": case.source,
         "n_slices": n_slices,
-        "orig_shape": list(case.image.shape),
+        "orig_shape": list(case.label.shape),  # the image's geometry (its channels in the settings)
         "spacing": [float(s) for s in case.spacing],
         "normalisation": method,
         "fg_per_slice": fg,
@@ -475,6 +523,10 @@ def _write_case(out_dir: Path, case, settings: dict[str, Any], stem: str) -> dic
         "intensity": {**_intensity_stats(image, low, high), "fg_mean": fg_sum / n_fg if n_fg else None},
         "voxels_per_label": {str(v): int(counts[v]) for v in np.flatnonzero(counts) if v != 0},
     }
+    if channels > 1:
+        entry["channel_sums"] = {"pixels": n_slices * size * size, "sum": channel_sum.tolist(),
+                                 "sum_sq": channel_sum_sq.tolist()}
+    return entry
 
 
 # ------------------------------------------------------------------------------------------------- estimate
@@ -488,6 +540,7 @@ class CaseTiming:
     slices: int
     seconds: float  # decode, preprocess, write (and case_info) in the process that made it
     processes: int  # the build's processes (build_processes)
+    channels: int = 1  # of the cached images (settings["channels"])
 
 
 @dataclass
@@ -528,11 +581,15 @@ def npy_file_bytes(shape: tuple[int, ...], dtype) -> int:
     return header.tell() + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-def cache_bytes(slices_per_case: Iterable[int], image_size: int) -> int:
+def cache_bytes(slices_per_case: Iterable[int], image_size: int, channels: int = 1) -> int:
     """Bytes on disk of a cache of cases with these slice counts: per case a float16 image and a uint8 label volume
-    of (slices, image_size, image_size), as ``_write_case`` writes them (the manifest's few kB not counted)."""
-    return sum(npy_file_bytes((n, image_size, image_size), dtype)
-               for n in slices_per_case for dtype in (np.float16, np.uint8))
+    of (slices, image_size, image_size), as ``_write_case`` writes them (the manifest's few kB not counted); a colour
+    image (``channels`` > 1) is (slices, channels, image_size, image_size)."""
+    total = 0
+    for n in slices_per_case:
+        image = (n, image_size, image_size) if channels == 1 else (n, channels, image_size, image_size)
+        total += npy_file_bytes(image, np.float16) + npy_file_bytes((n, image_size, image_size), np.uint8)
+    return total
 
 
 def estimate_build(dataset_cfg, slices: dict[str, int], timing: CaseTiming) -> CacheEstimate:
@@ -543,8 +600,8 @@ def estimate_build(dataset_cfg, slices: dict[str, int], timing: CaseTiming) -> C
     total, size = sum(slices.values()), int(dataset_cfg.image_size)
     here = timing.slices if getattr(dataset_cfg, "cache_workers", None) is None else 0
     seconds = per_slice * (here + (total - here) / timing.processes)
-    return CacheEstimate(len(slices), total, cache_bytes(slices.values(), size), size, timing.processes, seconds,
-                         per_slice, timing.case_id)
+    return CacheEstimate(len(slices), total, cache_bytes(slices.values(), size, timing.channels), size,
+                         timing.processes, seconds, per_slice, timing.case_id)
 
 
 def time_first_case(dataset_cfg, source, case_info: Callable | None = None) -> CaseTiming:
@@ -554,11 +611,13 @@ def time_first_case(dataset_cfg, source, case_info: Callable | None = None) -> C
     ids = source.case_ids()
     if not ids:
         raise DataError(f"{source.root}: no cases to cache")
-    settings = preprocessing_settings(dataset_cfg, source.modality)
+    settings = source_settings(dataset_cfg, source)
     cache_dir = Path(dataset_cfg.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     _warm_imports()
     with tempfile.TemporaryDirectory(prefix=".estimate-", dir=cache_dir) as tmp:
         entry, _, seconds = _cache_case(source, settings, Path(tmp), _file_stems(ids[:1]), case_info, ids[0])
-    processes = build_processes(getattr(dataset_cfg, "cache_workers", None), len(ids), seconds, entry["orig_shape"])
-    return CaseTiming(ids[0], entry["n_slices"], seconds, processes)
+    channels = int(settings.get("channels", 1))
+    processes = build_processes(getattr(dataset_cfg, "cache_workers", None), len(ids), seconds,
+                                [*entry["orig_shape"], channels])
+    return CaseTiming(ids[0], entry["n_slices"], seconds, processes, channels)

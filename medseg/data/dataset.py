@@ -30,8 +30,10 @@ def context_indices(z: int, n_slices: int, k: int) -> np.ndarray:
 
 
 def stack_context(volume: np.ndarray, z: int, k: int) -> np.ndarray:
-    """(Z, S, S) volume -> (2k+1, S, S) float32 block centred on slice z."""
-    return np.asarray(volume[context_indices(z, volume.shape[0], k)], dtype=np.float32)
+    """(Z, S, S) volume -> (2k+1, S, S) float32 block centred on slice z. A colour volume (Z, C, S, S) ->
+    ((2k+1) * C, S, S): the C channels of slice z-k, then those of z-k+1, ..."""
+    block = np.asarray(volume[context_indices(z, volume.shape[0], k)], dtype=np.float32)
+    return block.reshape(-1, *block.shape[-2:]) if block.ndim == 4 else block
 
 
 def build_augmentation(augment_cfgs, seed: int):
@@ -46,7 +48,9 @@ def build_augmentation(augment_cfgs, seed: int):
 
 
 class SliceDataset(Dataset):
-    """(image (C, S, S) float32, mask (S, S) int64 class indices) per cached slice of the given cases."""
+    """(image (C, S, S) float32, mask (S, S) int64 class indices) per cached slice of the given cases; C is
+    (2k+1) times the cache's channels. ``transform`` sees a grey block as one (S, S, 2k+1) image, a colour one as
+    2k+1 (S, S, 3) images (albumentations' ``images``: the same draw for each), so colour transforms apply."""
 
     def __init__(self, cache, case_ids: Sequence[str], *, labels: Sequence[int], context_slices: int = 0,
                  transform=None):
@@ -71,11 +75,18 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i: int):
         cid, z = self.index[i]
-        image = stack_context(self.cache.image(cid), z, self.context)  # (C, S, S)
+        volume = self.cache.image(cid)
         mask = self.lut[np.asarray(self.cache.label(cid)[z])]  # (S, S)
-        if self.transform is not None:
-            out = self.transform(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=mask)
-            image, mask = out["image"].transpose(2, 0, 1), out["mask"]
+        if volume.ndim == 4 and self.transform is not None:  # colour: (2k+1, S, S, 3) images, one draw
+            block = np.asarray(volume[context_indices(z, volume.shape[0], self.context)], dtype=np.float32)
+            out = self.transform(images=np.ascontiguousarray(block.transpose(0, 2, 3, 1)), mask=mask)
+            image, mask = out["images"].transpose(0, 3, 1, 2), out["mask"]
+            image = image.reshape(-1, *image.shape[-2:])
+        else:
+            image = stack_context(volume, z, self.context)  # (C, S, S)
+            if self.transform is not None:
+                out = self.transform(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=mask)
+                image, mask = out["image"].transpose(2, 0, 1), out["mask"]
         image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         return image_t, torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
 

@@ -8,7 +8,7 @@ from medseg.data.sources.base import Case, Source
 from medseg.data.sources.folders2d import Folders2DSource
 from medseg.data.sources.kaggle_evalseg import KaggleEvalsegSource, find_tasks
 from medseg.data.sources.msd import MSDSource
-from medseg.errors import DataError
+from medseg.errors import ConfigError, DataError
 
 FORMATS = ("kaggle", "msd", "folders2d")
 
@@ -44,19 +44,24 @@ def open_source(
     mask_suffix: str = "",
     labels: dict[int, str] | None = None,
     mask_threshold: float | None = None,
+    channels: str = "gray",
     warn_skipped: bool = True,
 ) -> Source:
     """The reader for ``format`` ("kaggle", "msd", "folders2d" or "auto") opened on ``path``.
 
     ``labels`` names the mask values of a 2D folder dataset (kaggle and msd read theirs from their metadata);
-    ``mask_threshold`` binarises its greyscale masks. ``warn_skipped``: log the unpaired cases ``allow_missing``
-    skips (the audit, which lists them itself, passes False).
+    ``mask_threshold`` binarises its greyscale masks, ``channels`` (auto, rgb, gray) reads its images in colour or
+    grey (volumes: always 1 channel). ``warn_skipped``: log the unpaired cases ``allow_missing`` skips (the audit,
+    which lists them itself, passes False).
     """
     if format == "auto":
         format = detect_format(path, image_dir, mask_dir)
     if mask_threshold is not None and format in ("kaggle", "msd"):
         raise DataError(f"{path}: dataset.mask_threshold binarises 2D mask images; this is a {format} dataset of label "
                         "volumes (unset dataset.mask_threshold)")
+    if channels == "rgb" and format in ("kaggle", "msd"):
+        raise ConfigError(f"dataset.channels: rgb reads colour 2D images; {path} is a {format} dataset of volumes, "
+                          "which have 1 channel (use auto or gray)")
     if format == "kaggle":
         return KaggleEvalsegSource(path, task=task, allow_missing=allow_missing, warn_skipped=warn_skipped)
     if format == "msd":
@@ -64,7 +69,7 @@ def open_source(
     if format == "folders2d":
         return Folders2DSource(path, image_dir=image_dir, mask_dir=mask_dir, image_suffix=image_suffix,
                                mask_suffix=mask_suffix, labels=labels, allow_missing=allow_missing,
-                               mask_threshold=mask_threshold, warn_skipped=warn_skipped)
+                               mask_threshold=mask_threshold, channels=channels, warn_skipped=warn_skipped)
     raise ValueError(f"data.format: unknown format {format!r}; allowed: {', '.join(FORMATS + ('auto',))}")
 
 
@@ -78,4 +83,5 @@ def open_source_from_config(dataset_cfg, *, warn_skipped: bool = True) -> Source
     labels = {0: "background", **{int(v): f"label {v}" for v in c.labels}} if c.labels else None
     return open_source(c.format, c.path, task=c.task, allow_missing=c.allow_missing, image_dir=c.image_dir,
                        mask_dir=c.mask_dir, image_suffix=c.image_suffix, mask_suffix=c.mask_suffix, labels=labels,
-                       mask_threshold=getattr(c, "mask_threshold", None), warn_skipped=warn_skipped)
+                       mask_threshold=getattr(c, "mask_threshold", None), channels=getattr(c, "channels", "gray"),
+                       warn_skipped=warn_skipped)

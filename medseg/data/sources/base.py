@@ -13,8 +13,10 @@ class Case:
     """One patient volume with its expert mask.
 
     image:   float32, shape (X, Y, Z) in NIfTI (i, j, k) order; Hounsfield units for CT, raw values otherwise.
-             A 2D image is a volume of depth 1: (rows, cols, 1).
-    label:   uint8, same shape as ``image``; integer label values as listed in the source's ``labels``.
+             A 2D image is a volume of depth 1: (rows, cols, 1); a colour one (dataset.channels rgb) has its
+             channels last: (rows, cols, 1, 3).
+    label:   uint8, the shape of ``image`` (without its channels); integer label values as listed in the source's
+             ``labels``.
     spacing: voxel size in mm along (X, Y, Z).
     source:  path of the file the image was read from (for error messages and provenance).
     affine:  4x4 voxel-to-world matrix when the source has one (NIfTI), else None.
@@ -31,7 +33,7 @@ class Case:
     def __post_init__(self) -> None:
         if not isinstance(self.case_id, str):
             raise TypeError(f"case id must be a string, got {self.case_id!r}")
-        if self.image.shape != self.label.shape:
+        if self.image.shape[:3] != self.label.shape or self.image.ndim not in (3, 4):
             from medseg.errors import ShapeMismatchError
 
             raise ShapeMismatchError(
@@ -46,6 +48,7 @@ class Source(Protocol):
     root: Path
     labels: dict[int, str]
     modality: str  # "CT" (Hounsfield units, windowed) or anything else (percentile-normalised)
+    channels: int  # of every case's image: 1, or 3 for colour 2D images (``Case.image`` then has a channel axis)
 
     def case_ids(self) -> list[str]: ...
 

@@ -9,6 +9,10 @@ With ``mask_threshold`` (dataset.mask_threshold) masks are greyscale instead: va
 (JPEG masks: compression leaves values between 0 and 255 along the edges). Without it, such a mask is an
 unknown-label error that says so. Colour masks (RGB with differing channels) are refused either way: their
 colours are neither label values nor grey levels.
+
+Images: ``channels`` (dataset.channels) "gray" reduces colour to luma (rows, cols, 1); "rgb" keeps it, and a case's
+image is then (rows, cols, 1, 3) (a greyscale file among colour ones repeated into the three channels); "auto" is
+"rgb" when the images are colour (``COLOUR_SAMPLE`` of them, spread over the cases, decoded to tell), else "gray".
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from medseg.data.sources.common import (
     paired_ids,
     to_label,
 )
-from medseg.errors import BadLabelError, CorruptFileError, DataError, ShapeMismatchError
+from medseg.errors import BadLabelError, ConfigError, CorruptFileError, DataError, ShapeMismatchError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 DEFAULT_LABELS = {0: "background", 1: "foreground"}
@@ -46,6 +50,12 @@ NEAR_BINARY_MARGIN = 32
 # Pillow modes whose pixels are already single numbers (no colour to reduce).
 _GRAY_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as Pillow's convert("L")
+CHANNEL_MODES = ("auto", "rgb", "gray")
+# dataset.channels auto: an image is colour when more than COLOUR_SHARE of its pixels have channels more than
+# COLOUR_SPREAD grey levels (of 255) apart: a grey picture saved as RGB (JPEG chroma noise: 1-3 levels) is not.
+COLOUR_SAMPLE = 16
+COLOUR_SPREAD = 16
+COLOUR_SHARE = 0.001
 
 
 @contextlib.contextmanager
@@ -89,6 +99,25 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
     else:  # RGB, RGBA, P, CMYK, YCbCr...
         gray = np.asarray(img.convert("RGB"), dtype=np.float32) @ _LUMA
     return gray[..., None]
+
+
+def read_colour(path: str | os.PathLike) -> np.ndarray:
+    """Image file -> float32 (rows, cols, 3) RGB (palette, alpha, CMYK... converted), or (rows, cols, 1) as
+    ``read_gray`` for a greyscale file (modes L, I, F, 1, LA: one channel)."""
+    img = _open(Path(path))
+    if img.mode in _GRAY_MODES or img.mode in ("1", "LA", "La"):
+        return read_gray(path)
+    return np.asarray(img.convert("RGB"), dtype=np.float32)
+
+
+def is_colour(path: str | os.PathLike) -> bool:
+    """Whether the image holds colour: a colour mode whose channels differ (``COLOUR_SPREAD``, ``COLOUR_SHARE``)."""
+    with _opened(Path(path)) as img:
+        if img.mode in _GRAY_MODES or img.mode in ("1", "LA", "La"):
+            return False
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)
+    return np.count_nonzero(spread > COLOUR_SPREAD) > COLOUR_SHARE * spread.size
 
 
 def _mask_values(img, where: str) -> np.ndarray:
@@ -192,6 +221,7 @@ class Folders2DSource(PairedFiles):
         labels: dict[int, str] | None = None,
         allow_missing: bool = False,
         mask_threshold: float | None = None,
+        channels: str = "gray",
         *,
         warn_skipped: bool = True,
     ) -> None:
@@ -204,7 +234,39 @@ class Folders2DSource(PairedFiles):
         self.modality = "image"  # not CT: intensities are percentile-normalised downstream
         self.allow_missing, self.warn_skipped = allow_missing, warn_skipped
         self.mask_threshold = mask_threshold
+        if channels not in CHANNEL_MODES:
+            raise ConfigError(f"dataset.channels: {channels!r}; allowed: {', '.join(CHANNEL_MODES)}")
+        self.channel_mode = channels
+        self._channels: int | None = None
         self._pairs: dict[str, tuple[Path, Path]] | None = None
+
+    @property
+    def channels(self) -> int:
+        """Channels of every case's image: 3 (colour kept) or 1 (luma), from ``channel_mode`` (module doc); rgb on
+        greyscale images is a ConfigError."""
+        if self._channels is None:
+            self._channels = 1 if self.channel_mode == "gray" else self._resolve_colour()
+        return self._channels
+
+    def _resolve_colour(self) -> int:
+        pairs = self._index()
+        ids = sorted(pairs)
+        step = max(1, len(ids) / COLOUR_SAMPLE)
+        sample = list(dict.fromkeys(ids[int(i * step)] for i in range(min(COLOUR_SAMPLE, len(ids)))))
+        looked = 0
+        for cid in sample:
+            try:
+                colour = is_colour(pairs[cid][0])
+            except DataError:  # unreadable: not a clue; its case's load refuses it, naming the case
+                continue
+            if colour:
+                return 3
+            looked += 1
+        if self.channel_mode == "rgb" and looked:
+            example = pairs[sample[0]][0] if sample else self.root / self.image_dir
+            raise ConfigError(f"dataset.channels: rgb, but the images of {self.root / self.image_dir} are greyscale "
+                              f"({looked} looked at, e.g. {example}): use auto or gray")
+        return 3 if self.channel_mode == "rgb" else 1
 
     def _index(self) -> dict[str, tuple[Path, Path]]:
         if self._pairs is not None:
@@ -252,11 +314,16 @@ class Folders2DSource(PairedFiles):
         return rows, cols, 1
 
     def load(self, case_id: str) -> Case:
-        """image float32 (rows, cols, 1) grayscale, label uint8 (rows, cols, 1), spacing (1, 1, 1)."""
+        """image float32 (rows, cols, 1) grayscale or (rows, cols, 1, 3) colour (``channels``), label uint8
+        (rows, cols, 1), spacing (1, 1, 1)."""
         image_path, mask_path = self._pair(case_id)
-        image = read_gray(image_path)
+        if self.channels == 1:
+            image = read_gray(image_path)
+        else:
+            colour = read_colour(image_path)
+            image = np.repeat(colour, 3, axis=-1)[:, :, None, :] if colour.shape[-1] == 1 else colour[:, :, None, :]
         label = self._read_label(mask_path, case_id)
-        if image.shape != label.shape:
+        if image.shape[:3] != label.shape:
             raise ShapeMismatchError(f"{image_path} vs {mask_path} (case {case_id}): image {image.shape[:2]} "
                                      f"!= mask {label.shape[:2]}")
         return Case(case_id=case_id, image=image, label=label, spacing=(1.0, 1.0, 1.0),

@@ -152,6 +152,8 @@ class KaggleEvalsegSource:
     ``load_image`` without GroundTruth (inference).
     """
 
+    channels = 1  # volumes: one intensity per voxel
+
     def __init__(self, path: str | os.PathLike, task: str | None = None, allow_missing: bool = False, *,
                  warn_skipped: bool = True) -> None:
         self.root: Path = _select_task(Path(path), task)

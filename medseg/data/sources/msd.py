@@ -32,6 +32,8 @@ class MSDSource(PairedFiles):
     """A Decathlon (MSD) task folder or an nnU-Net v2 raw dataset folder; labels and modality from dataset.json.
     ``allow_missing`` and ``warn_skipped`` as for ``KaggleEvalsegSource``."""
 
+    channels = 1  # one image per case (``_0000``): a single modality
+
     def __init__(self, path: str | os.PathLike, allow_missing: bool = False, *, warn_skipped: bool = True) -> None:
         self.root = Path(path)
         meta_path = self.root / "dataset.json"
