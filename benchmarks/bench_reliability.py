@@ -13,6 +13,12 @@
 - tracking_server (guarantee 3): ``benchmarks/reliability_server.py``: train.py tracked into a real ``mlflow server``
   (plain; the server SIGKILLed after the first epoch and restarted on the same port and store; killed for good):
   runs FINISHED, metrics expected / present on the server, checkpoint artifacts there, one-line errors, tracebacks.
+- kills (guarantee 1): ``benchmarks/reliability_kills.py``: a best checkpoint write, a cache build and a champion
+  promotion each SIGKILLed at seeded random points (20 kills mid-write each): previous state loads, nothing torn picked
+  up, alias and mirror agree after the next decision's repair, temp files removed by the next write.
+- determinism (guarantee 7): ``benchmarks/reliability_determinism.py``: train.py twice (split, cache, per-epoch
+  metrics, weights compared to the bit) and a study three times (twice through, once Ctrl-C'd and resumed): values
+  compared and differing, same champion.
 
   python benchmarks/bench_reliability.py [--quick] [--examples N] [--sections NAME ...]
 
@@ -39,6 +45,8 @@ OPTIONAL_SECTIONS = {  # section -> module with run(quick)
     "concurrent_tracking": "benchmarks.reliability_concurrency",
     "full_disk": "benchmarks.reliability_disk",
     "tracking_server": "benchmarks.reliability_server",
+    "kills": "benchmarks.reliability_kills",
+    "determinism": "benchmarks.reliability_determinism",
 }
 RUN_KEYS = ("quick", "machine", "load_average_before", "load_average_after", "total_seconds", "date")
 

@@ -211,26 +211,133 @@ def scenario(kind: str, work: Path, data_root: Path, cache_dir: Path) -> dict[st
     return result
 
 
+STUDY_EXPERIMENT, STUDY_REGISTRY = "server-study", "srv-model"
+
+
+def study_command(work: Path, data_root: Path, cache_dir: Path, *, trials: int = 3, epochs: int = 2) -> list[str]:
+    """A small study (``trials`` trials of ``epochs`` epochs, one at a time, no early stopping) of the tiny config,
+    tracked into ``MLFLOW_TRACKING_URI``; the tune.py command that runs it."""
+    base = server_config(data_root, cache_dir, work, epochs=epochs)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "base.yaml").write_text(yaml.safe_dump(base))
+    space = {"name": "srv", "base_config": "base.yaml", "num_samples": trials, "max_concurrent": 1,
+             "resources": {"cpu": 1}, "max_failures": 0, "storage_path": str(work / "ray"),
+             "asha": {"enabled": False, "max_t": epochs}, "experiment": STUDY_EXPERIMENT,
+             "reports_dir": str(work / "reports"),
+             "params": {"training.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+             "champion": {"registry_name": STUDY_REGISTRY, "models_dir": str(work / "models"),
+                          "bootstrap_resamples": 200}}
+    (work / "space.yaml").write_text(yaml.safe_dump(space))
+    return [sys.executable, str(REPO / "tune.py"), "--space", str(work / "space.yaml"), "--name", "srv",
+            "--num-cpus", "2"]
+
+
+def _trial_epoch_logged(uri: str) -> bool:
+    """A trial's first epoch is on the server."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(STUDY_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], "tags.trial_id != ''") if exp else []
+    return any(client.get_metric_history(r.info.run_id, "val/dice") for r in runs)
+
+
+def study_scenario(kind: str, work: Path, data_root: Path, cache_dir: Path) -> dict[str, Any]:
+    """tune.py against a fresh server killed (SIGKILL) once a trial's first epoch is on it: ``study_restart``
+    (restarted 2 s later on the same port and store: the study waits and finishes, its champion registered on the
+    server with its decision) or ``study_gone`` (killed for good, ``MEDSEG_TRACKING_SERVER_WAIT_S`` 10 s: the study
+    stops with one error line, no champion alias anywhere, and ``--resume`` finishes it once the server is back)."""
+    env = {**child_env(), "MLFLOW_TRACKING_URI": "", "PYTHONUNBUFFERED": "1", **FAST_HTTP,
+           **({"MEDSEG_TRACKING_SERVER_WAIT_S": "10"} if kind == "study_gone" else {})}
+    cmd = study_command(work, data_root, cache_dir)
+    resumed = None
+    with TrackingServer(work / "server") as srv:
+        env["MLFLOW_TRACKING_URI"] = srv.uri
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait(proc, lambda: _trial_epoch_logged(srv.uri), timeout=900)
+            srv.kill()
+            killed_at = time.monotonic()
+            if kind == "study_restart":
+                time.sleep(2)
+                srv.start()
+            _, err = proc.communicate(timeout=1800)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        ended = time.monotonic()
+        if kind == "study_gone":
+            srv.start()
+            from mlflow import MlflowClient
+
+            alias_after_stop = _champion_version(MlflowClient(srv.uri))
+            again = subprocess.run(cmd + ["--resume"], cwd=work, env=env, capture_output=True, text=True,
+                                   timeout=1800)
+            resumed = {"exit_code": again.returncode, "traceback": "Traceback" in again.stderr,
+                       "alias_before_resume": alias_after_stop}
+        from mlflow import MlflowClient
+
+        client = MlflowClient(srv.uri)
+        exp = client.get_experiment_by_name(STUDY_EXPERIMENT)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        champion = _champion_version(client)
+        report = work / "reports" / "srv.json"
+        decision = json.loads(report.read_text())["decision"] if report.exists() else None
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    result = {"kind": kind, "exit_code": proc.returncode, "runs": len(runs),
+              "statuses": sorted(r.info.status for r in runs), "champion_version": champion,
+              "decision_promoted": None if decision is None else decision["promoted"],
+              "decision_version": None if decision is None else decision["version"],
+              "traceback": "Traceback" in err, "error_lines": errors, "resumed": resumed,
+              "seconds": round(ended - started, 1), "seconds_after_kill": round(ended - killed_at, 1)}
+    finished = (len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs) and decision is not None
+                and str(champion) == str(decision["version"]) and decision["promoted"])
+    if kind == "study_restart":
+        result["kept"] = proc.returncode == 0 and finished and not result["traceback"]
+    else:
+        result["kept"] = (proc.returncode != 0 and len(errors) == 1 and not result["traceback"]
+                          and resumed["alias_before_resume"] is None and resumed["exit_code"] == 0
+                          and not resumed["traceback"] and finished)
+    return result
+
+
+def _champion_version(client) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(STUDY_REGISTRY, "champion").version)
+    except MlflowException:
+        return None
+
+
 def run(quick: bool) -> dict[str, Any]:
     """The tracking_server section: a plain run, ``restart`` kills (1 quick, 3 full) and one server gone for good."""
     from medseg.data.synthetic import generate_task
 
-    kinds = ["plain", "restart", "gone"] if quick else ["plain", "restart", "restart", "restart", "gone"]
+    kinds = ["plain", "restart", "gone"] if quick else ["plain", "restart", "restart", "restart", "gone",
+                                                         "study_restart", "study_gone"]
     results = []
     with tempfile.TemporaryDirectory(prefix="medseg-server-") as tmp:
         data_root = Path(tmp) / "data"
         generate_task(data_root, cases=8, size=64, slices=(6, 10), seed=0)
         for i, kind in enumerate(kinds):
-            results.append(scenario(kind, Path(tmp) / f"{i}-{kind}", data_root, Path(tmp) / "cache"))
+            work = Path(tmp) / f"{i}-{kind}"
+            run_one = study_scenario if kind.startswith("study_") else scenario
+            results.append(run_one(kind, work, data_root, Path(tmp) / "cache"))
             print(json.dumps(results[-1]), flush=True)
     restarts = [r for r in results if r["kind"] == "restart"]
+    studies = [r for r in results if r["kind"].startswith("study_")]
+    results = [r for r in results if not r["kind"].startswith("study_")]
     return {"runs_tried": len(results), "server_kills": len([r for r in results if r["kind"] != "plain"]),
             "restarts_survived": sum(r["kept"] for r in restarts), "restarts_tried": len(restarts),
             "metrics_expected": sum(r["metrics_expected"] for r in results if r["kind"] != "gone"),
             "metrics_present": sum(r["metrics_present"] for r in results if r["kind"] != "gone"),
             "server_gone_one_line_errors": sum(r["kept"] for r in results if r["kind"] == "gone"),
             "tracebacks": sum(r["traceback"] for r in results),
-            "nothing_lost": all(r["kept"] for r in results), "results": results,
+            "studies_tried": len(studies), "studies_kept": sum(r["kept"] for r in studies), "studies": studies,
+            "nothing_lost": all(r["kept"] for r in results + studies), "results": results,
             "tests": "tests/test_tracking_server.py"}
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -78,6 +80,41 @@ def publish_mode(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~UMASK)
 
 
+def _writer_tag() -> str:
+    return f"{os.getpid()}@{socket.gethostname().split('.')[0]}"
+
+
+_WRITER = _writer_tag()
+os.register_at_fork(after_in_child=lambda: globals().update(_WRITER=_writer_tag()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_writers_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files of ``atomic_path`` writes of ``path`` whose writer process (on this host) is gone: a
+    SIGKILLed writer cannot remove its own. Temp files are never read (the rename is what publishes), so this is
+    tidiness, not safety. Returns what was removed."""
+    path = Path(path)
+    host = socket.gethostname().split(".")[0]
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*@*.*.tmp*"):
+        writer = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        pid, _, writer_host = writer.partition("@")
+        if writer_host == host and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is renamed over ``path``, on error removed. A write that
@@ -85,8 +122,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     with disk_full_as_error(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        # the temp name ends in ``suffix`` so writers that pick a format by extension (nibabel, PIL) still work
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        remove_dead_writers_temp_files(path)
+        # the temp name ends in ``suffix`` so writers that pick a format by extension (nibabel, PIL) still work; it
+        # names its writer (pid@host) so that the next write can remove what a killed writer left
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_WRITER}.", suffix=f".tmp{suffix}", dir=path.parent)
         os.close(fd)
         tmp_path = Path(tmp)
         try:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,8 @@ from medseg.errors import MedsegError
 from medseg.io_utils import atomic_write_json, atomic_write_text, disk_full_as_error, publish_mode
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+PENDING = "pending"  # the ``promoted`` tag of a version while its promotion is under way (``publish_decision``)
+JOURNAL = ".promotion.json"  # in models_dir while a promotion is under way
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # what MLflow answers for a missing model / alias
 
 
@@ -167,6 +170,9 @@ def decide_and_register(*, checkpoint: str | Path, run_id: str, cfg, rule, uri: 
     # One decision at a time per models folder: two studies finishing together would otherwise both judge against
     # the old champion, and their alias switches and mirrors could interleave (alias on one, folder on the other).
     with FileLock(str(Path(rule.models_dir) / ".champion.lock")):
+        repaired = reconcile_champion(client, Path(rule.models_dir))
+        if repaired:
+            print(f"warning: {repaired}", file=sys.stderr, flush=True)
         return _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, progress, candidate_eval)
 
 
@@ -267,23 +273,100 @@ def _decide_locked(client, checkpoint, run_id, cfg, rule, uri, data, candidate, 
                     reason += (f" [re-judged on {len(cases)} shared validation cases of split {data.split.hash}; "
                                f"{len(comparison['left_out'])} left out: the champion (split "
                                f"{comparison['champion_split']}) trained on them]")
-    version = register_version(client, rule.registry_name, run_id, candidate, promoted, reason, bootstrap=boot)
-    alias = CHAMPION if promoted else CHALLENGER
-    decision = Decision(promoted=promoted, alias=alias, reason=reason, registry_name=rule.registry_name,
-                        version=version, candidate=candidate, champion_before=champion_before, bootstrap=boot,
-                        rule=rule.model_dump(), comparison=comparison)
-    if promoted:  # mirror first: if it fails, the alias still names the champion that models/champion holds
-        try:
-            decision.mirror = str(mirror_champion(Path(rule.models_dir), checkpoint, cfg, decision))
-        except BaseException as e:
-            client.set_model_version_tag(rule.registry_name, version, "promoted", "false")
-            client.set_model_version_tag(rule.registry_name, version, "mirror_error", f"{type(e).__name__}: {e}"[:500])
-            raise
-    client.set_registered_model_alias(rule.registry_name, alias, version)
+    decision = Decision(promoted=promoted, alias=CHAMPION if promoted else CHALLENGER, reason=reason,
+                        registry_name=rule.registry_name, version=None, candidate=candidate,
+                        champion_before=champion_before, bootstrap=boot, rule=rule.model_dump(), comparison=comparison)
+    return publish_decision(client, decision, checkpoint, cfg, Path(rule.models_dir))
+
+
+def publish_decision(client, decision: Decision, checkpoint: str | Path, cfg, models_dir: Path) -> Decision:
+    """Register the candidate as a new version and give it its alias; a promotion also mirrors it. Call under the
+    champion lock.
+
+    A promotion writes to two stores (the registry and ``models_dir``), so it keeps a journal that a killed process
+    leaves behind: ``.promotion.json`` first (the run), the version registered with ``promoted=pending``, the journal
+    told its number, the mirror switched, the alias set, the tag made ``true``, the journal removed.
+    ``reconcile_champion`` (the next decision runs it first) finishes a promotion whose alias was set and undoes one
+    whose alias was not, so that the alias and ``models_dir/champion`` name the same version again."""
+    name, run_id, candidate = decision.registry_name, decision.candidate["run_id"], decision.candidate
+    if not decision.promoted:
+        decision.version = register_version(client, name, run_id, candidate, False, decision.reason,
+                                            bootstrap=decision.bootstrap)
+        client.set_registered_model_alias(name, CHALLENGER, decision.version)
+        return decision
+    models_dir.mkdir(parents=True, exist_ok=True)
+    link = models_dir / "champion"
+    journal = {"registry_name": name, "run_id": run_id, "version": None,
+               "previous_link": os.readlink(link) if link.is_symlink() else None}
+    atomic_write_json(models_dir / JOURNAL, journal)
+    decision.version = register_version(client, name, run_id, candidate, PENDING, decision.reason,
+                                        bootstrap=decision.bootstrap)
+    atomic_write_json(models_dir / JOURNAL, {**journal, "version": decision.version})
+    try:  # mirror first: if it fails, the alias still names the champion that models/champion holds
+        decision.mirror = str(mirror_champion(models_dir, checkpoint, cfg, decision))
+    except BaseException as e:
+        client.set_model_version_tag(name, decision.version, "promoted", "false")
+        client.set_model_version_tag(name, decision.version, "mirror_error", f"{type(e).__name__}: {e}"[:500])
+        (models_dir / JOURNAL).unlink(missing_ok=True)
+        raise
+    client.set_registered_model_alias(name, CHAMPION, decision.version)
+    client.set_model_version_tag(name, decision.version, "promoted", "true")
+    (models_dir / JOURNAL).unlink()
     return decision
 
 
-def register_version(client, name: str, run_id: str, candidate: dict[str, Any], promoted: bool, reason: str,
+def reconcile_champion(client, models_dir: Path) -> str | None:
+    """Repair what a promotion killed half way left (``publish_decision``'s journal); call under the champion lock.
+    Returns what was done (None when there was nothing to repair).
+
+    Staging folders and temporary links of killed mirrors are removed. With a journal: when the alias already names
+    the journal's version the promotion is finished (tag ``promoted=true``); otherwise it is undone: the
+    ``champion`` link set back to where it pointed before, the version's mirror folder removed, the version tagged
+    ``promoted=false`` and ``interrupted``. The alias is never moved here: it is set last, so it always names a
+    champion whose promotion completed."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return None
+    for leftover in models_dir.glob(".staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in models_dir.glob(".champion.*.tmp"):
+        leftover.unlink(missing_ok=True)
+    path = models_dir / JOURNAL
+    if not path.exists():
+        return None
+    journal = json.loads(path.read_text())
+    name, version = journal["registry_name"], journal.get("version")
+    champion = current_champion(client, name)
+    if version is not None and champion is not None and str(champion.version) == str(version):
+        client.set_model_version_tag(name, version, "promoted", "true")
+        done = f"finished the promotion of {name} v{version} (its alias was set before the process stopped)"
+    else:
+        link = models_dir / "champion"
+        previous = journal.get("previous_link")
+        if previous is None:
+            link.unlink(missing_ok=True)
+        else:
+            tmp_link = models_dir / f".champion.{os.getpid()}.tmp"
+            tmp_link.unlink(missing_ok=True)
+            os.symlink(previous, tmp_link)
+            os.replace(tmp_link, link)
+        pending = [mv for mv in client.search_model_versions(f"name='{name}'")
+                   if mv.run_id == journal["run_id"] and mv.tags.get("promoted") == PENDING]
+        for mv in pending:
+            client.set_model_version_tag(name, mv.version, "promoted", "false")
+            client.set_model_version_tag(name, mv.version, "interrupted",
+                                         "the promotion was stopped before its alias was set; undone")
+            folder = models_dir / "versions" / f"{name}-v{mv.version}"
+            if folder.is_dir() and os.path.realpath(folder) != os.path.realpath(link):
+                shutil.rmtree(folder, ignore_errors=True)
+        done = (f"undid the interrupted promotion of {name} run {journal['run_id']} "
+                f"({', '.join('v' + str(mv.version) for mv in pending) or 'no version registered'}); "
+                f"the champion is {'v' + str(champion.version) if champion else 'none'}")
+    path.unlink()
+    return done
+
+
+def register_version(client, name: str, run_id: str, candidate: dict[str, Any], promoted: bool | str, reason: str,
                      bootstrap: dict[str, Any] | None = None) -> str:
     """A new model version for the run's logged checkpoint (``runs:/<run>/checkpoint``), tagged with its scores and,
     when the decision compared with a champion, the paired bootstrap of the Dice gain (``gain``, ``ci_low``,

@@ -146,6 +146,30 @@ def test_a_study_registers_its_champion_on_the_server(server, tmp_path, synth_ro
     assert list((server.root / "artifacts").rglob("*.pt"))  # checkpoints went through the server
 
 
+@pytest.mark.slow
+def test_a_server_killed_mid_study_and_restarted_the_study_finishes_with_its_champion(tmp_path, synth_root,
+                                                                                      shared_cache):
+    """tune.py (3 trials of 2 epochs) against a server SIGKILLed once a trial's first epoch is on it, restarted 2 s
+    later: exit 0, every run FINISHED on the server, the champion alias on the version its decision names."""
+    from benchmarks.reliability_server import study_scenario
+
+    result = study_scenario("study_restart", tmp_path / "w", synth_root, shared_cache)
+    assert result["kept"], result
+    assert result["statuses"] == ["FINISHED"] * 4 and result["champion_version"] == "1"
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_study_for_good_stops_in_one_line_and_resumes(tmp_path, synth_root, shared_cache):
+    """The server killed for good: the study stops with one error line and no traceback, no champion alias is set
+    (never a promotion without its comparison); once the server is back, ``--resume`` finishes the study."""
+    from benchmarks.reliability_server import study_scenario
+
+    result = study_scenario("study_gone", tmp_path / "w", synth_root, shared_cache)
+    assert result["exit_code"] != 0 and len(result["error_lines"]) == 1, result
+    assert result["resumed"]["alias_before_resume"] is None, result
+    assert result["kept"], result
+
+
 def test_the_ui_link_printed_for_a_server_is_the_servers_own():
     from medseg.tracking import ui_url
 
