@@ -57,7 +57,7 @@ def test_slice_logits_batches_every_slice_once_in_order():
 
 
 @pytest.mark.parametrize("method", ["TaskA_Example/p1", "TaskA_Example/Alg2", "Task001_LiverTumor/Dice",
-                                    "Task001_LiverTumor/CE"])
+                                    pytest.param("Task001_LiverTumor/CE", marks=pytest.mark.slow)])  # ~50 s each
 def test_scoring_reference_predictions_reproduces_expected_dice(method):
     ref = expected()["reference_methods"][method]
     task, name = method.split("/")  # TaskA_Example holds ground truth for 4 cases, each method predicts 2 of them

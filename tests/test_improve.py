@@ -90,6 +90,7 @@ def test_audit_errors_stop_with_exit_1(tmp_path, shared_cache, monkeypatch, caps
 # ------------------------------------------------------------------------------------ the loop, real Ray
 
 
+@pytest.mark.slow  # ~1 min: in make test-slow, so that make test stays near its time budget
 def test_improve_skips_unchanged_reruns_on_new_data_and_force(ray_local, tmp_path, shared_cache, monkeypatch, capsys):  # noqa: F811
     from medseg.data.synthetic import generate_task
 

@@ -116,6 +116,7 @@ def test_study_asha_champion_and_report(ray_local, tmp_path, synth_root, shared_
     assert "CHALLENGER" in paths2["markdown"].read_text()
 
 
+@pytest.mark.slow  # ~1 min: in make test-slow, so that make test stays near its time budget
 def test_failed_trial_is_recorded_and_the_study_goes_on(ray_local, tmp_path, synth_root, shared_cache, monkeypatch):
     from medseg.study import run_and_promote
 
@@ -228,6 +229,7 @@ def test_resume_refuses_a_changed_space_and_names_the_command(tmp_path, synth_ro
 BUDGET_EPOCHS, BUDGET_S, HANG_S = 10_000, 10, 600
 
 
+@pytest.mark.slow  # ~1 min: in make test-slow, so that make test stays near its time budget
 def test_time_budget_ends_running_trials_as_stopped_by_budget(ray_local, tmp_path, synth_root, shared_cache,
                                                               monkeypatch):
     """Tune stops the running trials when time_budget_s runs out without calling the callback: the driver closes

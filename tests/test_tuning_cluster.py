@@ -93,6 +93,7 @@ def test_ctrl_c_then_resume_does_not_rerun_finished_trials(tmp_path, synth_root,
     assert str(client.get_model_version_by_alias("cli-model", "champion").version) == "1"
 
 
+@pytest.mark.slow  # ~1 min: in make test-slow, so that make test stays near its time budget
 def test_resume_of_a_configs_study_looks_for_the_named_study(tmp_path, synth_root, shared_cache):
     space = _study_files(tmp_path, synth_root, shared_cache)
     base = str(tmp_path / "base.yaml")
@@ -134,6 +135,7 @@ def test_study_on_a_two_node_cluster(tmp_path, synth_root, shared_cache):
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
 
 
+@pytest.mark.slow  # ~1 min: in make test-slow, so that make test stays near its time budget
 def test_killed_trial_process_retries_from_its_last_checkpoint(tmp_path, synth_root, shared_cache):
     """A trial whose worker dies (SIGKILL mid-training) is retried from its last tune.Checkpoint, not from scratch."""
     import psutil

@@ -112,6 +112,7 @@ def test_searcher_is_told_earlier_trials_and_still_runs_the_initial_points():
     assert 1e-4 <= searcher.suggest("t2")["lr"] <= 1e-2
 
 
+@pytest.mark.slow  # ~1 min: in make test-slow, so that make test stays near its time budget
 def test_second_study_is_warm_started_and_cold_is_not(tmp_path, synth_root, shared_cache, monkeypatch):
     import ray
 
