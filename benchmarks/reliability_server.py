@@ -167,6 +167,27 @@ def _wait(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
         time.sleep(0.2)
 
 
+def kill_server_during(proc: subprocess.Popen, srv: TrackingServer, ready, *, restart: bool, wait_s: float = 600,
+                       timeout: float = 1200) -> tuple[str, float | None]:
+    """Once ``ready()`` holds (``ready`` None: never), SIGKILL the server, and start it again 2 s later when
+    ``restart``; then wait for ``proc`` (killed if it outlives ``timeout``). Its stderr and the time of the kill."""
+    killed_at = None
+    try:
+        if ready is not None:
+            _wait(proc, ready, timeout=wait_s)
+            srv.kill()
+            killed_at = time.monotonic()
+            if restart:
+                time.sleep(2)
+                srv.start()
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return err, killed_at
+
+
 def scenario(kind: str, work: Path, data_root: Path, cache_dir: Path) -> dict[str, Any]:
     """One train.py against a fresh server: ``plain``; ``restart`` (server SIGKILLed after the first epoch, restarted
     2 s later on the same port and store); ``gone`` (killed for good, ``MEDSEG_TRACKING_SERVER_WAIT_S`` 10 s)."""
@@ -176,20 +197,8 @@ def scenario(kind: str, work: Path, data_root: Path, cache_dir: Path) -> dict[st
     with TrackingServer(work / "server") as srv:
         started = time.monotonic()
         proc = start_train(work, server_config(data_root, cache_dir, work, epochs=epochs), srv.uri, **env)
-        killed_at = None
-        try:
-            if kind != "plain":
-                _wait(proc, lambda: _first_epoch_logged(srv.uri))
-                srv.kill()
-                killed_at = time.monotonic()
-                if kind == "restart":
-                    time.sleep(2)
-                    srv.start()
-            _, err = proc.communicate(timeout=1200)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        ready = None if kind == "plain" else lambda: _first_epoch_logged(srv.uri)
+        err, killed_at = kill_server_during(proc, srv, ready, restart=kind == "restart")
         ended = time.monotonic()
         if kind == "gone":
             srv.start()  # read back what the store kept
@@ -255,18 +264,8 @@ def study_scenario(kind: str, work: Path, data_root: Path, cache_dir: Path) -> d
         env["MLFLOW_TRACKING_URI"] = srv.uri
         started = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            _wait(proc, lambda: _trial_epoch_logged(srv.uri), timeout=900)
-            srv.kill()
-            killed_at = time.monotonic()
-            if kind == "study_restart":
-                time.sleep(2)
-                srv.start()
-            _, err = proc.communicate(timeout=1800)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        err, killed_at = kill_server_during(proc, srv, lambda: _trial_epoch_logged(srv.uri),
+                                            restart=kind == "study_restart", wait_s=900, timeout=1800)
         ended = time.monotonic()
         if kind == "study_gone":
             srv.start()
