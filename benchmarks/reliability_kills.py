@@ -293,7 +293,7 @@ def start_child(kind: str, root: Path, job: dict[str, Any]) -> subprocess.Popen:
                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_ready(proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_ready(proc: subprocess.Popen) -> None:
     line = proc.stdout.readline()
     if line.strip() != "ready":
         proc.kill()
