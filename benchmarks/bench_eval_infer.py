@@ -15,7 +15,9 @@ in a fresh interpreter with the same ``torch.set_num_threads`` (--threads, defau
   infer: ``run_inference`` (infer.py --case ..., overlays included) on 1 and on 4 cases of the task folder
   bare:  the model of the same checkpoint on the same 4 cases' preprocessed 2.5D slices (``Predictor.preprocess``,
          stacked as ``slice_logits`` does, outside the clock), batch 16, ``torch.no_grad()``, forward only, after
-         one warm-up batch (eval's 4 validation cases may differ from them by one: every case has the same size)
+         one warm-up batch (eval's 4 validation cases may differ from them by one: every case has the same size);
+         once as a bare forward runs (contiguous NCHW, float32: the target's reference) and once in the predictor's
+         memory format and precision (``matched``: what eval and infer add to their own forward, no target)
 Peak RSS is each child's VmHWM (bench_cache.py's ``_peak_rss_mb``); eval and infer also report the seconds spent in
 each stage (decode, preprocess, forward, post-processing, scoring, writing), timed around the project's functions.
 Targets: peak RSS of 4 cases / 1 case <= 1.2 for eval and infer; slices/s of eval and infer on 4 cases / bare
@@ -115,23 +117,24 @@ class Stages:
         setattr(owner, name, timed)
 
     def count_slices(self, predictor_class) -> None:
-        predict = predictor_class.predict
+        """Cases and slices through ``predict_planes`` (which ``predict`` calls after preprocessing)."""
+        predict = predictor_class.predict_planes
 
         @functools.wraps(predict)
-        def counted(predictor, image, *args, **kwargs):
-            self.slices += image.shape[2]
+        def counted(predictor, planes, shape, *args, **kwargs):
+            self.slices += shape[2]
             self.cases += 1
             self.batch_size = predictor.batch_size
-            return predict(predictor, image, *args, **kwargs)
-        predictor_class.predict = counted
+            return predict(predictor, planes, shape, *args, **kwargs)
+        predictor_class.predict_planes = counted
 
     def report(self) -> dict:
         return {name: round(s, 3) for name, s in sorted(self.seconds.items())}
 
 
 def _instrument(kind: str) -> Stages:
-    """Stage timers around the functions eval.py or infer.py run (inclusive: predict holds preprocess, forward and
-    post-processing)."""
+    """Stage timers around the functions eval.py or infer.py run (inclusive: predict, ``Predictor.predict_planes``,
+    holds forward and post-processing; preprocess, when the cache cannot serve, is outside it)."""
     import medseg.evaluation
     import medseg.inference
     import medseg.plots
@@ -142,14 +145,15 @@ def _instrument(kind: str) -> Stages:
     stages = Stages()
     inf = medseg.inference
     stages.time_calls(inf, "model_from_checkpoint", "model_load")
-    stages.time_calls(inf.Predictor, "predict", "predict")
+    stages.time_calls(inf.Predictor, "predict_planes", "predict")
     stages.time_calls(inf.Predictor, "preprocess", "preprocess")
     stages.time_iteration(inf, "slice_logits", "forward")
     stages.time_calls(medseg.postprocess, "apply", "postprocess")
     stages.count_slices(inf.Predictor)
     if kind == "eval":
         stages.time_calls(medseg.training, "prepare_data", "prepare_data")
-        stages.time_calls(KaggleEvalsegSource, "load", "decode")
+        stages.time_calls(KaggleEvalsegSource, "load", "decode")  # image and label, when the cache cannot serve
+        stages.time_calls(KaggleEvalsegSource, "load_label", "decode_label")  # the label alone, images from the cache
         stages.time_calls(medseg.evaluation, "score_case", "score")
     else:
         stages.time_calls(KaggleEvalsegSource, "load_image", "decode")
@@ -194,13 +198,16 @@ def _child_pipeline(job: Job) -> dict:
 
 
 def _child_bare(job: Job) -> dict:
-    """The model alone on the preprocessed, 2.5D-stacked slices of the first ``job.cases`` cases."""
+    """The model alone on the preprocessed, 2.5D-stacked slices of the first ``job.cases`` cases, twice: as a bare
+    forward runs it (the model as smp builds it: contiguous NCHW, float32) and in the predictor's own memory format
+    and precision (channels_last per ``training.channels_last``): eval's and infer's overhead alone."""
     import numpy as np
     import torch
 
     from medseg.data.dataset import stack_context
     from medseg.data.sources import open_source
     from medseg.inference import Predictor
+    from medseg.models import autocast, memory_format
 
     torch.set_num_threads(job.threads)
     predictor = Predictor(job.ckpt, batch_size=BATCH_SIZE)
@@ -212,17 +219,28 @@ def _child_bare(job: Job) -> dict:
             zs = range(start, min(volume.shape[0], start + BATCH_SIZE))
             stacked = np.stack([stack_context(volume, z, predictor.context) for z in zs])
             batches.append(torch.from_numpy(stacked).to(predictor.device))
-    model = predictor.model.eval()
-    with torch.no_grad():
-        model(batches[0])  # warm-up: the first call picks its kernels
-        _synchronize(predictor.device)
-        started = time.perf_counter()
-        for x in batches:
-            model(x)
-        _synchronize(predictor.device)
-        seconds = time.perf_counter() - started
     slices = sum(len(x) for x in batches)
-    return {"kind": "bare", "cases": job.cases, "slices": slices, "seconds": seconds, "slices_per_s": slices / seconds,
+    model = predictor.model.eval()
+    matched = memory_format(predictor.channels_last)
+    timed = {}
+    for name, fmt, precision in (("naive", torch.contiguous_format, "fp32"),
+                                 ("matched", matched, predictor.precision)):
+        model = model.to(memory_format=fmt)
+        inputs = [x.contiguous(memory_format=fmt) for x in batches]  # outside the clock
+        with torch.no_grad(), autocast(predictor.device, precision):
+            model(inputs[0])  # warm-up: the first call picks its kernels
+            _synchronize(predictor.device)
+            started = time.perf_counter()
+            for x in inputs:
+                model(x)
+            _synchronize(predictor.device)
+            timed[name] = {"seconds": time.perf_counter() - started, "precision": precision,
+                           "channels_last": fmt == torch.channels_last}
+        timed[name]["slices_per_s"] = slices / timed[name]["seconds"]
+        del inputs
+    naive = timed["naive"]
+    return {"kind": "bare", "cases": job.cases, "slices": slices, "seconds": naive["seconds"],
+            "slices_per_s": naive["slices_per_s"], "matched": timed["matched"], "naive": naive,
             "peak_rss_mb": _peak_rss_mb(), "batch_size": BATCH_SIZE, "threads": torch.get_num_threads(),
             "device": str(predictor.device)}
 
@@ -321,11 +339,17 @@ def _results(plan: Plan, measured: dict, clock: RunClock) -> dict:
     med = {name: {k: round(_median(rs, k), 3) for k in ("seconds", "slices_per_s", "peak_rss_mb")}
            for name, rs in runs.items()}
     bare = med["bare_4"]["slices_per_s"]
+    matched = statistics.median(r["matched"]["slices_per_s"] for r in runs["bare_4"])
+    med["bare_4_matched"] = {"slices_per_s": round(matched, 3), **{k: runs["bare_4"][0]["matched"][k]
+                                                                   for k in ("precision", "channels_last")}}
     ratios = {f"{kind}_peak_rss_4_over_1": med[f"{kind}_4"]["peak_rss_mb"] / med[f"{kind}_1"]["peak_rss_mb"]
               for kind in ("eval", "infer")}
     ratios |= {f"{kind}_over_bare_slices_per_s": med[f"{kind}_4"]["slices_per_s"] / bare for kind in ("eval", "infer")}
     targets = {name: _target(v, RSS_RATIO_TARGET, True) if "rss" in name else _target(v, SPEED_RATIO_TARGET, False)
                for name, v in ratios.items()}
+    # no target: the same forward in the predictor's memory format and precision (what eval and infer add to it)
+    ratios |= {f"{kind}_over_matched_bare_slices_per_s": med[f"{kind}_4"]["slices_per_s"] / matched
+               for kind in ("eval", "infer")}
     return {
         "benchmark": "eval_infer",
         "machine": machine_info(PACKAGES, torch_threads=plan.threads),
@@ -338,7 +362,7 @@ def _results(plan: Plan, measured: dict, clock: RunClock) -> dict:
         "targets": targets,
         "runs": runs,
         "note": "timings on a shared machine: see loadavg_1min (before, after) of each run; stages_s are inclusive "
-                "(predict holds preprocess, forward and postprocess)",
+                "(predict holds forward and postprocess)",
         **clock.record(),
     }
 
@@ -348,8 +372,13 @@ def _print_summary(results: dict, out: Path) -> None:
     print(f"eval and infer, {'x'.join(map(str, p['volume']))}, batch {p['batch_size']}, "
           f"{results['machine']['torch_threads']} threads, median of {p['repeats']}")
     for name, m in med.items():
+        if "seconds" not in m:
+            print(f"  {name:8s} {'':10s}  {m['slices_per_s']:7.2f} slices/s  ({m['precision']}, "
+                  f"{'channels_last' if m['channels_last'] else 'contiguous'})")
+            continue
         print(f"  {name:8s} {m['seconds']:8.1f} s  {m['slices_per_s']:7.2f} slices/s  "
               f"peak RSS {m['peak_rss_mb']:6.0f} MB")
+    print("  " + ", ".join(f"{k} {v:.3f}" for k, v in results["ratios"].items() if "matched" in k))
     for name, t in results["targets"].items():
         print(f"  {name}: {t['value']:.3f} (target {t['target']}: {'met' if t['met'] else 'MISSED'})")
     stages = results["runs"]["infer_4"][0]["stages_s"], results["runs"]["eval_4"][0]["stages_s"]

@@ -161,9 +161,9 @@ def checkpoint_config(path: str | os.PathLike, meta: dict[str, Any] | None = Non
 
 
 def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model in eval mode, meta, Config) from a checkpoint alone; a colour one (``channel_mean`` in its preprocessing)
-    standardises its input (``models.Standardised``)."""
-    from medseg.models import build_model
+    """(model in eval mode, in its config's memory format, meta, Config) from a checkpoint alone; a colour one
+    (``channel_mean`` in its preprocessing) standardises its input (``models.Standardised``)."""
+    from medseg.models import build_model, memory_format
 
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
@@ -180,4 +180,4 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model in its config "
                               f"({str(err).splitlines()[0]})") from None
-    return model.to(device).eval(), meta, cfg
+    return model.to(device, memory_format=memory_format(cfg.training.channels_last)).eval(), meta, cfg

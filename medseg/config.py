@@ -294,7 +294,13 @@ class TrainingConfig(_Strict):
     seed: int = 0
     deterministic: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(True, description="mixed precision on CUDA (bf16 when supported); ignored on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="training precision, CPU and CUDA: auto = bf16 autocast where the hardware has bf16 "
+        "(CPU: AVX-512 BF16 or AMX; detected at start and logged), else float32 on the CPU and fp16 on CUDA; "
+        "prediction (validation, eval, infer) stays float32 on the CPU")
+    channels_last: bool = Field(True, description="model and batches in the channels_last (NHWC) memory format: "
+                                "faster convolutions on the CPU (oneDNN) and on tensor-core GPUs, same float32 maths")
+    amp: bool = Field(True, description="the older mixed-precision switch: false = training.precision fp32")
     threshold: float = Field(0.5, gt=0, lt=1, description="sigmoid threshold for binary masks")
     val_overlays: int = Field(4, ge=0, description="validation cases drawn as overlay PNGs")
 

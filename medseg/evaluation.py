@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 
 from medseg import metrics as M
 from medseg.data.dataset import label_lut
-from medseg.errors import DataError, MedsegError, UsageError
+from medseg.errors import DataError, MedsegError, ShapeMismatchError, UsageError
 from medseg.io_utils import atomic_path, atomic_write_json, json_safe
 from medseg.io_utils import format_table as format_cells
 
@@ -95,14 +96,38 @@ def evaluate_checkpoint(ckpt: str | Path, cfg, *, split: str = "val", flip_tta: 
         if outside:
             raise UsageError(f"case {outside[0]!r} is not in split '{split}' of {data.split.path}")
         chosen = [cid for cid in chosen if cid in set(cases)]
-    for cid in tqdm(chosen, desc=f"eval {split}", unit="case", disable=not progress, leave=False):
+    # the cache holds each image as the checkpoint preprocesses it: only the ground truth is decoded then
+    cached = predictor.reads_cache(data.cache) and hasattr(data.source, "load_label")
+
+    def predicted(cid: str) -> tuple[np.ndarray, np.ndarray]:
+        if cached:
+            label = data.source.load_label(cid)
+            planes = data.cache.image(cid)
+            if planes.shape[0] != label.shape[2]:
+                raise ShapeMismatchError(f"{data.source.file_of(cid)} (case {cid}): ground truth has {label.shape[2]} "
+                                         f"slices, the cache {data.cache.root} {planes.shape[0]}")
+            return predictor.predict_planes(planes, label.shape), label
         case = data.source.load(cid)
         predictor.check_channels(case.image, f"{case.source} (case {cid})")
-        rows.append(score_case(cid, predictor.predict(case.image), case.label, labels))
+        return predictor.predict(case.image), case.label
+
+    # a case is scored (connected components at full resolution: seconds on a large volume) in a thread while the
+    # next one is predicted; at most one case waits to be scored, so memory stays that of two cases
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-score") as scorer:
+        pending = None
+        for cid in tqdm(chosen, desc=f"eval {split}", unit="case", disable=not progress, leave=False):
+            pred, label = predicted(cid)
+            if pending is not None:
+                rows.append(pending.result())
+            pending = scorer.submit(score_case, cid, pred, label, labels)
+            del pred, label
+        if pending is not None:
+            rows.append(pending.result())
     if not rows:
         raise MedsegError(f"split '{split}' of {data.split.path} is empty")
     info = {"checkpoint": str(Path(ckpt).resolve()), "split": split, "split_hash": data.split.hash,
             "flip_tta": flip_tta, "tta_axes": predictor.tta_axes, "postprocessing": predictor.postprocessing,
+            "images_from": "slice cache" if cached else "decoded",
             "dataset": str(data.source.root)}
     return EvalResult(name=str(ckpt), rows=rows, summary=M.summarize(rows), labels=labels, info=info)
 

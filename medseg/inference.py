@@ -23,7 +23,7 @@ from medseg.checkpoint import model_from_checkpoint
 from medseg.data.cache import make_normaliser, resize_slice
 from medseg.data.dataset import stack_context
 from medseg.errors import DataError, UsageError
-from medseg.models import autocast, predict_classes
+from medseg.models import autocast, memory_format, predict_classes, prediction_precision
 from medseg.tta import mirrored_logits, mirrors_from_augment
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -35,19 +35,23 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 
 @torch.no_grad()
 def slice_logits(model: torch.nn.Module, volume: np.ndarray, *, context: int, device: torch.device, batch_size: int,
-                 amp: bool = False, tta_axes: list[list[int]] | None = None) -> Iterator[tuple[range, torch.Tensor]]:
+                 precision: str = "fp32", channels_last: bool = False,
+                 tta_axes: list[list[int]] | None = None) -> Iterator[tuple[range, torch.Tensor]]:
     """(Z, S, S) normalised volume -> per batch of consecutive slices: (their z indices, (n, C, S, S) float32
     logits), each slice stacked with ``context`` neighbours on either side (2k+1 channels; a colour (Z, 3, S, S)
     volume: 3 (2k+1)).
 
     ``tta_axes`` (mirrors, see ``medseg.tta``) averages probabilities over the identity and those mirrors.
+    ``precision`` (resolved, ``models.resolve_precision``) and ``channels_last`` (the batches' memory format: the
+    model's own, ``models.memory_format``) as the caller's model runs.
     """
     model.eval()
     n = volume.shape[0]
     for start in range(0, n, batch_size):
         zs = range(start, min(n, start + batch_size))
-        x = torch.from_numpy(np.stack([stack_context(volume, z, context) for z in zs])).to(device)
-        with autocast(device, amp):
+        x = torch.from_numpy(np.stack([stack_context(volume, z, context) for z in zs]))
+        x = x.to(device, memory_format=memory_format(channels_last))
+        with autocast(device, precision):
             logits = model(x).float()
             if tta_axes:
                 logits = mirrored_logits(model, x, logits, tta_axes)
@@ -56,7 +60,8 @@ def slice_logits(model: torch.nn.Module, volume: np.ndarray, *, context: int, de
 
 @torch.no_grad()
 def predict_volume(model: torch.nn.Module, volume: np.ndarray, *, context: int, device: torch.device, batch_size: int,
-                   threshold: float = 0.5, amp: bool = False, tta_axes: list[list[int]] | None = None,
+                   threshold: float = 0.5, precision: str = "fp32", channels_last: bool = False,
+                   tta_axes: list[list[int]] | None = None,
                    target: np.ndarray | None = None, loss_fn=None) -> tuple[np.ndarray, float | None]:
     """(Z, S, S) (or colour (Z, C, S, S)) normalised volume -> (Z, S, S) uint8 class map, slice batches through the
     model (``slice_logits``).
@@ -67,8 +72,8 @@ def predict_volume(model: torch.nn.Module, volume: np.ndarray, *, context: int, 
     out = np.empty((n, *volume.shape[-2:]), np.uint8)
     with_loss = target is not None and loss_fn is not None
     loss_sum = 0.0
-    for zs, logits in slice_logits(model, volume, context=context, device=device, batch_size=batch_size, amp=amp,
-                                   tta_axes=tta_axes):
+    for zs, logits in slice_logits(model, volume, context=context, device=device, batch_size=batch_size,
+                                   precision=precision, channels_last=channels_last, tta_axes=tta_axes):
         if with_loss:
             y = torch.from_numpy(np.ascontiguousarray(target[zs.start:zs.stop]).astype(np.int64)).to(device)
             loss_sum += float(loss_fn(logits, y)) * len(zs)
@@ -104,7 +109,9 @@ class Predictor:
                 "%s: --tta: trained without flips (augment: %s), so no mirror is one it has seen; predicting without "
                 "TTA", self.ckpt, ", ".join(a.name for a in self.cfg.augment) or "none")
         self.threshold = self.cfg.training.threshold
-        self.amp = self.cfg.training.amp
+        # float32 on the CPU (a score does not depend on the CPU's bf16), the training precision on CUDA
+        self.precision = prediction_precision(self.cfg.training, self.device)
+        self.channels_last = self.cfg.training.channels_last  # the model's memory format (model_from_checkpoint)
         # post-processing chosen on validation after training (medseg.postprocess); None: the checkpoint has none
         self.postprocessing = self.meta.get("postprocessing") if postprocess else None
         # class index -> raw label value (class 0 is background)
@@ -135,12 +142,23 @@ class Predictor:
             planes = planes.transpose(0, 3, 1, 2)
         return planes.astype(np.float16).astype(np.float32)
 
+    def reads_cache(self, cache) -> bool:
+        """Whether ``cache`` (a ``SliceCache``) holds exactly what ``preprocess`` makes of its cases' images (same
+        pixel settings: version, modality, window, percentiles, size, channels): eval then reads those planes
+        instead of decoding and preprocessing every image again."""
+        return all(self.settings.get(key) == cache.settings.get(key) for key in {*cache.settings, "channels"})
+
     @torch.no_grad()
     def batch_probabilities(self, image: np.ndarray) -> Iterator[tuple[range, torch.Tensor]]:
         """Per batch of slices: (their z indices, (n, C, X, Y) probabilities at the input's in-plane size)."""
-        size = tuple(image.shape[:2])
-        for zs, logits in slice_logits(self.model, self.preprocess(image), context=self.context, device=self.device,
-                                       batch_size=self.batch_size, amp=self.amp, tta_axes=self.tta_axes):
+        return self.planes_probabilities(self.preprocess(image), tuple(image.shape[:2]))
+
+    @torch.no_grad()
+    def planes_probabilities(self, planes: np.ndarray, size: tuple[int, int]) -> Iterator[tuple[range, torch.Tensor]]:
+        """``batch_probabilities`` of preprocessed (Z, S, S) planes (colour (Z, C, S, S)), at in-plane ``size``."""
+        for zs, logits in slice_logits(self.model, planes, context=self.context, device=self.device,
+                                       batch_size=self.batch_size, precision=self.precision,
+                                       channels_last=self.channels_last, tta_axes=self.tta_axes):
             probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
             if size != tuple(probs.shape[2:]):
                 probs = torch.nn.functional.interpolate(probs, size=size, mode="bilinear", align_corners=False)
@@ -158,13 +176,20 @@ class Predictor:
         if image.ndim not in (3, 4):
             raise DataError(f"expected an (X, Y, Z) volume, got shape {image.shape}")
         self.check_channels(image)
-        out = np.zeros(image.shape[:3], np.uint8)
-        for zs, probs in self.batch_probabilities(image):
+        return self.predict_planes(self.preprocess(image), image.shape[:3])
+
+    def predict_planes(self, planes: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+        """``predict`` of a volume already preprocessed (``preprocess``, or the slice cache of the same settings:
+        ``reads_cache``) into (Z, S, S) planes: the (X, Y, Z) uint8 label volume of ``shape``."""
+        if planes.shape[0] != shape[2]:
+            raise DataError(f"{planes.shape[0]} preprocessed slices for a volume of shape {tuple(shape)}")
+        out = np.zeros(tuple(shape), np.uint8)
+        for zs, probs in self.planes_probabilities(planes, tuple(shape[:2])):
             classes = predict_classes(probs, self.threshold, probabilities=True).cpu().numpy()  # (n, X, Y)
             out[:, :, zs.start:zs.stop] = np.moveaxis(self.class_to_label[classes], 0, 2)
         if postprocess.active(self.postprocessing):
             size = int(self.postprocessing.get("image_size", self.settings["image_size"]))
-            out = postprocess.apply(out, self.postprocessing, voxel_scale=image.shape[0] * image.shape[1] / size**2)
+            out = postprocess.apply(out, self.postprocessing, voxel_scale=shape[0] * shape[1] / size**2)
         return out
 
 

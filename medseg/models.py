@@ -88,11 +88,56 @@ def native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def autocast(device: torch.device, enabled: bool):
-    """The mixed-precision context of training and prediction: bf16 where native, else fp16; off on the CPU."""
-    if device.type != "cuda" or not enabled:
-        return torch.autocast(device_type="cpu", enabled=False)
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if native_bf16() else torch.float16)
+def cpu_native_bf16() -> bool:
+    """bf16 in the CPU's instructions (AVX-512 BF16 or AMX tiles), where oneDNN's bf16 convolutions run natively;
+    elsewhere they are emulated through float32."""
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_precision(precision: str, device: torch.device, *, amp: bool = True) -> str:
+    """``training.precision`` on this device: "fp32", "bf16" or "fp16" (CUDA without native bf16, with a
+    GradScaler). ``auto``: bf16 where the hardware has it (CPU: ``cpu_native_bf16``), else fp32 on the CPU and fp16
+    on CUDA. ``amp: false`` (the older switch) means fp32."""
+    if not amp or precision == "fp32":
+        return "fp32"
+    if precision == "bf16":
+        return "bf16"
+    if device.type == "cuda":
+        return "bf16" if native_bf16() else "fp16"
+    return "bf16" if cpu_native_bf16() else "fp32"
+
+
+def training_precision(training) -> str:
+    """``resolve_precision`` of a ``training`` config section on the device it asks for (as ``configure_torch``)."""
+    want_cuda = training.device == "cuda" or (training.device == "auto" and torch.cuda.is_available())
+    return resolve_precision(training.precision, torch.device("cuda" if want_cuda else "cpu"), amp=training.amp)
+
+
+def prediction_precision(training, device: torch.device) -> str:
+    """The precision validation, eval.py and infer.py predict in: float32 on the CPU whatever the training precision,
+    so a checkpoint scores the same on CPUs with and without bf16 (champion decisions compare those scores); the
+    training precision on CUDA (autocast, as before)."""
+    if device.type != "cuda":
+        return "fp32"
+    return resolve_precision(training.precision, device, amp=training.amp)
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a resolved precision (``resolve_precision``): off for fp32."""
+    dtype = _AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """``training.channels_last`` as a torch memory format, for the model and every batch it sees."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def predict_classes(scores: torch.Tensor, threshold: float = 0.5, *, probabilities: bool = False) -> torch.Tensor:

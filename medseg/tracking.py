@@ -318,8 +318,11 @@ def params_of(cfg: Config) -> dict[str, str]:
 
 def tags_of(cfg: Config, data=None, **extra: str) -> dict[str, str]:
     from medseg.machine import host_description
+    from medseg.models import training_precision
 
-    tags = {"git_commit": git_commit(), "config_hash": cfg.hash(), "config_name": cfg.name, "host": host_description()}
+    tags = {"git_commit": git_commit(), "config_hash": cfg.hash(), "config_name": cfg.name, "host": host_description(),
+            # training.precision resolved on this host (auto: bf16 where the CPU or GPU has it)
+            "precision": training_precision(cfg.training)}
     if data is not None:
         tags.update(dataset=str(Path(data.source.root).name), dataset_fingerprint=data.source.fingerprint(),
                     split_hash=data.split.hash, split_fold=str(data.split.fold),

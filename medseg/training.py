@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import random
@@ -32,7 +33,17 @@ from medseg.errors import ConfigError, MedsegError, NonFiniteLossError
 from medseg.inference import predict_volume
 from medseg.io_utils import atomic_path, atomic_write_json
 from medseg.losses import build_loss
-from medseg.models import autocast, build_model, n_classes, native_bf16, predict_classes
+from medseg.models import (
+    autocast,
+    build_model,
+    cpu_native_bf16,
+    memory_format,
+    n_classes,
+    predict_classes,
+    prediction_precision,
+    resolve_precision,
+    training_precision,
+)
 from medseg.tta import mirrors_from_augment
 
 # ------------------------------------------------------------------------------------------------ data
@@ -184,10 +195,13 @@ def validate(model, data: PreparedData, case_ids: list[str], cfg: Config, device
     lut = label_lut(data.labels)
     classes = list(range(1, len(data.labels) + 1))
     rows, losses, predictions = [], [], {}
+    model = model.to(memory_format=memory_format(t.channels_last))  # in place; a no-op for the trained model
+    precision = prediction_precision(t, device)
     for cid in case_ids:
         target = lut[np.asarray(data.cache.label(cid))]
         pred, loss = predict_volume(model, data.cache.image(cid), context=cfg.dataset.context_slices, device=device,
-                                    batch_size=t.batch_size, threshold=t.threshold, amp=t.amp, tta_axes=tta_axes,
+                                    batch_size=t.batch_size, threshold=t.threshold, precision=precision,
+                                    channels_last=t.channels_last, tta_axes=tta_axes,
                                     target=target, loss_fn=loss_fn)
         if loss is not None:
             losses.append(loss)
@@ -248,6 +262,7 @@ class TrainingParts:
     loader_gen: torch.Generator  # the loader's shuffling and worker seeds, reseeded per epoch
     loader: DataLoader
     classes: int  # output channels
+    precision: str = "fp32"  # training precision on this device (models.resolve_precision)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -322,12 +337,16 @@ def build_training(cfg: Config, data: PreparedData, device: torch.device) -> Tra
     classes = n_classes(data.labels)
     seed_everything(t.seed)
     model = build_model(cfg.model, in_channels=(2 * context + 1) * data.in_channels, classes=classes,
-                        channel_stats=data.channel_stats).to(device)
+                        channel_stats=data.channel_stats).to(device, memory_format=memory_format(t.channels_last))
     optimizer = build_optimizer(model, cfg)
     ema = build_ema(model, cfg)
     loss_fn = build_loss(cfg.loss, classes)
-    # fp16 needs a GradScaler; bf16 and the CPU do not (disabled, it passes gradients through)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.amp and not native_bf16())
+    precision = resolve_precision(t.precision, device, amp=t.amp)
+    logging.getLogger(__name__).info("training precision %s (training.precision: %s, %s; CPU bf16 instructions: %s), "
+                                     "%s", precision, t.precision, device.type, cpu_native_bf16(),
+                                     "channels_last" if t.channels_last else "contiguous")
+    # fp16 needs a GradScaler; bf16 and fp32 do not (disabled, it passes gradients through)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     transform = build_augmentation(cfg.augment, seed=t.seed)
     train_set = SliceDataset(data.cache, data.split.train, labels=data.labels, context_slices=context,
                              transform=transform)
@@ -338,7 +357,8 @@ def build_training(cfg: Config, data: PreparedData, device: torch.device) -> Tra
                         drop_last=len(sampler) > t.batch_size, worker_init_fn=seed_worker, generator=loader_gen,
                         persistent_workers=False, pin_memory=device.type == "cuda")
     return TrainingParts(model=model, optimizer=optimizer, ema=ema, loss_fn=loss_fn, scaler=scaler,
-                         transform=transform, sampler=sampler, loader_gen=loader_gen, loader=loader, classes=classes)
+                         transform=transform, sampler=sampler, loader_gen=loader_gen, loader=loader, classes=classes,
+                         precision=precision)
 
 
 def checkpoint_meta_base(cfg: Config, data: PreparedData, classes: int,
@@ -351,6 +371,7 @@ def checkpoint_meta_base(cfg: Config, data: PreparedData, classes: int,
         "split_train": sorted(data.split.train),  # the cases it learnt from: a later champion decision leaves them out
         "versions": library_versions(),
         "tta_axes": mirrors_from_augment(cfg.augment),  # the mirrors training showed the model: what --tta may use
+        "training_precision": training_precision(cfg.training),  # resolved on the machine that trained it
         **(extra or {}),
     }
 
@@ -373,7 +394,8 @@ def run_epoch(parts: TrainingParts, data: PreparedData, cfg: Config, device: tor
     validation rows; the validation class maps)."""
     started = time.perf_counter()
     train = train_one_epoch(parts.model, parts.loader, parts.optimizer, parts.loss_fn, parts.scaler, device, cfg,
-                            epoch=epoch, progress=progress, classes=parts.classes, ema=parts.ema)
+                            epoch=epoch, progress=progress, classes=parts.classes, ema=parts.ema,
+                            precision=parts.precision)
     val, rows, predictions = validate(parts.eval_model, data, data.split.val, cfg, device, loss_fn=parts.loss_fn,
                                       keep_predictions=True)
     metrics = {f"train/{k}": v for k, v in train.items()}
@@ -415,8 +437,9 @@ def fit_result(run_dir: Path, state: RunState, stop_reason: str, artifacts: list
 
 
 def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Config, *, epoch: int, progress: bool,
-                    classes: int, ema: AveragedModel | None = None) -> dict[str, float]:
-    """One pass over the sampler's slices (updating ``ema`` after each step).
+                    classes: int, ema: AveragedModel | None = None, precision: str = "fp32") -> dict[str, float]:
+    """One pass over the sampler's slices (updating ``ema`` after each step), in ``precision`` (resolved:
+    ``models.resolve_precision``) and the config's memory format.
 
     Returns {"loss", "dice", "iou", "images_per_s"}: the mean loss over slices, and Dice and IoU of the thresholded
     training predictions from the confusion counts pooled over the epoch's patches (micro, as the weights changed
@@ -429,8 +452,9 @@ def train_one_epoch(model, loader, optimizer, loss_fn, scaler, device, cfg: Conf
     counts = M.BatchCounts(max(2, classes))  # one output channel (sigmoid) still scores background and foreground
     started = time.perf_counter()
     for step, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, cfg.training.amp):
+        x = x.to(device, non_blocking=True, memory_format=memory_format(cfg.training.channels_last))
+        y = y.to(device, non_blocking=True)
+        with autocast(device, precision):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         if not torch.isfinite(loss):

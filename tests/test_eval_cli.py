@@ -172,6 +172,8 @@ def test_checkpoint_without_config_uses_its_stored_config(tiny_cfg, tmp_path):
     proc = run_eval("--ckpt", str(result.best_checkpoint), "--no-mlflow", "--out", str(tmp_path / "ev"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert summary["summary"]["dice"] == pytest.approx(result.best_metrics["val/dice"], abs=1e-9)
+    # eval.py applies the post-processing chosen on validation: the Dice it reached there (none chosen: unchanged)
+    assert summary["summary"]["dice"] == pytest.approx(result.postprocessing["dice_after"], abs=1e-9)
+    assert result.postprocessing["dice_before"] == result.best_metrics["val/dice"]
     with pytest.raises(ConfigError, match="--data applies to --predictions only"):
         eval_config(ckpt=result.best_checkpoint, data=tmp_path)

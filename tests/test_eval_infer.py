@@ -112,6 +112,27 @@ def test_checkpoint_evaluation_full_resolution_matches_training_validation(train
     assert tta.info["flip_tta"] and 0 <= tta.summary["dice"] <= 1
 
 
+def test_eval_reads_the_cached_slices_and_predicts_what_decoding_would(trained):
+    """eval.py decodes only the ground truth when the cache holds the images as the checkpoint preprocesses them: the
+    masks equal those of the decoded images, case by case; a cache of other settings is not used."""
+    cfg, result = trained
+    data = prepare_data(cfg, progress=False)
+    predictor = Predictor(result.best_checkpoint)
+    assert predictor.reads_cache(data.cache)
+    for cid in data.split.val:
+        case = data.source.load(cid)
+        planes = data.cache.image(cid)
+        np.testing.assert_array_equal(np.asarray(planes, np.float32), predictor.preprocess(case.image))
+        np.testing.assert_array_equal(predictor.predict_planes(planes, case.label.shape), predictor.predict(case.image))
+    assert evaluate_checkpoint(result.best_checkpoint, cfg, progress=False).info["images_from"] == "slice cache"
+    other = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"percentiles": (1.0, 99.0)})})
+    other_data = prepare_data(other, progress=False)
+    assert not predictor.reads_cache(other_data.cache)
+    ev = evaluate_checkpoint(result.best_checkpoint, other, progress=False, data=other_data)
+    assert ev.info["images_from"] == "decoded"
+    assert ev.summary["dice"] == pytest.approx(result.postprocessing["dice_after"], abs=1e-9)
+
+
 def test_checkpoint_is_refused_on_another_split(trained, tiny_cfg):
     _, result = trained
     other = tiny_cfg(dataset={"split": {"seed": 7, "val_fraction": 0.25}})
