@@ -2,15 +2,18 @@
 """Real data: CVC-ClinicDB trained by medseg against a bare smp loop, same split, model and wall time, in one run.
 
     python benchmarks/bench_cvc.py [--config configs/cvc_clinicdb.yaml] [--set training.epochs=8] [--quick]
+    python benchmarks/bench_cvc.py --set dataset.channels=rgb --out benchmarks/results/cvc_clinicdb_rgb.json
 
 medseg: ``fit()`` on the config (augmentation, cosine schedule, best epoch by validation Dice, post-processing chosen on
 validation), as ``train.py`` runs it without MLflow. Bare: the same network (``build_model`` of the same config, same
 seed), plain AdamW at the config's learning rate, BCE + Dice from ``smp.losses``, every training frame once per epoch
-in a shuffled order, no augmentation, no schedule, no model selection (its last weights), trained for the wall time
-medseg's whole ``fit()`` took (its validation passes included). Both read the same cached frames (same grey levels,
-same 128-px resize) and are scored by the same code, ``evaluate_checkpoint``: the mean over frames of per-image Dice
-and IoU at the original 256-px resolution (the convention of the polyp papers), on the validation sequences and on
-the test sequences, which neither run chose anything on. Target: medseg's validation Dice / bare's >= 1.0.
+in a shuffled order, no augmentation, no schedule, no model selection (its last weights), in float32 and contiguous
+NCHW (medseg: its ``training.precision`` and channels_last), trained for the wall time medseg's whole ``fit()`` took
+(its validation passes included). Both read the same cached frames (same grey levels or colours, same 128-px resize;
+in colour both standardise them with the training frames' channel statistics) and are scored by the same code,
+``evaluate_checkpoint``: the mean over frames of per-image Dice and IoU at the original 256-px resolution (the
+convention of the polyp papers), on the validation sequences and on the test sequences, which neither run chose
+anything on. Target: medseg's validation Dice / bare's >= 1.0.
 
 For scale, under another protocol (GPU, ImageNet weights, trained on 1,450 Kvasir-SEG + CVC-ClinicDB frames), a
 U-Net reaches mDice 0.823 on CVC-ClinicDB test frames (PraNet, MICCAI 2020, Table 1). Here: no pretrained weights,
@@ -54,9 +57,11 @@ def bare_loop(cfg, data, *, seconds: float, out: Path) -> dict:
     lut = label_lut(data.labels)
     frames = [(np.asarray(data.cache.image(c), np.float32), lut[np.asarray(data.cache.label(c))])
               for c in data.split.train]
-    x = torch.from_numpy(np.concatenate([f[0] for f in frames])[:, None])  # (N, 1, S, S): one slice per frame
+    images = np.concatenate([f[0] for f in frames])  # one slice per frame: grey (N, S, S), colour (N, 3, S, S)
+    x = torch.from_numpy(images if images.ndim == 4 else images[:, None])  # (N, C, S, S)
     y = torch.from_numpy(np.concatenate([f[1] for f in frames]).astype(np.float32))[:, None]
-    model = build_model(cfg.model, in_channels=data.in_channels, classes=1)
+    # the same network: in colour, medseg's input standardisation from the training frames' channel statistics
+    model = build_model(cfg.model, in_channels=data.in_channels, classes=1, channel_stats=data.channel_stats)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     dice = L.DiceLoss(L.BINARY_MODE, from_logits=True)
     bce = torch.nn.BCEWithLogitsLoss()
