@@ -122,7 +122,15 @@ def test_ctrl_c_is_130_and_sigterm_143(tmp_path, signum, code, last_line):
     proc, writer = _reading_a_fifo_config(tmp_path)
     try:
         proc.send_signal(signum)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            # CPython runs a signal's Python handler between bytecodes: a signal that lands after the FIFO opened but
+            # before read() blocked is pending until read returns. End of file returns it (the handler then raises).
+            os.close(writer)
+            writer = None
+            _, err = proc.communicate(timeout=60)
     finally:
-        os.close(writer)
+        if writer is not None:
+            os.close(writer)
     assert proc.returncode == code and err.strip().splitlines()[-1] == last_line, err
