@@ -109,10 +109,15 @@ def resolve_precision(precision: str, device: torch.device, *, amp: bool = True)
     return "bf16" if cpu_native_bf16() else "fp32"
 
 
-def training_precision(training) -> str:
-    """``resolve_precision`` of a ``training`` config section on the device it asks for (as ``configure_torch``)."""
+def requested_device(training) -> torch.device:
+    """The device a ``training`` config section asks for: ``cuda`` when said, or ``auto`` and CUDA is available."""
     want_cuda = training.device == "cuda" or (training.device == "auto" and torch.cuda.is_available())
-    return resolve_precision(training.precision, torch.device("cuda" if want_cuda else "cpu"), amp=training.amp)
+    return torch.device("cuda" if want_cuda else "cpu")
+
+
+def training_precision(training) -> str:
+    """``resolve_precision`` of a ``training`` config section on the device it asks for."""
+    return resolve_precision(training.precision, requested_device(training), amp=training.amp)
 
 
 def prediction_precision(training, device: torch.device) -> str:

@@ -41,6 +41,7 @@ from medseg.models import (
     n_classes,
     predict_classes,
     prediction_precision,
+    requested_device,
     resolve_precision,
     training_precision,
 )
@@ -124,7 +125,7 @@ def configure_torch(cfg: Config) -> torch.device:
     t = cfg.training
     if t.threads:
         torch.set_num_threads(t.threads)
-    want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    device = requested_device(t)
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device: 'cuda' requested but no CUDA device is available")
     if t.deterministic:
@@ -135,8 +136,8 @@ def configure_torch(cfg: Config) -> torch.device:
         torch.backends.cudnn.benchmark = False
     else:
         torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.benchmark = want_cuda
-    return torch.device("cuda" if want_cuda else "cpu")
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+    return device
 
 
 # ------------------------------------------------------------------------------------------- schedule
