@@ -8,7 +8,13 @@ After training, ``fit`` predicts the validation cases with the best checkpoint (
 - ``keep_largest``: only the largest predicted connected component of the label;
 - ``remove_below`` *k*: predicted components of fewer than *k* voxels removed, for each *k* of ``candidate_sizes``:
   quantiles (``QUANTILES``) of the sizes of the training masks' lesions of that label, in voxels at the cached
-  resolution.
+  resolution;
+- ``empty_case_below`` *k*: every predicted component of the label removed from a case whose largest one has fewer
+  than *k* voxels (the case is then called free of that label), with *k* half the smallest "largest lesion" of a
+  training case (``case_candidate_sizes``): the "any lesion" decision of each case, as segmentation challenges
+  with many negative images (e.g. SIIM-ACR pneumothorax) post-process. A lesion-free case with a false positive
+  scores Dice 0, however small the false positive; removing small components cannot reach false positives as big as
+  small true lesions, the case gate can, as long as the case's largest component is small.
 
 Components are 3D with 26-connectivity (``medseg.metrics.label_components``, as lesion-wise detection counts them);
 removed voxels become background. The operation with the highest mean per-case Dice of the label is chosen when it
@@ -38,6 +44,7 @@ import numpy as np
 from medseg.metrics import label_components
 
 QUANTILES = (0.0, 0.05, 0.1, 0.25, 0.5)  # of the training lesions' sizes: the smallest, ..., the median
+CASE_FRACTIONS = (0.5,)  # of the smallest largest-lesion of a training case (empty_case_below)
 MIN_GAIN = 0.005  # mean per-case Dice a post-processing must add (on a label) to be chosen over none
 MAX_RECALL_DROP = 0.05  # validation lesion recall a post-processing may cost (on a label)
 MIN_OVERLAP = 0.1  # a true lesion is detected when this share of it is predicted (metrics.lesion_detection)
@@ -55,7 +62,21 @@ def component_sizes(mask: np.ndarray) -> np.ndarray:
 def candidate_sizes(masks: Iterable[np.ndarray], quantiles: Sequence[float] = QUANTILES) -> list[int]:
     """Distinct thresholds *k* (>= 2: below 1 removes nothing) from quantiles of the component sizes of ``masks``
     (one bool volume per training case), rounded down to whole voxels."""
-    sizes = np.concatenate([component_sizes(m) for m in masks] or [np.zeros(0, np.int64)])
+    return _quantile_sizes(np.concatenate([component_sizes(m) for m in masks] or [np.zeros(0, np.int64)]), quantiles)
+
+
+def case_candidate_sizes(masks: Iterable[np.ndarray], fractions: Sequence[float] = CASE_FRACTIONS) -> list[int]:
+    """Thresholds *k* of ``empty_case_below``: fractions of the smallest "largest lesion" of the training cases (each
+    case with lesions has one at least that big; a detection may cover only part of it), rounded down, distinct,
+    >= 2. Never above half that size, so a case whose largest lesion is as small as any seen in training is kept
+    when at least half of it is predicted."""
+    largest = [int(s.max()) for s in (component_sizes(m) for m in masks) if s.size]
+    if not largest:
+        return []
+    return sorted({k for k in (int(math.floor(min(largest) * f)) for f in fractions) if k >= 2})
+
+
+def _quantile_sizes(sizes: np.ndarray, quantiles: Sequence[float]) -> list[int]:
     if sizes.size == 0:
         return []
     values = np.floor(np.quantile(sizes, list(quantiles))).astype(int)
@@ -118,6 +139,8 @@ def _kept(op: dict[str, Any], sizes: np.ndarray) -> np.ndarray:
         if sizes.size:
             keep[int(np.argmax(sizes))] = True
         return keep
+    if op["op"] == "empty_case_below":
+        return np.full(sizes.shape, bool(sizes.size) and int(sizes.max()) >= op["min_voxels"])
     return np.ones(sizes.shape, bool)
 
 
@@ -134,14 +157,15 @@ def _score(op: dict[str, Any], stats: list[_CaseStats]) -> float:
 
 
 def choose(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray], labels: Sequence[int],
-           sizes: Mapping[int, Sequence[int]], *, min_gain: float = MIN_GAIN,
-           max_recall_drop: float = MAX_RECALL_DROP) -> dict[str, Any]:
+           sizes: Mapping[int, Sequence[int]], *, case_sizes: Mapping[int, Sequence[int]] | None = None,
+           min_gain: float = MIN_GAIN, max_recall_drop: float = MAX_RECALL_DROP) -> dict[str, Any]:
     """The post-processing of each label that maximises its mean per-case Dice over ``predictions``.
 
     Args:
         predictions, targets: per case, class maps of the same shape (class i + 1 = ``labels[i]``, 0 background).
         labels: the label values, in class order.
         sizes: per label value, the ``remove_below`` thresholds to try (``candidate_sizes`` of its training masks).
+        case_sizes: per label value, the ``empty_case_below`` thresholds (``case_candidate_sizes``); none: not tried.
         min_gain: a label's best operation is kept only when it adds at least this much to its mean Dice.
         max_recall_drop: operations that lower the label's lesion recall by more than this are not eligible.
 
@@ -156,6 +180,7 @@ def choose(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarr
         stats = [_case_stats(np.asarray(predictions[c]) == index, np.asarray(targets[c]) == index) for c in ids]
         ops = [{"op": "none"}, {"op": "keep_largest"}]
         ops += [{"op": "remove_below", "min_voxels": int(k)} for k in sizes.get(label, [])]
+        ops += [{"op": "empty_case_below", "min_voxels": int(k)} for k in (case_sizes or {}).get(label, [])]
         scores = [(_score(op, stats), _recall(op, stats), op) for op in ops]
         before, recall_before = scores[0][0], scores[0][1]
         floor = recall_before - max_recall_drop - 1e-9
@@ -183,9 +208,11 @@ def select_for_run(predictions: Mapping[str, np.ndarray], data, *, min_gain: flo
     lut = label_lut(data.labels)
     targets = {cid: lut[np.asarray(data.cache.label(cid))] for cid in predictions}
     sizes: dict[int, list[int]] = {}
+    case_sizes: dict[int, list[int]] = {}
     for index, label in enumerate(data.labels, start=1):
-        sizes[label] = candidate_sizes(lut[np.asarray(data.cache.label(cid))] == index for cid in data.split.train)
-    choice = choose(predictions, targets, data.labels, sizes, min_gain=min_gain)
+        masks = [lut[np.asarray(data.cache.label(cid))] == index for cid in data.split.train]
+        sizes[label], case_sizes[label] = candidate_sizes(masks), case_candidate_sizes(masks)
+    choice = choose(predictions, targets, data.labels, sizes, case_sizes=case_sizes, min_gain=min_gain)
     choice["image_size"] = int(data.cache.settings["image_size"])
     choice["seconds"] = round(time.perf_counter() - started, 3)
     return choice
@@ -208,8 +235,8 @@ def apply(volume: np.ndarray, choice: Mapping[str, Any] | None, *, voxel_scale: 
         if n == 0:
             continue
         sizes = np.bincount(labelled[mask], minlength=n + 1)[1:]
-        if op["op"] == "remove_below":
-            keep = sizes >= op["min_voxels"] * voxel_scale
+        if op["op"] in ("remove_below", "empty_case_below"):
+            keep = _kept({**op, "min_voxels": op["min_voxels"] * voxel_scale}, sizes)
         else:
             keep = _kept(op, sizes)
         drop = np.concatenate([[False], ~keep])  # index 0: background, left alone
@@ -223,8 +250,8 @@ def active(choice: Mapping[str, Any] | None) -> bool:
 
 
 def describe_op(op: Mapping[str, Any]) -> str:
-    if op["op"] == "remove_below":
-        return f"remove_below_{op['min_voxels']}"
+    if op["op"] in ("remove_below", "empty_case_below"):
+        return f"{op['op']}_{op['min_voxels']}"
     return str(op["op"])
 
 
@@ -235,6 +262,7 @@ def describe(choice: Mapping[str, Any] | None) -> str:
     parts = []
     for label, op in choice["labels"].items():
         what = ({"none": "none", "keep_largest": "keep the largest component"}.get(op["op"])
-                or f"remove components < {op['min_voxels']} voxels")
+                or (f"empty the case when its largest component < {op['min_voxels']} voxels"
+                    if op["op"] == "empty_case_below" else f"remove components < {op['min_voxels']} voxels"))
         parts.append(f"label {label}: {what}")
     return f"{'; '.join(parts)} (val Dice {choice['dice_before']:.4f} -> {choice['dice_after']:.4f})"

@@ -96,6 +96,38 @@ def test_a_size_that_costs_more_lesion_recall_than_allowed_is_not_chosen():
     assert mixed["dice_before"] == pytest.approx(0.5) and mixed["dice_after"] == 1.0  # d: 0 before, NaN after
 
 
+def test_case_gate_sizes_come_from_the_smallest_largest_training_lesion():
+    # largest lesions of the cases with any: 8 (a case of 4 + 8 voxels) and 27; a lesion-free case has none
+    masks = [_box(SHAPE, slice(0, 2), slice(0, 2), slice(0, 1)) | _box(SHAPE, slice(5, 7), slice(5, 7), slice(5, 7)),
+             _box(SHAPE, slice(0, 3), slice(0, 3), slice(0, 3)), np.zeros(SHAPE, bool)]
+    assert P.case_candidate_sizes(masks) == [4]  # half of 8
+    assert P.case_candidate_sizes(masks, fractions=(0.25, 0.5, 1.0)) == [2, 4, 8]
+    assert P.case_candidate_sizes([np.zeros(SHAPE, bool)]) == []
+
+
+def test_a_lesion_free_case_is_emptied_when_its_largest_component_is_below_the_gate():
+    """B: lesions of 27 and 8 voxels, predicted exactly; D: lesion-free, one false 12-voxel component. Removing
+    components below 13 would empty D too, but loses B's 8-voxel lesion (recall 1 -> 0.5: refused); the case gate
+    at 13 keeps all of B (its largest is 27) and empties D: Dice (1 + 0) / 2 -> 1 (D: NaN, no truth, no prediction)."""
+    preds, truths = _cases()
+    false = _box(SHAPE, slice(8, 10), slice(0, 2), slice(0, 3))  # 12 voxels
+    preds, truths = {"b": preds["b"], "d": false.astype(np.uint8)}, {"b": truths["b"], "d": 0 * truths["b"]}
+    label = P.choose(preds, truths, [1], {1: [13]}, case_sizes={1: [13]})["labels"]["1"]
+    # remove_below 13: B loses its 8-voxel lesion (2*27 / (27 + 35)), D is emptied (NaN)
+    assert label["tried"]["remove_below_13"] == pytest.approx(54 / 62) and label["recall"]["remove_below_13"] == 0.5
+    assert label["op"] == "empty_case_below" and label["min_voxels"] == 13
+    assert label["dice_before"] == pytest.approx(0.5) and label["dice_after"] == 1.0
+    assert label["recall_before"] == label["recall_after"] == 1.0
+    # without gate candidates: nothing else helps within the recall guard
+    assert P.choose(preds, truths, [1], {1: [13]})["labels"]["1"]["op"] == "none"
+    choice = {"labels": {"1": {"op": "empty_case_below", "min_voxels": 13}}}
+    assert P.apply(preds["d"], choice).sum() == 0 and P.apply(preds["b"], choice).tolist() == preds["b"].tolist()
+    # at twice the in-plane size (voxel_scale 4) the gate is 52 voxels: B's largest (27) is below it too
+    assert P.apply(preds["b"], choice, voxel_scale=4.0).sum() == 0
+    assert "empty the case when its largest component < 13 voxels" in P.describe({**choice, "dice_before": 0.5,
+                                                                                     "dice_after": 1.0})
+
+
 def test_apply_scales_sizes_to_the_input_resolution_and_keeps_other_labels():
     preds, _ = _cases()
     volume = preds["b"] * 2  # label value 2: the 27- and 8-voxel lesions
