@@ -100,8 +100,8 @@ def test_case_gate_sizes_come_from_the_smallest_largest_training_lesion():
     # largest lesions of the cases with any: 8 (a case of 4 + 8 voxels) and 27; a lesion-free case has none
     masks = [_box(SHAPE, slice(0, 2), slice(0, 2), slice(0, 1)) | _box(SHAPE, slice(5, 7), slice(5, 7), slice(5, 7)),
              _box(SHAPE, slice(0, 3), slice(0, 3), slice(0, 3)), np.zeros(SHAPE, bool)]
-    assert P.case_candidate_sizes(masks) == [4]  # half of 8
-    assert P.case_candidate_sizes(masks, fractions=(0.25, 0.5, 1.0)) == [2, 4, 8]
+    assert P.case_candidate_sizes(masks) == [2, 4]  # an eighth (1: removes nothing), a quarter and half of 8
+    assert P.case_candidate_sizes(masks, fractions=(0.5, 1.0)) == [4, 8]
     assert P.case_candidate_sizes([np.zeros(SHAPE, bool)]) == []
 
 
@@ -118,6 +118,8 @@ def test_a_lesion_free_case_is_emptied_when_its_largest_component_is_below_the_g
     assert label["op"] == "empty_case_below" and label["min_voxels"] == 13
     assert label["dice_before"] == pytest.approx(0.5) and label["dice_after"] == 1.0
     assert label["recall_before"] == label["recall_after"] == 1.0
+    # gates that gain equally: the largest (it removes the most)
+    assert P.choose(preds, truths, [1], {1: []}, case_sizes={1: [13, 20]})["labels"]["1"]["min_voxels"] == 20
     # without gate candidates: nothing else helps within the recall guard
     assert P.choose(preds, truths, [1], {1: [13]})["labels"]["1"]["op"] == "none"
     choice = {"labels": {"1": {"op": "empty_case_below", "min_voxels": 13}}}
@@ -126,6 +128,21 @@ def test_a_lesion_free_case_is_emptied_when_its_largest_component_is_below_the_g
     assert P.apply(preds["b"], choice, voxel_scale=4.0).sum() == 0
     assert "empty the case when its largest component < 13 voxels" in P.describe({**choice, "dice_before": 0.5,
                                                                                      "dice_after": 1.0})
+
+
+def test_without_a_gain_the_largest_case_gate_that_costs_nothing_is_kept():
+    """Only case B (lesions of 27 and 8 voxels, predicted exactly): no operation can gain. Gates at 4, 8 and 27 keep B
+    as it is (its largest component has 27 voxels), the gate at 28 empties it: the largest free one, 27, is kept."""
+    preds, truths = _cases()
+    one = {"b": preds["b"]}, {"b": truths["b"]}
+    label = P.choose(*one, [1], {1: [9]}, case_sizes={1: [4, 8, 27, 28]})["labels"]["1"]
+    assert label["op"] == "empty_case_below" and label["min_voxels"] == 27
+    assert label["dice_after"] == label["dice_before"] == 1.0 and label["recall_after"] == 1.0
+    assert label["tried"]["empty_case_below_28"] == 0.0 and label["tried"]["remove_below_9"] < 1.0
+    # a gate that costs Dice is never free; a gain elsewhere wins over a free gate
+    assert P.choose(*one, [1], {1: []}, case_sizes={1: [28]})["labels"]["1"]["op"] == "none"
+    gained = P.choose(*_cases(), [1], {1: [4]}, case_sizes={1: [8]})["labels"]["1"]
+    assert gained["op"] == "remove_below" and gained["min_voxels"] == 4
 
 
 def test_apply_scales_sizes_to_the_input_resolution_and_keeps_other_labels():
