@@ -39,7 +39,7 @@ grow: venv data
 # The numbered experiments (configs/exp_*.yaml) as one study: the same MLflow runs, champion rule and report.
 experiments: venv data
 	$(PY) tune.py --configs configs/exp_000_baseline.yaml configs/exp_001_aug_sched.yaml configs/exp_002_context_2p5d.yaml \
-		--space search_spaces/default.yaml --name experiments
+		configs/exp_003_crops_longer.yaml --space search_spaces/default.yaml --name experiments
 
 # The champion on 40 cases of a twin drawn with another seed, which no run, trial or decision has seen:
 # its masks (infer.py) scored and ranked among the twin's reference methods (eval.py --leaderboard).
