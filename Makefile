@@ -43,12 +43,16 @@ experiments: venv data
 
 # The champion on 40 cases of a twin drawn with another seed, which no run, trial or decision has seen:
 # its masks (infer.py) scored and ranked among the twin's reference methods (eval.py --leaderboard).
+# HOLDOUT_SEED=2 draws a third twin (data/holdout_seed2): a check of choices made while looking at the seed-1 one.
+HOLDOUT_SEED ?= 1
+HOLDOUT := $(if $(filter 1,$(HOLDOUT_SEED)),holdout,holdout_seed$(HOLDOUT_SEED))
 holdout: venv
 	test -e models/champion/checkpoint.pt || { echo "no champion yet: run make demo first" >&2; exit 2; }
-	test -f data/holdout/Task900_SynthLiverTumor/metadata.json || $(PY) -m medseg.data.synthetic --out data/holdout --seed 1
-	rm -rf runs/holdout && $(PY) infer.py --ckpt models/champion/checkpoint.pt --input data/holdout/Task900_SynthLiverTumor \
-		--out runs/holdout/champion > /dev/null
-	$(PY) eval.py --config configs/holdout_synthetic.yaml --predictions runs/holdout/champion --out runs/holdout/eval --leaderboard
+	test -f data/$(HOLDOUT)/Task900_SynthLiverTumor/metadata.json || $(PY) -m medseg.data.synthetic --out data/$(HOLDOUT) --seed $(HOLDOUT_SEED)
+	rm -rf runs/$(HOLDOUT) && $(PY) infer.py --ckpt models/champion/checkpoint.pt --input data/$(HOLDOUT)/Task900_SynthLiverTumor \
+		--out runs/$(HOLDOUT)/champion > /dev/null
+	$(PY) eval.py --config configs/holdout_synthetic.yaml --set name=$(HOLDOUT)_synthetic --set dataset.path=data/$(HOLDOUT) --predictions runs/$(HOLDOUT)/champion \
+		--out runs/$(HOLDOUT)/eval --leaderboard
 
 # ruff's rules in pyproject.toml (line length 120, the default checks, sorted imports).
 lint: venv

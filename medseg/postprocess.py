@@ -1,5 +1,5 @@
-"""Post-processing chosen on validation, as nnU-Net does: per label, drop small predicted components or keep only
-the largest one, when that raises the mean per-case validation Dice.
+"""Post-processing chosen on validation, as nnU-Net does: per label, drop small predicted components, keep only the
+largest one, or empty a case whose largest component is small, when that raises the mean per-case validation Dice.
 
 After training, ``fit`` predicts the validation cases with the best checkpoint (at the cached resolution), and
 ``choose`` tries, for every label on its own:
