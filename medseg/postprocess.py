@@ -201,14 +201,12 @@ def choose(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarr
                                             default=(math.nan, math.nan, None))
         take = (best is not None and not math.isnan(best_score)
                 and (math.isnan(before) or best_score >= before + min_gain))
-        if take and best["op"] == "empty_case_below":  # of gates equally good, the largest (removes the most)
-            best_score, best_recall, best = [s for s in scores if s[2]["op"] == "empty_case_below"
-                                             and _costs_nothing(s, best_score, best_recall)][-1]
-        elif not take:  # else the largest case gate that costs no validation Dice and no lesion recall, if any
-            free = [s for s in scores if s[2]["op"] == "empty_case_below" and _costs_nothing(s, before, recall_before)]
-            if free:
-                best_score, best_recall, best = free[-1]
-                take = True
+        if not take or best["op"] == "empty_case_below":
+            # the largest case gate as good as the best one, or, when nothing gains, as good as none
+            reference = (best_score, best_recall) if take else (before, recall_before)
+            gates = [s for s in scores if s[2]["op"] == "empty_case_below" and _costs_nothing(s, *reference)]
+            if gates:
+                (best_score, best_recall, best), take = gates[-1], True
         op = best if take else {"op": "none"}
         chosen[str(label)] = {**op, "dice_before": before, "dice_after": best_score if take else before,
                               "recall_before": recall_before, "recall_after": best_recall if take else recall_before,
@@ -255,10 +253,8 @@ def apply(volume: np.ndarray, choice: Mapping[str, Any] | None, *, voxel_scale: 
         if n == 0:
             continue
         sizes = np.bincount(labelled[mask], minlength=n + 1)[1:]
-        if op["op"] in ("remove_below", "empty_case_below"):
-            keep = _kept({**op, "min_voxels": op["min_voxels"] * voxel_scale}, sizes)
-        else:
-            keep = _kept(op, sizes)
+        scaled = {**op, "min_voxels": op["min_voxels"] * voxel_scale} if "min_voxels" in op else op
+        keep = _kept(scaled, sizes)
         drop = np.concatenate([[False], ~keep])  # index 0: background, left alone
         out[mask & drop[labelled]] = 0
     return out
