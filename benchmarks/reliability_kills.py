@@ -6,8 +6,10 @@ half-written file may ever be picked up.
 
 Each try: the previous state is in place; a child process imports what it needs, prints ``ready``, does the one
 write, prints ``done``; the parent SIGKILLs it a random time after ``ready`` (seeded: uniform over 1.1 times the
-write's own duration, measured first by an uninterrupted child), and counts the try as a kill mid-write only when
-``done`` had not been printed. Then, as the next user would, it checks:
+write's own duration, measured first by an uninterrupted child; after a try whose write had already finished, over
+that try's delay at most, since the write took less: the measured first write can be slower than the next ones, by
+more on one CPU than another), and counts the try as a kill mid-write only when ``done`` had not been printed.
+Then, as the next user would, it checks:
 
 - checkpoint: ``best.pt`` loads (its sha256 digest verified) and is the previous checkpoint or the new one, nothing
   else; the next write removes the temp file the killed writer left (``io_utils.remove_dead_writers_temp_files``).
@@ -336,13 +338,15 @@ def kill_kind(kind: str, base: Path, kills: int, seed: int = SEED) -> dict[str, 
         check_checkpoint(root, 1)
     elif kind == "promotion":
         check_promotion(root, 1, job["run_id"])
-    tries, results = 0, []
+    tries, results, reach = 0, [], 1.1 * seconds
     while sum(r["mid_write"] for r in results) < kills and tries < 3 * kills:
         tries += 1
         i = tries + 1
         job = {"i": i, **before_try(kind, root, i)}
-        delay = rng.uniform(0, 1.1 * seconds)
+        delay = rng.uniform(0, reach)
         mid_write = killed_write(kind, root, job, delay)
+        if not mid_write:  # the write took less than this delay: the next kill comes before it
+            reach = min(reach, delay)
         if kind == "checkpoint":
             check = check_checkpoint(root, i)
         elif kind == "cache":
